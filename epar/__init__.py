@@ -1,0 +1,9 @@
+"""epar: expert-parallel Mixture-of-Experts layers on raw torch.distributed."""
+
+from . import parallel, profiling
+from .config import MoEConfig
+from .dispatch.comm import CommError
+from .layer import MoELayer, MoEOutput
+
+__all__ = ["MoEConfig", "MoELayer", "MoEOutput", "CommError", "parallel", "profiling"]
+__version__ = "0.1.0"

@@ -1,0 +1,123 @@
+"""MoEConfig: every knob of an MoE layer in one frozen, validated dataclass.
+
+The config is the contract between ranks (fingerprinted and compared across the
+expert-parallel group at construction) and between runs (checkpoints record it).
+Anything invalid fails here, naming the field, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+
+STRATEGIES = ("token_drop", "dropless", "expert_choice")
+DROP_POLICIES = ("probs", "position")
+SCORE_FUNCS = ("softmax", "sigmoid")
+ACTIVATIONS = ("swiglu", "gelu", "relu")
+
+
+def _fail(field: str, value, allowed: str) -> None:
+    raise ValueError(f"MoEConfig.{field}={value!r} is invalid: {allowed}")
+
+
+def _check_choice(field: str, value, choices) -> None:
+    if value not in choices:
+        _fail(field, value, f"allowed values are {', '.join(map(repr, choices))}")
+
+
+def _check_int(field: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        _fail(field, value, f"must be an int >= {minimum}")
+
+
+def _check_float(field: str, value, minimum: float, strict: bool) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = ok and (value > minimum if strict else value >= minimum)
+    if not ok:
+        _fail(field, value, f"must be a number {'>' if strict else '>='} {minimum}")
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    d_model: int
+    d_ff: int  # hidden size of each routed expert
+    num_experts: int
+    top_k: int = 2
+    strategy: str = "dropless"
+    capacity_factor: float = 1.25
+    drop_policy: str = "probs"
+    score_func: str = "softmax"
+    normalize_topk: bool = True
+    activation: str = "swiglu"
+    shared_expert_d_ff: int = 0  # 0 = no shared expert
+    shared_expert_gate: bool = False
+    router_jitter_eps: float = 0.0
+    router_noise_std: float = 0.0
+    aux_loss_coef: float = 0.01
+    z_loss_coef: float = 0.0
+    expert_bias_rate: float = 0.0
+    overlap_chunks: int = 1  # pipeline the exchange in this many chunks
+
+    def __post_init__(self) -> None:
+        _check_int("d_model", self.d_model, 1)
+        _check_int("d_ff", self.d_ff, 1)
+        _check_int("num_experts", self.num_experts, 1)
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or not (
+            1 <= self.top_k <= self.num_experts
+        ):
+            _fail("top_k", self.top_k, f"must be an int in 1..num_experts ({self.num_experts})")
+        _check_choice("strategy", self.strategy, STRATEGIES)
+        _check_float("capacity_factor", self.capacity_factor, 0.0, strict=True)
+        _check_choice("drop_policy", self.drop_policy, DROP_POLICIES)
+        _check_choice("score_func", self.score_func, SCORE_FUNCS)
+        _check_choice("activation", self.activation, ACTIVATIONS)
+        for flag in ("normalize_topk", "shared_expert_gate"):
+            if not isinstance(getattr(self, flag), bool):
+                _fail(flag, getattr(self, flag), "must be True or False")
+        _check_int("shared_expert_d_ff", self.shared_expert_d_ff, 0)
+        if self.shared_expert_gate and self.shared_expert_d_ff == 0:
+            _fail("shared_expert_gate", True, "needs a shared expert (shared_expert_d_ff > 0)")
+        if not (isinstance(self.router_jitter_eps, (int, float)) and 0 <= self.router_jitter_eps < 1):
+            _fail("router_jitter_eps", self.router_jitter_eps, "must be a number in [0, 1)")
+        for field in ("router_noise_std", "aux_loss_coef", "z_loss_coef", "expert_bias_rate"):
+            _check_float(field, getattr(self, field), 0.0, strict=False)
+        _check_int("overlap_chunks", self.overlap_chunks, 1)
+        if self.top_k == 1 and self.normalize_topk:
+            _fail(
+                "normalize_topk",
+                True,
+                "with top_k=1 every normalised weight would be exactly 1, so the router "
+                "would learn only from the aux loss; set normalize_topk=False (as Switch does)",
+            )
+
+    # ---- presets -------------------------------------------------------------
+    @classmethod
+    def switch(cls, d_model: int, d_ff: int, num_experts: int, **overrides) -> "MoEConfig":
+        """Switch Transformer routing: top-1, token drop at capacity 1.25, raw softmax weight."""
+        base = dict(top_k=1, strategy="token_drop", capacity_factor=1.25, normalize_topk=False,
+                    score_func="softmax", activation="relu")
+        return cls(d_model=d_model, d_ff=d_ff, num_experts=num_experts, **{**base, **overrides})
+
+    @classmethod
+    def mixtral(cls, d_model: int, d_ff: int, num_experts: int = 8, **overrides) -> "MoEConfig":
+        """Mixtral routing: top-2 of softmax scores renormalised, dropless, SwiGLU experts."""
+        base = dict(top_k=2, strategy="dropless", normalize_topk=True, score_func="softmax",
+                    activation="swiglu")
+        return cls(d_model=d_model, d_ff=d_ff, num_experts=num_experts, **{**base, **overrides})
+
+    # ---- identity across ranks and runs --------------------------------------
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def fingerprint(self) -> str:
+        """A short digest of every field; equal on every rank that built the same layer."""
+        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def capacity(self, num_tokens: int) -> int:
+        """Slots per expert for the capacity strategies, from this rank's token count."""
+        c = math.ceil(self.capacity_factor * num_tokens * self.top_k / self.num_experts)
+        return min(num_tokens, c) if self.strategy == "expert_choice" else c

@@ -1,0 +1,207 @@
+"""Dispatchers: take this rank's tokens and plan to expert outputs combined per token.
+
+LocalDispatcher: EP size 1, no collective at all.
+AllToAllDispatcher: experts sharded over an EP group. Per call:
+  metadata   host split sizes (capacity modes: from T of every rank, host only;
+             dropless: one all-to-all of per-expert counts, one device-to-host read)
+  per chunk  permute -> dispatch all-to-all -> regroup by local expert -> experts
+             -> combine all-to-all; chunk j+1's dispatch is in flight while chunk j
+             computes, and chunk j's combine while chunk j+1 computes
+  finally    unpermute and weighted sum per token (float32 or wider accumulation)
+The shared expert runs while the first dispatch exchange is in flight.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from .. import parallel
+from ..config import MoEConfig
+from ..profiling.recorder import Exchange, PhaseRecorder, Span, phase
+from ..routing.plan import RoutingPlan
+from . import comm
+from .permute import combine, gather_rows, inverse_permutation, segment_arange
+
+
+@dataclass(frozen=True)
+class CallInfo:
+    layer_id: int
+    call_no: int
+    recorder: PhaseRecorder | None
+
+
+ExpertFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _host_to_device(values: list[int], device: torch.device) -> torch.Tensor:
+    t = torch.tensor(values, dtype=torch.int64)
+    if device.type == "cuda":  # pinned + non_blocking: an H2D copy that never syncs the host
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def _chunk_bounds(counts, chunks: int):
+    """Chunk j of an expert's n rows is [j*n//c, (j+1)*n//c). Works on ints and tensors."""
+    return [(j * counts) // chunks for j in range(chunks + 1)]
+
+
+class LocalDispatcher:
+    """All experts on this device: permute, one grouped GEMM call, combine."""
+
+    def __call__(self, x_TD, plan: RoutingPlan, experts: ExpertFn, acc_dtype, info: CallInfo):
+        rec, dev = info.recorder, x_TD.device
+        with phase(rec, info.layer_id, info.call_no, "permute", dev):
+            rows_SD = gather_rows(x_TD, plan)
+        with phase(rec, info.layer_id, info.call_no, "experts", dev):
+            out_SD = experts(rows_SD, plan.rows_per_expert_E)
+        with phase(rec, info.layer_id, info.call_no, "unpermute", dev):
+            return combine(out_SD, plan, acc_dtype)
+
+
+class AllToAllDispatcher:
+    def __init__(self, config: MoEConfig, group):
+        self.config = config
+        self.group = group
+        self.world = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+        self.local_experts = config.num_experts // self.world
+        self.host_group = parallel.host_group_for(group)
+
+    # ---- metadata: host-side split sizes for every chunk -----------------------
+    def _check_peers(self, peers: list[tuple[int, int]], info: CallInfo) -> None:
+        mine = (info.layer_id, info.call_no)
+        for src, theirs in enumerate(peers):
+            if tuple(theirs) != mine:
+                raise comm.CommError(
+                    f"epar: MoE layer call mismatch on the expert-parallel group: rank {self.rank} "
+                    f"is in layer #{mine[0]} call {mine[1]}, rank {src} in layer #{theirs[0]} call "
+                    f"{theirs[1]}; every rank must call the same layers the same number of times")
+
+    def _capacity_counts(self, plan: RoutingPlan, info: CallInfo, chunks: int, device):
+        """Every rank's capacity from every rank's T: host numbers only, no device read."""
+        n, L = self.world, self.local_experts
+        meta = [plan.num_tokens, info.layer_id, info.call_no]
+        if self.host_group is not None:
+            mine = torch.tensor(meta, dtype=torch.int64)
+            gathered = [torch.empty_like(mine) for _ in range(n)]
+            work = dist.all_gather(gathered, mine, group=self.host_group, async_op=True)
+            comm.wait_work(work, "token-count exchange", self.host_group)
+        else:  # an NCCL group with no gloo twin: one small device round trip
+            mine = torch.tensor(meta, dtype=torch.int64, device=device)
+            gathered = [torch.empty_like(mine) for _ in range(n)]
+            comm.wait_work(dist.all_gather(gathered, mine, group=self.group, async_op=True),
+                           "token-count exchange", self.group)
+        table = torch.stack(gathered).tolist()
+        self._check_peers([row[1:] for row in table], info)
+        caps = [self.config.capacity(row[0]) for row in table]
+        send = []  # send[j][e]
+        recv = []  # recv[j][src][l]
+        for j in range(chunks):
+            lo, hi = _chunk_bounds(plan.capacity, chunks)[j : j + 2]
+            send.append([hi - lo] * self.config.num_experts)
+            recv.append([[(((j + 1) * c) // chunks - (j * c) // chunks)] * L for c in caps])
+        recv_dev = _host_to_device([v for rj in recv for rs in rj for v in rs], device).view(chunks, n, L)
+        return send, recv, recv_dev
+
+    def _dropless_counts(self, plan: RoutingPlan, info: CallInfo, chunks: int):
+        """One all-to-all of per-(chunk, local expert) counts plus call identity, then the
+        single device-to-host read of the call, placed after the exchange."""
+        n, L, E = self.world, self.local_experts, self.config.num_experts
+        bounds = _chunk_bounds(plan.rows_per_expert_E, chunks)
+        cnt_cE = torch.stack([bounds[j + 1] - bounds[j] for j in range(chunks)])  # [c, E]
+        send_nX = cnt_cE.view(chunks, n, L).permute(1, 0, 2).reshape(n, chunks * L)
+        ident = torch.tensor([info.layer_id, info.call_no], dtype=torch.int64, device=send_nX.device)
+        send_nX = torch.cat([send_nX, ident.expand(n, 2)], dim=1).contiguous()
+        recv_nX = torch.empty_like(send_nX)
+        work = dist.all_to_all_single(recv_nX, send_nX, group=self.group, async_op=True)
+        comm.wait_work(work, "per-expert count exchange", self.group)
+        host = torch.cat([cnt_cE.reshape(-1), recv_nX.reshape(-1)]).tolist()
+        send = [host[j * E : (j + 1) * E] for j in range(chunks)]
+        recv_flat = host[chunks * E :]
+        width = chunks * L + 2
+        rows = [recv_flat[s * width : (s + 1) * width] for s in range(n)]
+        self._check_peers([r[-2:] for r in rows], info)
+        recv = [[rows[s][j * L : (j + 1) * L] for s in range(n)] for j in range(chunks)]
+        recv_dev = recv_nX[:, : chunks * L].reshape(n, chunks, L).permute(1, 0, 2)
+        return send, recv, recv_dev, bounds
+
+    # ---- one call --------------------------------------------------------------
+    def __call__(self, x_TD, plan: RoutingPlan, experts: ExpertFn, acc_dtype, info: CallInfo,
+                 shared_fn: Callable[[], torch.Tensor] | None = None):
+        n, L, E = self.world, self.local_experts, self.config.num_experts
+        c = self.config.overlap_chunks
+        rec, dev, lid, call = info.recorder, x_TD.device, info.layer_id, info.call_no
+        row_bytes = x_TD.shape[1] * x_TD.element_size()
+
+        with phase(rec, lid, call, "permute", dev):
+            if plan.capacity is not None:
+                send, recv, recv_dev = self._capacity_counts(plan, info, c, dev)
+                bounds = _chunk_bounds(plan.rows_per_expert_E, c)
+            else:
+                send, recv, recv_dev, bounds = self._dropless_counts(plan, info, c)
+            starts_E = torch.cumsum(plan.rows_per_expert_E, 0) - plan.rows_per_expert_E
+            chunk_rows, in_splits, out_splits, sends = [], [], [], []
+            for j in range(c):
+                in_splits.append([sum(send[j][d * L : (d + 1) * L]) for d in range(n)])
+                out_splits.append([sum(recv[j][s]) for s in range(n)])
+                if c == 1:
+                    rows = None
+                else:
+                    rows = segment_arange(starts_E + bounds[j], bounds[j + 1] - bounds[j], sum(in_splits[j]))
+                    chunk_rows.append(rows)
+                sends.append(gather_rows(x_TD, plan, rows))
+
+        pendings = []
+        for j in range(c):
+            t0 = rec.mark(dev) if rec else None
+            pendings.append((t0,) + comm.start(sends[j], self.group, out_splits[j], in_splits[j],
+                                               "dispatch all_to_all_single"))
+            if rec:
+                rec.add_exchange(Exchange(lid, call, "dispatch", j, row_bytes * (sum(in_splits[j]) - in_splits[j][self.rank]),
+                                          row_bytes * sum(in_splits[j])))
+
+        shared_out = None
+        if shared_fn is not None:
+            with phase(rec, lid, call, "shared", dev):
+                shared_out = shared_fn()
+
+        combines = []
+        for j in range(c):
+            t0, buf, pend = pendings[j]
+            t_wait = rec.mark(dev) if rec else None
+            recv_RD = comm.wait(buf, pend)
+            if rec:
+                rec.add_span(Span(lid, call, "dispatch", j, t0, rec.mark(dev), "comm", t_wait))
+            with phase(rec, lid, call, "experts", dev, j):
+                R = sum(out_splits[j])
+                local_of_row = torch.arange(L, device=dev).repeat(n)
+                expert_of_row = torch.repeat_interleave(local_of_row, recv_dev[j].reshape(-1), output_size=R)
+                order = torch.argsort(expert_of_row, stable=True)
+                out_RD = experts(recv_RD[order], recv_dev[j].sum(0))
+                out_RD = out_RD[inverse_permutation(order)]
+            t0 = rec.mark(dev) if rec else None
+            combines.append((t0,) + comm.start(out_RD, self.group, in_splits[j], out_splits[j],
+                                               "combine all_to_all_single"))
+            if rec:
+                rec.add_exchange(Exchange(lid, call, "combine", j, row_bytes * (R - out_splits[j][self.rank]),
+                                          row_bytes * R))
+
+        backs = []
+        for j in range(c):
+            t0, buf, pend = combines[j]
+            t_wait = rec.mark(dev) if rec else None
+            backs.append(comm.wait(buf, pend))
+            if rec:
+                rec.add_span(Span(lid, call, "combine", j, t0, rec.mark(dev), "comm", t_wait))
+
+        with phase(rec, lid, call, "unpermute", dev):
+            if c == 1:
+                y_SD = backs[0]
+            else:
+                y_SD = torch.cat(backs)[inverse_permutation(torch.cat(chunk_rows))]
+            y_TD = combine(y_SD, plan, acc_dtype)
+        return y_TD, shared_out

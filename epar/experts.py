@@ -1,0 +1,118 @@
+"""Expert math, free of communication: GroupedExperts (routed) and SharedExpert (dense).
+
+Rows reach GroupedExperts already sorted by local expert; counts_L says how many each
+expert has. One grouped GEMM per projection where the device and dtype allow it.
+"""
+
+from __future__ import annotations
+
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import MoEConfig
+
+
+def activate(h: torch.Tensor, activation: str, d_ff: int) -> torch.Tensor:
+    if activation == "swiglu":  # columns [:d_ff] gate, [d_ff:] up projection
+        return F.silu(h[..., :d_ff]) * h[..., d_ff:]
+    if activation == "gelu":
+        return F.gelu(h)  # exact (erf) form
+    return F.relu(h)
+
+
+def _grouped_mm_op():
+    op = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+    return op
+
+
+def grouped_mm_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether torch's grouped GEMM kernel takes these operands."""
+    if _grouped_mm_op() is None or x.dtype != w.dtype:
+        return False
+    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        return False
+    if x.device.type == "cuda":
+        if torch.cuda.get_device_capability(x.device)[0] < 9 and x.dtype != torch.bfloat16:
+            return False
+    elif x.device.type != "cpu":
+        return False
+    # The kernels need 16-byte aligned row strides on both operands.
+    elem = x.element_size()
+    return all((n * elem) % 16 == 0 for n in (x.shape[-1], w.shape[-1]))
+
+
+def grouped_mm(x_RK: torch.Tensor, w_LKN: torch.Tensor, counts_L: torch.Tensor,
+               use_kernel: bool | None = None) -> torch.Tensor:
+    """out[rows of group l] = x[rows of group l] @ w[l]. Rows are sorted by group.
+
+    The one overridable grouped-GEMM call: the kernel path where supported, else a loop
+    of plain matmuls (reads counts back to the host; fine on CPU and for float64 checks).
+    """
+    if use_kernel is None:
+        use_kernel = grouped_mm_supported(x_RK, w_LKN)
+    if use_kernel:
+        offs = torch.cumsum(counts_L, 0, dtype=torch.int32)
+        return _grouped_mm_op()(x_RK, w_LKN, offs=offs)
+    pieces = torch.split(x_RK, counts_L.tolist())
+    outs = [piece @ w_LKN[i] for i, piece in enumerate(pieces)]
+    if not outs:
+        return x_RK.new_zeros(0, w_LKN.shape[-1])
+    return torch.cat(outs)
+
+
+class GroupedExperts(nn.Module):
+    def __init__(self, config: MoEConfig, num_local_experts: int):
+        super().__init__()
+        self.config = config
+        self.num_local_experts = num_local_experts
+        n_in = 2 * config.d_ff if config.activation == "swiglu" else config.d_ff
+        self.w_in = nn.Parameter(torch.empty(num_local_experts, config.d_model, n_in))
+        self.w_out = nn.Parameter(torch.empty(num_local_experts, config.d_ff, config.d_model))
+        # Trainers tell expert weights apart by this flag (they reduce over expert-DP only).
+        for p in (self.w_in, self.w_out):
+            p.is_expert = True
+        self.use_kernel: bool | None = None  # None: decide per call; False forces the loop
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.w_in, std=self.config.d_model ** -0.5)
+        nn.init.normal_(self.w_out, std=self.config.d_ff ** -0.5)
+
+    def forward(self, x_RD: torch.Tensor, counts_L: torch.Tensor) -> torch.Tensor:
+        w_in, w_out = self.w_in.to(x_RD.dtype), self.w_out.to(x_RD.dtype)
+        use = self.use_kernel
+        if use is None:
+            use = grouped_mm_supported(x_RD, w_in) and grouped_mm_supported(x_RD, w_out)
+        h_RN = grouped_mm(x_RD, w_in, counts_L, use)
+        a_RF = activate(h_RN, self.config.activation, self.config.d_ff)
+        return grouped_mm(a_RF, w_out, counts_L, use)
+
+
+class SharedExpert(nn.Module):
+    """A dense FFN every token goes through; optionally scaled by sigmoid(x @ gate)."""
+
+    def __init__(self, config: MoEConfig):
+        super().__init__()
+        self.config = config
+        d_ff = config.shared_expert_d_ff
+        n_in = 2 * d_ff if config.activation == "swiglu" else d_ff
+        self.w_in = nn.Parameter(torch.empty(config.d_model, n_in))
+        self.w_out = nn.Parameter(torch.empty(d_ff, config.d_model))
+        self.gate = nn.Parameter(torch.empty(config.d_model)) if config.shared_expert_gate else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.w_in, std=self.config.d_model ** -0.5)
+        nn.init.normal_(self.w_out, std=self.config.shared_expert_d_ff ** -0.5)
+        if self.gate is not None:
+            nn.init.normal_(self.gate, std=self.config.d_model ** -0.5)
+
+    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
+        dt = x_TD.dtype
+        h = activate(x_TD @ self.w_in.to(dt), self.config.activation, self.config.shared_expert_d_ff)
+        y_TD = h @ self.w_out.to(dt)
+        if self.gate is not None:
+            y_TD = y_TD * torch.sigmoid(x_TD @ self.gate.to(dt)).unsqueeze(-1)
+        return y_TD

@@ -1,0 +1,3 @@
+from .recorder import PHASES, PhaseRecorder, current, phase, record
+
+__all__ = ["PHASES", "PhaseRecorder", "current", "phase", "record"]

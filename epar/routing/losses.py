@@ -1,0 +1,26 @@
+"""Auxiliary losses, already multiplied by their coefficients."""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import MoEConfig
+from .plan import RoutingPlan
+from .router import RouterOutput
+
+
+def aux_loss(config: MoEConfig, router_out: RouterOutput, plan: RoutingPlan) -> torch.Tensor:
+    logits_TE = router_out.logits_TE
+    T = logits_TE.shape[0]
+    # Summing the (possibly empty) logits keeps the loss attached to the graph at T = 0.
+    loss = logits_TE.sum() * 0.0
+    if T == 0:
+        return loss
+    if config.aux_loss_coef > 0 and config.strategy != "expert_choice":
+        scores_TE = router_out.scores_TE
+        f_E = plan.selected_per_expert_E.to(scores_TE.dtype) / (T * config.top_k)
+        p_E = (scores_TE / scores_TE.sum(dim=-1, keepdim=True)).mean(dim=0)
+        loss = loss + config.aux_loss_coef * config.num_experts * (f_E * p_E).sum()
+    if config.z_loss_coef > 0:
+        loss = loss + config.z_loss_coef * torch.logsumexp(logits_TE, dim=-1).square().mean()
+    return loss

@@ -1,0 +1,61 @@
+"""Router: token -> per-expert scores, in float32 (or wider) whatever the input dtype.
+
+Shape legend used across epar: T tokens on this rank, D d_model, E global experts,
+K top_k, S dispatch rows, L local experts, F expert hidden size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..config import MoEConfig
+
+
+def router_dtype(x_dtype: torch.dtype) -> torch.dtype:
+    """float32, or the input dtype where that is wider (float64 stays float64)."""
+    return torch.promote_types(x_dtype, torch.float32)
+
+
+@dataclass(frozen=True)
+class RouterOutput:
+    logits_TE: torch.Tensor  # clean logits (z-loss uses these)
+    scores_TE: torch.Tensor  # softmax/sigmoid of clean logits: the slot weights come from here
+    select_TE: torch.Tensor  # what top-k selection ranks: scores of noisy logits + expert_bias
+
+
+class Router(nn.Module):
+    def __init__(self, config: MoEConfig):
+        super().__init__()
+        self.config = config
+        self.weight = nn.Parameter(torch.empty(config.num_experts, config.d_model))
+        # Aux-loss-free balancing bias: changes which experts are selected, never the weights.
+        self.register_buffer("expert_bias", torch.zeros(config.num_experts, dtype=torch.float32))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight, std=self.config.d_model ** -0.5)
+
+    def _score(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.config.score_func == "softmax":
+            return torch.softmax(logits, dim=-1)
+        return torch.sigmoid(logits)
+
+    def forward(self, x_TD: torch.Tensor) -> RouterOutput:
+        cfg = self.config
+        dtype = router_dtype(x_TD.dtype)
+        h_TD = x_TD.to(dtype)
+        if self.training and cfg.router_jitter_eps > 0:
+            eps = cfg.router_jitter_eps
+            h_TD = h_TD * torch.empty_like(h_TD).uniform_(1.0 - eps, 1.0 + eps)
+        logits_TE = h_TD @ self.weight.to(dtype).t()
+        scores_TE = self._score(logits_TE)
+        select_TE = scores_TE
+        if self.training and cfg.router_noise_std > 0:
+            noisy = logits_TE + torch.randn_like(logits_TE) * cfg.router_noise_std
+            select_TE = self._score(noisy)
+        # Selection never carries gradient: the weights (scores_TE) do.
+        select_TE = select_TE.detach() + self.expert_bias.to(dtype)
+        return RouterOutput(logits_TE, scores_TE, select_TE)

@@ -1,0 +1,160 @@
+"""Routing strategies: router scores -> RoutingPlan. Pure tensor math on this rank's
+tokens: no process group, and no device-to-host read (sizes come from the host)."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+
+from ..config import MoEConfig
+from .plan import RoutingPlan
+from .router import RouterOutput
+
+
+def count_per_expert(expert_idx: torch.Tensor, num_experts: int) -> torch.Tensor:
+    # scatter_add rather than bincount: CUDA bincount reads the max back to the host.
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=expert_idx.device)
+    return counts.scatter_add_(0, expert_idx.reshape(-1), torch.ones_like(expert_idx.reshape(-1)))
+
+
+def rank_within_expert(sorted_expert_S: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+    """Position of each row inside its expert's block, for rows already sorted by expert."""
+    starts_E = torch.cumsum(counts_E, 0) - counts_E
+    positions = torch.arange(sorted_expert_S.shape[0], device=sorted_expert_S.device)
+    return positions - starts_E[sorted_expert_S]
+
+
+class RoutingStrategy(ABC):
+    def __init__(self, config: MoEConfig):
+        self.config = config
+
+    @abstractmethod
+    def plan(self, router_out: RouterOutput) -> RoutingPlan: ...
+
+
+class _TokenChoice(RoutingStrategy):
+    """Each token picks its top-k experts by biased score (ties: lower expert index)."""
+
+    def select(self, router_out: RouterOutput):
+        k = self.config.top_k
+        # A stable descending sort makes tie-breaking deterministic, unlike topk.
+        expert_TK = torch.sort(router_out.select_TE, dim=-1, descending=True, stable=True).indices[:, :k]
+        weight_TK = router_out.scores_TE.gather(1, expert_TK)
+        if self.config.normalize_topk:
+            weight_TK = weight_TK / weight_TK.sum(dim=-1, keepdim=True)
+        return expert_TK, weight_TK
+
+
+class Dropless(_TokenChoice):
+    def plan(self, router_out: RouterOutput) -> RoutingPlan:
+        E, k = self.config.num_experts, self.config.top_k
+        expert_TK, weight_TK = self.select(router_out)
+        T = expert_TK.shape[0]
+        slot_expert = expert_TK.reshape(-1)  # slot s = t * k + j
+        order_S = torch.argsort(slot_expert, stable=True)
+        counts_E = count_per_expert(slot_expert, E)
+        combine_idx = torch.empty_like(order_S)
+        combine_idx[order_S] = torch.arange(order_S.shape[0], device=order_S.device)
+        zero = torch.zeros((), dtype=torch.int64, device=counts_E.device)
+        return RoutingPlan(
+            num_tokens=T,
+            token_idx_S=order_S // k,
+            weight_S=weight_TK.reshape(-1)[order_S],
+            rows_per_expert_E=counts_E,
+            capacity=None,
+            valid_S=None,
+            combine_idx_TK=combine_idx.view(T, k),
+            kept_per_expert_E=counts_E,
+            selected_per_expert_E=counts_E,
+            dropped_slots=zero,
+            unrouted_tokens=zero,
+        )
+
+
+class TokenDrop(_TokenChoice):
+    """Capacity C = ceil(capacity_factor * T * k / E) slots per expert; the rest are dropped."""
+
+    def plan(self, router_out: RouterOutput) -> RoutingPlan:
+        cfg = self.config
+        E, k = cfg.num_experts, cfg.top_k
+        expert_TK, weight_TK = self.select(router_out)
+        T = expert_TK.shape[0]
+        C = cfg.capacity(T)
+        dev = expert_TK.device
+        if cfg.drop_policy == "probs":
+            # Priority within an expert: higher score first, then lower token index. Slots
+            # start in token order, so a stable sort by score keeps token order for ties.
+            score_S = router_out.scores_TE.gather(1, expert_TK).reshape(-1)
+            by_score = torch.argsort(score_S, descending=True, stable=True)
+            slot_order = by_score[torch.argsort(expert_TK.reshape(-1)[by_score], stable=True)]
+        else:  # "position": choice rank first, then token index (GShard)
+            choice_major = expert_TK.t().reshape(-1)  # index j * T + t
+            order_cm = torch.argsort(choice_major, stable=True)
+            t, j = order_cm % T, order_cm // T
+            slot_order = t * k + j
+        slot_expert = expert_TK.reshape(-1)
+        selected_E = count_per_expert(slot_expert, E)
+        sorted_expert = slot_expert[slot_order]
+        rank = rank_within_expert(sorted_expert, selected_E)
+        kept = rank < C
+        # Kept slot -> padded row e * C + rank; dropped -> the spare row E * C.
+        row = torch.where(kept, sorted_expert * C + rank, torch.full_like(rank, E * C))
+        S = E * C
+        token_idx = torch.zeros(S + 1, dtype=torch.int64, device=dev)
+        token_idx[row] = slot_order // k
+        weight = torch.zeros(S + 1, dtype=weight_TK.dtype, device=dev)
+        weight = weight.index_put((row,), torch.where(kept, weight_TK.reshape(-1)[slot_order], 0.0))
+        valid = torch.zeros(S + 1, dtype=torch.bool, device=dev)
+        valid[row] = kept
+        combine_idx = torch.empty(T * k, dtype=torch.int64, device=dev)
+        combine_idx[slot_order] = row
+        kept_E = torch.clamp(selected_E, max=C)
+        return RoutingPlan(
+            num_tokens=T,
+            token_idx_S=token_idx[:S],
+            weight_S=weight[:S],
+            rows_per_expert_E=torch.full((E,), C, dtype=torch.int64, device=dev),
+            capacity=C,
+            valid_S=valid[:S],
+            combine_idx_TK=combine_idx.view(T, k),
+            kept_per_expert_E=kept_E,
+            selected_per_expert_E=selected_E,
+            dropped_slots=T * k - kept_E.sum(),
+            unrouted_tokens=(weight_TK.new_zeros(T, dtype=torch.int64)
+                             .index_add_(0, slot_order // k, kept.long()) == 0).sum(),
+        )
+
+
+class ExpertChoice(RoutingStrategy):
+    """Each expert takes the C tokens with the highest score for it (ties: lower token)."""
+
+    def plan(self, router_out: RouterOutput) -> RoutingPlan:
+        cfg = self.config
+        E = cfg.num_experts
+        T = router_out.scores_TE.shape[0]
+        C = cfg.capacity(T)
+        dev = router_out.scores_TE.device
+        token_EC = torch.sort(router_out.select_TE.t(), dim=1, descending=True, stable=True).indices[:, :C]
+        weight_EC = router_out.scores_TE.t().gather(1, token_EC)
+        taken_T = torch.zeros(T, dtype=torch.int64, device=dev).index_add_(
+            0, token_EC.reshape(-1), torch.ones(E * C, dtype=torch.int64, device=dev))
+        per_expert = torch.full((E,), C, dtype=torch.int64, device=dev)
+        return RoutingPlan(
+            num_tokens=T,
+            token_idx_S=token_EC.reshape(-1),
+            weight_S=weight_EC.reshape(-1),
+            rows_per_expert_E=per_expert,
+            capacity=C,
+            valid_S=None,
+            combine_idx_TK=None,
+            kept_per_expert_E=per_expert,
+            selected_per_expert_E=per_expert,
+            dropped_slots=torch.zeros((), dtype=torch.int64, device=dev),
+            unrouted_tokens=(taken_T == 0).sum(),
+        )
+
+
+def make_strategy(config: MoEConfig) -> RoutingStrategy:
+    return {"dropless": Dropless, "token_drop": TokenDrop, "expert_choice": ExpertChoice}[
+        config.strategy](config)
