@@ -43,6 +43,19 @@ def grouped_mm_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
     return all((n * elem) % 16 == 0 for n in (x.shape[-1], w.shape[-1]))
 
 
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward hands on a contiguous gradient: the grouped GEMM kernels
+    reject the expanded (stride-0) or transposed gradients that e.g. `out.sum()` gives."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
 def grouped_mm(x_RK: torch.Tensor, w_LKN: torch.Tensor, counts_L: torch.Tensor,
                use_kernel: bool | None = None) -> torch.Tensor:
     """out[rows of group l] = x[rows of group l] @ w[l]. Rows are sorted by group.
@@ -54,7 +67,8 @@ def grouped_mm(x_RK: torch.Tensor, w_LKN: torch.Tensor, counts_L: torch.Tensor,
         use_kernel = grouped_mm_supported(x_RK, w_LKN)
     if use_kernel:
         offs = torch.cumsum(counts_L, 0, dtype=torch.int32)
-        return _grouped_mm_op()(x_RK, w_LKN, offs=offs)
+        out = _grouped_mm_op()(x_RK.contiguous(), w_LKN, offs=offs)  # kernel needs aligned strides
+        return _ContiguousGrad.apply(out)
     pieces = torch.split(x_RK, counts_L.tolist())
     outs = [piece @ w_LKN[i] for i, piece in enumerate(pieces)]
     if not outs:

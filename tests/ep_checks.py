@@ -1,0 +1,61 @@
+"""Shared pieces of the multi-process tests: build an EP layer and the single-device
+layer holding all experts on the same weights, run both on this rank's batch, and
+compare forward output, input grads, dense grads and expert grads in float64."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+import epar
+
+D, FF = 8, 16
+
+
+def make_pair(cfg: epar.MoEConfig, ep_group, seed: int = 0):
+    """(ep_layer, reference layer with all experts) on identical weights, float64."""
+    torch.manual_seed(seed)
+    ref = epar.MoELayer(cfg).double()
+    layer = epar.MoELayer(cfg, ep_group).double()
+    L, r = layer.num_local_experts, layer.ep_rank
+    state = {k: (v[r * L:(r + 1) * L] if k.startswith("experts.") else v) for k, v in ref.state_dict().items()}
+    layer.load_state_dict(state)
+    return layer, ref
+
+
+def tagged_batch(rank: int, num_tokens: int, seed: int = 0) -> torch.Tensor:
+    """Random rows whose feature 0 encodes (source rank, token): a misrouted row shows."""
+    g = torch.Generator().manual_seed(1000 * seed + rank)
+    x = torch.randn(num_tokens, D, generator=g, dtype=torch.float64)
+    x[:, 0] = rank + torch.arange(num_tokens, dtype=torch.float64) / 100.0
+    return x
+
+
+def run_and_compare(layer, ref, x: torch.Tensor, ep_group, atol: float = 1e-12) -> dict:
+    """Forward + backward through both layers; asserts equality; returns the stats."""
+    x_ep = x.clone().requires_grad_()
+    x_ref = x.clone().requires_grad_()
+    out, out_ref = layer(x_ep), ref(x_ref)
+    g = torch.Generator().manual_seed(7 + x.shape[0])
+    gy = torch.randn(out_ref.y.shape, generator=g, dtype=torch.float64)
+    ((out.y * gy).sum() + out.aux_loss).backward()
+    ((out_ref.y * gy).sum() + out_ref.aux_loss).backward()
+    close = dict(atol=atol, rtol=1e-10)
+    torch.testing.assert_close(out.y, out_ref.y, **close)
+    torch.testing.assert_close(out.aux_loss, out_ref.aux_loss, **close)
+    for key in out.stats:
+        assert torch.equal(out.stats[key], out_ref.stats[key]), key
+    torch.testing.assert_close(x_ep.grad, x_ref.grad, **close)
+    ref_params = dict(ref.named_parameters())
+    L, r = layer.num_local_experts, layer.ep_rank
+    for name, p in layer.named_parameters():
+        expected = ref_params[name].grad.clone()
+        if name.startswith("experts."):
+            # Expert grads hold every EP rank's tokens routed here: sum the references.
+            if ep_group is not None:
+                dist.all_reduce(expected, group=ep_group)
+            expected = expected[r * L:(r + 1) * L]
+        assert p.grad is not None, name
+        assert not torch.isnan(p.grad).any(), name
+        torch.testing.assert_close(p.grad, expected, **close, msg=lambda m: f"{name}: {m}")
+    return out.stats

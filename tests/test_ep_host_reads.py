@@ -1,0 +1,60 @@
+"""Capacity strategies take their split sizes from the host: forward and backward read
+nothing back from a routing tensor. Dropless reads exactly once per call (the counts).
+
+On CPU a device sync cannot be observed, so every Python-level read of tensor data
+(tolist, item, bool, int, float, numpy, nonzero, ...) is recorded with a
+TorchFunctionMode and checked against what the design allows.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.overrides import TorchFunctionMode
+
+import epar
+from dist_harness import run_distributed
+
+pytestmark = pytest.mark.dist
+
+READS = {"tolist", "item", "__bool__", "__int__", "__float__", "__index__", "numpy", "nonzero",
+         "cpu", "masked_select", "unique", "bincount"}
+
+
+class RecordReads(TorchFunctionMode):
+    def __init__(self):
+        super().__init__()
+        self.reads = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", str(func))
+        if name in READS and args and isinstance(args[0], torch.Tensor):
+            self.reads.append((name, tuple(args[0].shape)))
+        return func(*args, **(kwargs or {}))
+
+
+def _host_reads(rank, world, strategy, chunks):
+    cfg = epar.MoEConfig(d_model=16, d_ff=16, num_experts=4, strategy=strategy, overlap_chunks=chunks,
+                         shared_expert_d_ff=16)
+    torch.manual_seed(0)
+    layer = epar.MoELayer(cfg, dist.group.WORLD)  # float32: the grouped-GEMM kernel path
+    x = torch.randn([6, 3][rank], 16, requires_grad=True)
+    with RecordReads() as rec:
+        out = layer(x)
+        (out.y.square().sum() + out.aux_loss).backward()
+    return rec.reads
+
+
+@pytest.mark.parametrize("strategy", ["token_drop", "expert_choice"])
+@pytest.mark.parametrize("chunks", [1, 2])
+def test_capacity_modes_read_only_the_host_token_table(strategy, chunks):
+    for reads in run_distributed(_host_reads, 2, strategy, chunks, timeout=60):
+        # The one read: the [world, 3] table of (T, layer id, call number) gathered on
+        # the host (gloo) group, a CPU tensor even when the layer runs on GPU.
+        assert reads == [("tolist", (2, 3))], reads
+
+
+def test_dropless_reads_counts_once_per_call():
+    for reads in run_distributed(_host_reads, 2, "dropless", 2, timeout=60):
+        assert len(reads) == 1 and reads[0][0] == "tolist", reads

@@ -1,0 +1,223 @@
+"""Expert parallelism on gloo (world 2 and 4): equal to one device, forward and backward."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import epar
+from dist_harness import run_distributed
+from ep_checks import D, FF, make_pair, run_and_compare, tagged_batch
+from epar.parallel import build_groups, reduce_gradients
+
+pytestmark = pytest.mark.dist
+
+STRATEGIES = ("dropless", "token_drop", "expert_choice")
+BATCHES = {2: [(6, 0), (5, 5), (0, 0)], 4: [(6, 0, 9, 3), (4, 4, 4, 4)]}
+
+
+def _equal_to_one_device(rank, world, ep_size):
+    groups = build_groups(ep_size)
+    checked = 0
+    for strategy in STRATEGIES:
+        for score_func in ("softmax", "sigmoid"):
+            for shared, gate in ((0, False), (6, True)):
+                cfg = epar.MoEConfig(d_model=D, d_ff=FF, num_experts=8, top_k=2, strategy=strategy,
+                                     score_func=score_func, shared_expert_d_ff=shared,
+                                     shared_expert_gate=gate, z_loss_coef=0.001,
+                                     activation="gelu" if score_func == "sigmoid" else "swiglu")
+                layer, ref = make_pair(cfg, groups.ep_group, seed=checked)
+                for pattern in BATCHES[world]:
+                    T = pattern[rank]
+                    run_and_compare(layer, ref, tagged_batch(rank, T, seed=checked), groups.ep_group)
+                    layer.zero_grad(), ref.zero_grad()
+                checked += 1
+    return checked
+
+
+@pytest.mark.parametrize("world,ep_size", [(2, 2), (4, 4), (4, 2)], ids=["ep2", "ep4", "dp2xep2"])
+def test_equal_to_one_device(world, ep_size):
+    assert run_distributed(_equal_to_one_device, world, ep_size, timeout=240) == [12] * world
+
+
+def _skewed_routing(rank, world):
+    """All tokens on one expert (every other expert gets zero), and capacity drops."""
+    groups = build_groups(world)
+    for strategy in STRATEGIES:
+        cfg = epar.MoEConfig(d_model=D, d_ff=FF, num_experts=4, top_k=1, normalize_topk=False,
+                             strategy=strategy, capacity_factor=1.0)
+        layer, ref = make_pair(cfg, groups.ep_group)
+        with torch.no_grad():
+            for m in (layer, ref):  # expert 3 (on the last rank) wins for every token
+                m.router.weight.zero_()
+                m.router.weight[3, 0] = 50.0
+        x = tagged_batch(rank, 5) .abs() + 1.0
+        stats = run_and_compare(layer, ref, x, groups.ep_group)
+        counts = stats["tokens_per_expert"].tolist()
+        if strategy == "dropless":
+            assert counts == [0, 0, 0, 5]
+        elif strategy == "token_drop":  # capacity ceil(1.0 * 5 * 1 / 4) = 2
+            assert counts == [0, 0, 0, 2] and int(stats["dropped_slots"]) == 3
+        for name, p in layer.experts.named_parameters():
+            assert not torch.isnan(p.grad).any()
+        if strategy == "dropless" and rank != world - 1:
+            assert torch.count_nonzero(layer.experts.w_in.grad) == 0  # no tokens: exactly zero grads
+    return True
+
+
+def test_all_tokens_on_one_expert():
+    assert all(run_distributed(_skewed_routing, 2, timeout=120))
+
+
+def _overlap_chunks_equal(rank, world):
+    """overlap_chunks 1, 2, 4 give the same result to 1e-12 for every strategy."""
+    groups = build_groups(world)
+    for strategy in STRATEGIES:
+        results = []
+        for chunks in (1, 2, 4):
+            cfg = epar.MoEConfig(d_model=D, d_ff=FF, num_experts=world * 2, strategy=strategy,
+                                 overlap_chunks=chunks, shared_expert_d_ff=4)
+            layer, _ = make_pair(cfg, groups.ep_group, seed=3)
+            x = tagged_batch(rank, [9, 4, 0, 7][rank], seed=3).requires_grad_()
+            out = layer(x)
+            (out.y.square().sum() + out.aux_loss).backward()
+            results.append([out.y, x.grad] + [p.grad for p in layer.parameters()])
+        for other in results[1:]:
+            for a, b in zip(results[0], other):
+                torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+    return True
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_overlap_chunks_equal(world):
+    if world == 1:  # EP 1: the local path ignores chunking; still must match exactly
+        assert _overlap_chunks_equal_local()
+    else:
+        assert all(run_distributed(_overlap_chunks_equal, world, timeout=180))
+
+
+def _overlap_chunks_equal_local():
+    for strategy in STRATEGIES:
+        outs = []
+        for chunks in (1, 2, 4):
+            cfg = epar.MoEConfig(d_model=D, d_ff=FF, num_experts=4, strategy=strategy, overlap_chunks=chunks)
+            torch.manual_seed(3)
+            layer = epar.MoELayer(cfg).double()
+            x = tagged_batch(0, 9, seed=3).requires_grad_()
+            out = layer(x)
+            out.y.square().sum().backward()
+            outs.append((out.y, x.grad, layer.experts.w_in.grad))
+        for other in outs[1:]:
+            for a, b in zip(outs[0], other):
+                torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+    return True
+
+
+def _grad_reduction_matches_one_device_step(rank, world):
+    """dp2 x ep2: reduce_gradients + SGD equals one device stepping on the mean loss."""
+    groups = build_groups(2)
+    cfg = epar.MoEConfig(d_model=D, d_ff=FF, num_experts=4, shared_expert_d_ff=6, strategy="dropless")
+    layer, ref = make_pair(cfg, groups.ep_group, seed=11)
+    sizes = [5, 3, 0, 6]
+
+    def loss_of(model, r):
+        x = tagged_batch(r, sizes[r], seed=11)
+        out = model(x)
+        g = torch.Generator().manual_seed(r)
+        return (out.y * torch.randn(out.y.shape, generator=g, dtype=torch.float64)).sum() + out.aux_loss
+
+    loss_of(layer, rank).backward()
+    reduce_gradients(layer, groups)
+    # One device: every rank's batch routed on its own (capacity is per rank), mean loss.
+    (sum(loss_of(ref, r) for r in range(world)) / world).backward()
+    lr = 0.5
+    with torch.no_grad():
+        for m in (layer, ref):
+            for p in m.parameters():
+                p -= lr * p.grad
+    L, e = layer.num_local_experts, groups.ep_rank
+    ref_params = dict(ref.named_parameters())
+    for name, p in layer.named_parameters():
+        want = ref_params[name]
+        if name.startswith("experts."):
+            want = want[e * L:(e + 1) * L]
+        torch.testing.assert_close(p, want, atol=1e-12, rtol=1e-10, msg=lambda m: f"{name}: {m}")
+    return True
+
+
+def test_gradient_reduction_helper():
+    assert all(run_distributed(_grad_reduction_matches_one_device_step, 4, timeout=120))
+
+
+# ---- reliability -----------------------------------------------------------------
+
+def _config_mismatch(rank, world):
+    cfg = epar.MoEConfig(d_model=D, d_ff=FF + 8 * rank, num_experts=4)
+    try:
+        epar.MoELayer(cfg, dist.group.WORLD)
+    except ValueError as exc:
+        return str(exc)
+    return "no error"
+
+
+def test_config_mismatch_raises_on_every_rank():
+    messages = run_distributed(_config_mismatch, 2, timeout=60)
+    for msg in messages:
+        assert "MoEConfig differs" in msg and "d_ff" in msg, msg
+
+
+def _call_count_mismatch(rank, world, strategy, pg_timeout):
+    cfg = epar.MoEConfig(d_model=D, d_ff=FF, num_experts=4, strategy=strategy)
+    layer = epar.MoELayer(cfg, dist.group.WORLD)
+    layer(torch.randn(3, D))
+    if rank == 1:
+        time.sleep(pg_timeout + 6)  # alive, but never makes the second call
+        return None
+    start = time.monotonic()
+    try:
+        layer(torch.randn(3, D))
+    except epar.CommError as exc:
+        return time.monotonic() - start, str(exc)
+    return "no error"
+
+
+@pytest.mark.parametrize("strategy", ["dropless", "token_drop"])
+def test_extra_layer_call_times_out_with_clear_error(strategy):
+    pg_timeout = 3.0
+    results = run_distributed(_call_count_mismatch, 2, strategy, pg_timeout, timeout=60, pg_timeout=pg_timeout)
+    elapsed, msg = results[0]
+    assert "did not complete" in msg and "different numbers of MoE layer calls" in msg, msg
+    assert elapsed < pg_timeout + 5  # the collective timeout fired, not the peer's exit
+
+
+def _different_layers(rank, world, strategy):
+    cfg = epar.MoEConfig(d_model=D, d_ff=FF, num_experts=4, strategy=strategy)
+    layers = [epar.MoELayer(cfg, dist.group.WORLD) for _ in range(2)]
+    try:
+        layers[rank](torch.randn(4, D))
+    except epar.CommError as exc:
+        return str(exc)
+    return "no error"
+
+
+@pytest.mark.parametrize("strategy", ["dropless", "expert_choice"])
+def test_ranks_calling_different_layers_raise(strategy):
+    for msg in run_distributed(_different_layers, 2, strategy, timeout=60):
+        assert "call mismatch" in msg, msg
+
+
+def test_experts_must_divide_ep_size():
+    msgs = run_distributed(_indivisible, 2, timeout=60)
+    for msg in msgs:
+        assert "num_experts=3" in msg and "expert-parallel size 2" in msg, msg
+
+
+def _indivisible(rank, world):
+    try:
+        epar.MoELayer(epar.MoEConfig(d_model=D, d_ff=FF, num_experts=3), dist.group.WORLD)
+    except ValueError as exc:
+        return str(exc)
+    return "no error"
