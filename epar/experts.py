@@ -53,7 +53,10 @@ class _ContiguousGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return grad.contiguous()
+        if grad.is_contiguous() and grad.numel() > 0:
+            return grad
+        # An empty expanded tensor counts as contiguous but keeps its 0 strides: copy it.
+        return torch.empty_like(grad, memory_format=torch.contiguous_format).copy_(grad)
 
 
 def grouped_mm(x_RK: torch.Tensor, w_LKN: torch.Tensor, counts_L: torch.Tensor,

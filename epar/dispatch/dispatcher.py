@@ -49,6 +49,29 @@ def _chunk_bounds(counts, chunks: int):
     return [(j * counts) // chunks for j in range(chunks + 1)]
 
 
+_side_streams: dict = {}
+
+
+def _side_stream(device: torch.device):
+    if device not in _side_streams:
+        _side_streams[device] = torch.cuda.Stream(device)
+    return _side_streams[device]
+
+
+def run_on_side_stream(fn: Callable[[], torch.Tensor], device: torch.device) -> torch.Tensor:
+    """Run fn on a side CUDA stream (so it overlaps the exchange in flight); the caller
+    makes the compute stream wait for it before using the result. On CPU: inline."""
+    if device.type != "cuda":
+        return fn()
+    side = _side_stream(device)
+    # The side stream must see every input fn reads; tensors it allocates are used on
+    # the compute stream only after wait_stream, and the next call's side work is again
+    # ordered after the compute stream, so no record_stream is needed.
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        return fn()
+
+
 class LocalDispatcher:
     """All experts on this device: permute, one grouped GEMM call, combine."""
 
@@ -167,7 +190,7 @@ class AllToAllDispatcher:
         shared_out = None
         if shared_fn is not None:
             with phase(rec, lid, call, "shared", dev):
-                shared_out = shared_fn()
+                shared_out = run_on_side_stream(shared_fn, dev)
 
         combines = []
         for j in range(c):
@@ -198,6 +221,8 @@ class AllToAllDispatcher:
             if rec:
                 rec.add_span(Span(lid, call, "combine", j, t0, rec.mark(dev), "comm", t_wait))
 
+        if shared_out is not None and dev.type == "cuda":
+            torch.cuda.current_stream(dev).wait_stream(_side_stream(dev))
         with phase(rec, lid, call, "unpermute", dev):
             if c == 1:
                 y_SD = backs[0]

@@ -239,7 +239,7 @@ def print_report(report: dict, console=None) -> None:
             for col in ("exchange", "chunks", "to others", "ms", "exposed ms", "hidden ms", "algbw GB/s", "busbw GB/s"):
                 t.add_column(col, justify="right")
             for name, x in lay["exchanges"].items():
-                bw = lambda k: " / ".join(f"{x[k][q]:.2f}" for q in ("min", "median", "max"))  # noqa: E731
+                bw = lambda k: " / ".join(f"{x[k][q]:.3g}" for q in ("min", "median", "max"))  # noqa: E731
                 t.add_row(name, str(x["chunks"]), _fmt_bytes(x["bytes_to_others"]["median"]),
                           f"{x['ms']['median']:.3f}", f"{x['exposed_ms']['median']:.3f}",
                           f"{x['hidden_ms']['median']:.3f}", bw("algbw_gbps"), bw("busbw_gbps"))
