@@ -33,6 +33,8 @@ def grouped_mm_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
         return False
     if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         return False
+    if torch.compiler.is_compiling() and x.dtype != torch.bfloat16:
+        return False  # the kernel's meta (shape) function accepts bfloat16 only
     if x.device.type == "cuda":
         if torch.cuda.get_device_capability(x.device)[0] < 9 and x.dtype != torch.bfloat16:
             return False
@@ -69,7 +71,7 @@ def grouped_mm(x_RK: torch.Tensor, w_LKN: torch.Tensor, counts_L: torch.Tensor,
     if use_kernel is None:
         use_kernel = grouped_mm_supported(x_RK, w_LKN)
     if use_kernel:
-        offs = torch.cumsum(counts_L, 0, dtype=torch.int32)
+        offs = torch.cumsum(counts_L, 0).to(torch.int32)
         out = _grouped_mm_op()(x_RK.contiguous(), w_LKN, offs=offs)  # kernel needs aligned strides
         return _ContiguousGrad.apply(out)
     pieces = torch.split(x_RK, counts_L.tolist())

@@ -7,11 +7,21 @@ test fails naming them. A rank that raises fails the test with its own traceback
 from __future__ import annotations
 
 import os
+import queue as queue_mod
 import socket
+import time
 import traceback
 from datetime import timedelta
 
 import torch.multiprocessing as mp
+
+
+class RankFailure(AssertionError):
+    """Some ranks failed; `results` holds what the others returned."""
+
+    def __init__(self, results: dict, errors: dict):
+        self.results, self.errors = results, errors
+        super().__init__("".join(f"\n--- rank {r} failed:\n{tb}" for r, tb in sorted(errors.items())))
 
 
 def free_port() -> int:
@@ -52,9 +62,6 @@ def run_distributed(fn, world: int, *args, timeout: float = 120.0, pg_timeout: f
     for p in procs:
         p.start()
     results, errors = {}, {}
-    import queue as queue_mod
-    import time
-
     deadline = time.monotonic() + timeout
     try:
         while len(results) + len(errors) < world:
@@ -66,8 +73,14 @@ def run_distributed(fn, world: int, *args, timeout: float = 120.0, pg_timeout: f
             try:
                 rank, status, payload = queue.get(timeout=min(remaining, 1.0))
             except queue_mod.Empty:
-                dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0)
+                dead = [r for r, p in enumerate(procs) if p.exitcode is not None
                         and r not in results and r not in errors]
+                if dead:  # a last look: its report may still be in the pipe
+                    time.sleep(0.5)
+                    while not queue.empty():
+                        rank, status, payload = queue.get()
+                        (results if status == "ok" else errors)[rank] = payload
+                    dead = [r for r in dead if r not in results and r not in errors]
                 for r in dead:
                     errors[r] = f"process exited with code {procs[r].exitcode} without reporting"
                 continue
@@ -78,5 +91,5 @@ def run_distributed(fn, world: int, *args, timeout: float = 120.0, pg_timeout: f
             if p.is_alive():
                 p.kill()
     if errors:
-        raise AssertionError("".join(f"\n--- rank {r} failed:\n{tb}" for r, tb in sorted(errors.items())))
+        raise RankFailure(results, errors)
     return [results[r] for r in range(world)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 import epar
-from dist_harness import run_distributed
+from dist_harness import RankFailure, run_distributed
 from ep_checks import D, FF, make_pair, run_and_compare, tagged_batch
 from epar.parallel import build_groups, reduce_gradients
 
@@ -169,11 +170,13 @@ def test_config_mismatch_raises_on_every_rank():
         assert "MoEConfig differs" in msg and "d_ff" in msg, msg
 
 
-def _call_count_mismatch(rank, world, strategy, pg_timeout):
+def _call_count_mismatch(rank, world, strategy, pg_timeout, peer_exits=False):
     cfg = epar.MoEConfig(d_model=D, d_ff=FF, num_experts=4, strategy=strategy)
     layer = epar.MoELayer(cfg, dist.group.WORLD)
     layer(torch.randn(3, D))
     if rank == 1:
+        if peer_exits:
+            os._exit(0)  # dies without a word
         time.sleep(pg_timeout + 6)  # alive, but never makes the second call
         return None
     start = time.monotonic()
@@ -191,6 +194,15 @@ def test_extra_layer_call_times_out_with_clear_error(strategy):
     elapsed, msg = results[0]
     assert "did not complete" in msg and "different numbers of MoE layer calls" in msg, msg
     assert elapsed < pg_timeout + 5  # the collective timeout fired, not the peer's exit
+
+
+def test_dead_peer_raises_instead_of_hanging():
+    with pytest.raises(RankFailure) as info:
+        run_distributed(_call_count_mismatch, 2, "dropless", 30.0, True, timeout=60, pg_timeout=30.0)
+    assert "exited with code 0 without reporting" in info.value.errors[1]
+    elapsed, msg = info.value.results[0]
+    assert "did not complete" in msg, msg
+    assert elapsed < 30.0  # the dead peer is noticed, not waited out
 
 
 def _different_layers(rank, world, strategy):

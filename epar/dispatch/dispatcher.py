@@ -137,8 +137,10 @@ class AllToAllDispatcher:
         bounds = _chunk_bounds(plan.rows_per_expert_E, chunks)
         cnt_cE = torch.stack([bounds[j + 1] - bounds[j] for j in range(chunks)])  # [c, E]
         send_nX = cnt_cE.view(chunks, n, L).permute(1, 0, 2).reshape(n, chunks * L)
-        ident = torch.tensor([info.layer_id, info.call_no], dtype=torch.int64, device=send_nX.device)
-        send_nX = torch.cat([send_nX, ident.expand(n, 2)], dim=1).contiguous()
+        # Fill kernels, not a host-to-device copy of a Python list.
+        ident = [torch.full((n, 1), v, dtype=torch.int64, device=send_nX.device)
+                 for v in (info.layer_id, info.call_no)]
+        send_nX = torch.cat([send_nX] + ident, dim=1).contiguous()
         recv_nX = torch.empty_like(send_nX)
         work = dist.all_to_all_single(recv_nX, send_nX, group=self.group, async_op=True)
         comm.wait_work(work, "per-expert count exchange", self.group)

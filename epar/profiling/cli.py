@@ -22,9 +22,13 @@ import time
 
 import torch
 import torch.distributed as dist
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
 
 from .. import parallel
 from ..config import STRATEGIES, MoEConfig
+from ..layer import MoELayer
 from . import recorder, report
 
 PRESETS = {  # (d_model, d_ff, experts, top_k, tokens per rank)
@@ -180,8 +184,6 @@ def profile(args, parser) -> dict:
     _check_output_path(parser, "--json", args.json)
     _check_output_path(parser, "--trace", args.trace)
 
-    from ..layer import MoELayer  # noqa: PLC0415  (keeps `--help` fast)
-
     env, owned = _init(args.timeout)
     try:
         groups = parallel.build_groups(ep)
@@ -196,13 +198,11 @@ def profile(args, parser) -> dict:
             out = layer(x)
             t_bwd = rec.mark(env.device) if rec else None
             ((out.y * grad_y).sum() + out.aux_loss).backward()
-            if rec:
+            if rec:  # the layer has just counted this call: it is number _calls - 1
                 rec.add_span(recorder.Span(layer.layer_id, layer._calls - 1, "backward", None, t_bwd,
                                            rec.mark(env.device)))
             layer.zero_grad(set_to_none=True)
             x.grad = None
-
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       disable=env.rank != 0, transient=False) as bar:
@@ -233,9 +233,7 @@ def profile(args, parser) -> dict:
             dist.destroy_process_group()
 
 
-def _console():
-    from rich.console import Console
-
+def _console() -> Console:
     return Console(width=None if sys.stdout.isatty() else 132)
 
 
@@ -354,6 +352,8 @@ def sweep(args, parser) -> dict:
         latency, bw = fit_latency_bandwidth([r["bytes_to_others"] for r in rows], [r["time_us"] * 1e-6 for r in rows])
         dtype = _dtype(args.dtype, dev)
         pred = predict(cfg, args.tokens, torch.empty((), dtype=dtype).element_size(), eps, latency, bw)
+        for p in pred:  # a fit is only trustworthy inside the sizes it was fitted on
+            p["beyond_sweep"] = p["bytes_to_others"] > rows[-1]["bytes_to_others"]
         rep = {"schema": "epar.sweep/1", "command": "sweep", "world_size": n, "backend": env.backend,
                "device": dev.type, "iters": args.iters, "warmup": args.warmup, "rows": rows, "wrong": errors,
                "fit": {"latency_us": latency * 1e6, "bandwidth_gbps": bw / 1e9,
@@ -374,8 +374,6 @@ def sweep(args, parser) -> dict:
 
 
 def _print_prediction(rep: dict) -> None:
-    from rich.table import Table
-
     fit, pred = rep["fit"], rep["prediction"]
     c = pred["config"]
     console = _console()
@@ -388,6 +386,9 @@ def _print_prediction(rep: dict) -> None:
         t.add_row(str(r["ep_size"]), report._fmt_bytes(r["bytes_to_others"]), f"{r['dispatch_ms']:.3f}",
                   f"{r['combine_ms']:.3f}", f"{r['forward_ms']:.3f}", f"{r['forward_backward_ms']:.3f}")
     console.print(t)
+    if any(r["beyond_sweep"] for r in pred["rows"]):
+        console.print(f"note: some exchanges exceed the largest swept message ({rep['rows'][-1]['bytes_to_others']} B to "
+                      "others): the prediction extrapolates; raise --max-bytes to cover them")
     console.print("the model ignores:\n" + "\n".join(f"  - {item}" for item in rep["model_ignores"]))
 
 

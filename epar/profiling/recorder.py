@@ -61,10 +61,13 @@ class PhaseRecorder:
         return time.perf_counter()
 
     @contextlib.contextmanager
-    def phase(self, layer: int, call: int, name: str, device: torch.device, chunk: int | None = None):
+    def phase(self, layer: int, call: int, name: str, device: torch.device, chunk: int | None = None,
+              stream: str = "compute"):
+        # CUDA markers go on the current stream: open the phase inside `torch.cuda.stream(s)`
+        # to time work on stream s, and name it (e.g. "side") so reports keep it apart.
         start = self.mark(device)
         yield
-        self.spans.append(Span(layer, call, name, chunk, start, self.mark(device)))
+        self.spans.append(Span(layer, call, name, chunk, start, self.mark(device), stream))
 
     def add_span(self, span: Span) -> None:
         self.spans.append(span)
@@ -103,11 +106,11 @@ class PhaseRecorder:
 
 
 def phase(rec: PhaseRecorder | None, layer: int, call: int, name: str, device: torch.device,
-          chunk: int | None = None):
+          chunk: int | None = None, stream: str = "compute"):
     """A context manager timing one phase, or a shared no-op when no recorder is active."""
     if rec is None:
         return _NULL
-    return rec.phase(layer, call, name, device, chunk)
+    return rec.phase(layer, call, name, device, chunk, stream)
 
 
 @contextlib.contextmanager
