@@ -101,12 +101,11 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x_RD: torch.Tensor, counts_L: torch.Tensor) -> torch.Tensor:
         w_in, w_out = self.w_in.to(x_RD.dtype), self.w_out.to(x_RD.dtype)
-        use = self.use_kernel
-        if use is None:
-            use = grouped_mm_supported(x_RD, w_in) and grouped_mm_supported(x_RD, w_out)
-        h_RN = grouped_mm(x_RD, w_in, counts_L, use)
+        # With use_kernel None each projection checks its own operands (the down
+        # projection's input is d_ff wide, which may break alignment when d_model doesn't).
+        h_RN = grouped_mm(x_RD, w_in, counts_L, self.use_kernel)
         a_RF = activate(h_RN, self.config.activation, self.config.d_ff)
-        return grouped_mm(a_RF, w_out, counts_L, use)
+        return grouped_mm(a_RF, w_out, counts_L, self.use_kernel)
 
 
 class SharedExpert(nn.Module):

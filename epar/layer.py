@@ -84,8 +84,13 @@ class MoELayer(nn.Module):
     def forward(self, x: torch.Tensor) -> MoEOutput:
         self._check_input(x)
         rec = profiling.current()
-        info = CallInfo(self.layer_id, self._calls, rec)
-        self._calls += 1
+        # Calls are numbered only where something reads the number (the EP exchanges'
+        # identity check, the recorder): a Python counter changing every call would make
+        # torch.compile recompile the single-device layer on every call.
+        call_no = 0
+        if self.ep_size > 1 or rec is not None:
+            call_no, self._calls = self._calls, self._calls + 1
+        info = CallInfo(self.layer_id, call_no, rec)
         dev = x.device
         total = rec.mark(dev) if rec else None
         x_TD = x.reshape(-1, self.config.d_model)

@@ -28,3 +28,15 @@ def test_layer_compiles_without_graph_breaks(strategy):
     out_c.y.float().square().sum().backward()
     out_e.y.float().square().sum().backward()
     assert rel_err(xc.grad, xe.grad) < 2e-2
+
+
+def test_repeated_calls_do_not_recompile():
+    torch._dynamo.reset()
+    cfg = epar.MoEConfig(d_model=32, d_ff=32, num_experts=4)
+    layer = epar.MoELayer(cfg).bfloat16()
+    compiled = torch.compile(layer, fullgraph=True)
+    x = torch.randn(64, 32, dtype=torch.bfloat16)
+    compiled(x)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for _ in range(3):
+            compiled(x)

@@ -451,3 +451,20 @@ def test_noise_changes_selection_only():
         counts_noisy = noisy2.train()(x).stats["tokens_per_expert"]
         counts_clean = clean2(x).stats["tokens_per_expert"]
     assert not torch.equal(counts_noisy, counts_clean)
+
+
+def test_unaligned_hidden_size_takes_a_working_path_per_projection():
+    # float32 with d_ff=6: the up projection (12 columns) fits the kernel's 16-byte
+    # alignment, the down projection's 6-wide input does not; each must pick its path.
+    cfg = epar.MoEConfig(d_model=8, d_ff=6, num_experts=4)
+    torch.manual_seed(0)
+    layer = epar.MoELayer(cfg)
+    ref = epar.MoELayer(cfg).double()
+    ref.load_state_dict(layer.state_dict())
+    x = torch.randn(10, 8)
+    x32, x64 = x.clone().requires_grad_(), x.double().requires_grad_()
+    layer(x32).y.square().sum().backward()
+    out64 = ref(x64).y
+    out64.square().sum().backward()
+    torch.testing.assert_close(layer(x).y.double(), out64, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(x32.grad.double(), x64.grad, atol=1e-5, rtol=1e-4)

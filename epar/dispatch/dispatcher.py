@@ -13,6 +13,7 @@ The shared expert runs while the first dispatch exchange is in flight.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -58,17 +59,20 @@ def _side_stream(device: torch.device):
     return _side_streams[device]
 
 
-def run_on_side_stream(fn: Callable[[], torch.Tensor], device: torch.device) -> torch.Tensor:
+def run_on_side_stream(fn: Callable[[], torch.Tensor], device: torch.device, timing=None) -> torch.Tensor:
     """Run fn on a side CUDA stream (so it overlaps the exchange in flight); the caller
-    makes the compute stream wait for it before using the result. On CPU: inline."""
+    makes the compute stream wait for it before using the result. On CPU: inline.
+    `timing` (a context manager factory) is opened on the stream that runs fn."""
+    timed = timing() if timing is not None else contextlib.nullcontext()
     if device.type != "cuda":
-        return fn()
+        with timed:
+            return fn()
     side = _side_stream(device)
     # The side stream must see every input fn reads; tensors it allocates are used on
     # the compute stream only after wait_stream, and the next call's side work is again
     # ordered after the compute stream, so no record_stream is needed.
     side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
+    with torch.cuda.stream(side), timed:
         return fn()
 
 
@@ -191,8 +195,9 @@ class AllToAllDispatcher:
 
         shared_out = None
         if shared_fn is not None:
-            with phase(rec, lid, call, "shared", dev):
-                shared_out = run_on_side_stream(shared_fn, dev)
+            stream = "side" if dev.type == "cuda" else "compute"
+            shared_out = run_on_side_stream(
+                shared_fn, dev, lambda: phase(rec, lid, call, "shared", dev, stream=stream))
 
         combines = []
         for j in range(c):

@@ -1,0 +1,277 @@
+"""epar.profiling: the recorder in a trainer (world 2, gloo), the report's figures
+against what the config implies, and `-m epar profile` / `-m epar sweep` end to end
+under a real torchrun. Every multi-process run has a deadline."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import epar
+from epar import profiling
+from epar.profiling import cli, report
+from dist_harness import free_port, run_distributed
+
+ROOT = Path(__file__).resolve().parents[1]
+DOC = (ROOT / "docs" / "profiling.md").read_text()
+REL = dict(rel=1e-9, abs=1e-12)
+
+
+# ---- helpers ---------------------------------------------------------------------
+def documented_keys(section: str) -> list[str]:
+    """First backticked name of every table row in the doc section `section`."""
+    text = DOC.split(section, 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"^\| `([^`]+)` \|", text, flags=re.M)
+
+
+def resolve(obj, path: str) -> list:
+    """Values at a documented path: `a[]` = every list element, `<x>` = every dict value."""
+    values = [obj]
+    for part in path.replace("[]", ".[]").split("."):
+        nxt = []
+        for v in values:
+            if part == "[]":
+                assert isinstance(v, list) and v, f"{path}: expected a non-empty list"
+                nxt += v
+            elif part.startswith("<"):
+                assert isinstance(v, dict) and v, f"{path}: expected a non-empty dict"
+                nxt += list(v.values())
+            else:
+                assert isinstance(v, dict) and part in v, f"documented key {path} missing"
+                nxt.append(v[part])
+        values = nxt
+    return values
+
+
+def check_documented(rep: dict, section: str) -> None:
+    keys = documented_keys(section)
+    assert len(keys) > 10
+    for key in keys:
+        resolve(rep, key)
+    # and the other way round: every key the report has at these levels is documented
+    for prefix, obj in [("", rep)] + ([("layers[].", rep["layers"][0]), ("layers[].load.", rep["layers"][0]["load"]),
+                                       ("layers[].ranks[].", rep["layers"][0]["ranks"][0])] if "layers" in rep else []):
+        for k in obj:
+            assert prefix + k in keys, f"{prefix + k} is in the JSON but not in docs/profiling.md"
+
+
+def check_bandwidth_and_times(rep: dict, ep: int) -> None:
+    for lay in rep["layers"]:
+        for r in lay["ranks"]:
+            assert all(ms >= 0 for ms in r["phases_ms"].values())
+            assert r["compute_side_ms"] <= r["phases_ms"]["total"] + 1e-9
+            assert r["unaccounted_ms"] >= -1e-9
+            for x in r["exchanges"].values():
+                assert x["exposed_ms"] >= 0 and x["hidden_ms"] >= 0
+                assert x["exposed_ms"] + x["hidden_ms"] == pytest.approx(x["ms"], **REL)
+                assert x["algbw_gbps"] == pytest.approx(x["bytes_total"] / (x["ms"] * 1e-3) / 1e9, **REL)
+                assert x["busbw_gbps"] == pytest.approx(x["algbw_gbps"] * (ep - 1) / ep, **REL)
+        for s in lay["phases"].values():
+            assert 0 <= s["min"] <= s["median"] <= s["max"]
+        for x in lay["exchanges"].values():
+            for q in ("min", "median", "max"):
+                assert x["busbw_gbps"][q] == pytest.approx(x["algbw_gbps"][q] * (ep - 1) / ep, **REL)
+
+
+# ---- in a trainer: world 2 -------------------------------------------------------
+CASES = {  # name: (config overrides, tokens of rank 0 and rank 1, dtype)
+    "token_drop": (dict(strategy="token_drop", overlap_chunks=2, shared_expert_d_ff=8), (10, 12), torch.float32),
+    "expert_choice": (dict(strategy="expert_choice"), (9, 16), torch.float64),
+    "dropless": (dict(strategy="dropless", overlap_chunks=2), (11, 7), torch.float32),
+}
+D, E, K = 8, 4, 2
+
+
+def _trainer_runs(rank, world):
+    groups = epar.parallel.build_groups(world)
+    results = {}
+    for name, (overrides, tokens, dtype) in CASES.items():
+        cfg = epar.MoEConfig(d_model=D, d_ff=8, num_experts=E, top_k=K, **overrides)
+        torch.manual_seed(0)
+        layer = epar.MoELayer(cfg, groups.ep_group).to(dtype)
+        torch.manual_seed(10 + rank)
+        x = torch.randn(tokens[rank], D, dtype=dtype)
+
+        assert profiling.current() is None
+        y_off = layer(x).y  # recorder off
+        stats = []
+        with profiling.record() as rec:
+            assert profiling.current() is rec
+            for _ in range(2):
+                out = layer(x.clone().requires_grad_(True))
+                out.y.sum().backward()
+                stats.append(out.stats["tokens_per_expert"].tolist())
+        assert profiling.current() is None
+        # Recording changes nothing the layer computes.
+        assert torch.equal(out.y.detach(), y_off)
+        rep = profiling.summarize(rec, ep_size=world, top_k=K)  # a collective
+        results[name] = dict(report=rep, tokens_per_expert=stats)
+    return results
+
+
+@pytest.fixture(scope="module")
+def trainer_runs():
+    return run_distributed(_trainer_runs, 2, timeout=120)
+
+
+def _expected_bytes(name: str, runs) -> dict:
+    """Per rank: payload bytes sent to the other rank per call, from the config alone
+    (capacity modes) or from the layer's own output stats (dropless)."""
+    overrides, tokens, dtype = CASES[name]
+    row = D * torch.empty((), dtype=dtype).element_size()
+    L = E // 2
+    if name == "dropless":
+        tpe = [runs[r][name]["tokens_per_expert"][0] for r in range(2)]
+        send = [sum(tpe[r][e] for e in range(E) if e // L != r) for r in range(2)]
+    else:
+        cap = [math.ceil(1.25 * t * K / E) for t in tokens]
+        if name == "expert_choice":
+            cap = [min(c, t) for c, t in zip(cap, tokens)]
+        send = [L * c for c in cap]  # every expert has exactly `capacity` padded rows
+    # Combine sends back exactly what the rank received: the other rank's dispatch.
+    return {"dispatch": [send[r] * row for r in range(2)], "combine": [send[1 - r] * row for r in range(2)]}
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("name", list(CASES))
+def test_trainer_report(trainer_runs, name):
+    rep = trainer_runs[0][name]["report"]
+    assert rep == trainer_runs[1][name]["report"]  # every rank gets the same report
+    (lay,) = rep["layers"]
+    assert lay["calls"] == 2 and [r["rank"] for r in lay["ranks"]] == [0, 1]
+    check_bandwidth_and_times(rep, ep=2)
+    assert set(lay["exchanges"]) == {"dispatch", "combine"}
+    assert lay["exchanges"]["dispatch"]["chunks"] == CASES[name][0].get("overlap_chunks", 1)
+    expected = _expected_bytes(name, trainer_runs)
+    for ex in ("dispatch", "combine"):
+        assert [r["exchanges"][ex]["bytes_to_others"] for r in lay["ranks"]] == expected[ex]
+    # Load: global counts are the per-rank output stats summed over ranks and calls.
+    tpe = [sum(trainer_runs[r][name]["tokens_per_expert"][c][e] for r in range(2) for c in range(2)) for e in range(E)]
+    assert lay["load"]["tokens_per_expert"] == tpe
+    assert lay["load"]["imbalance"] == pytest.approx(max(tpe) / (sum(tpe) / E))
+    assert lay["load"]["tokens_per_rank"] == list(CASES[name][1])
+    if name == "dropless":
+        assert lay["load"]["dropped_fraction"] == 0
+    if "shared_expert_d_ff" in CASES[name][0]:
+        assert "shared" in lay["phases"]
+
+
+# ---- the commands, under a real torchrun ----------------------------------------
+def torchrun(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+           "-m", "epar", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
+
+
+@pytest.mark.dist
+def test_profile_command(tmp_path):
+    out, trace = tmp_path / "prof.json", tmp_path / "trace.json"
+    T = 16
+    proc = torchrun("profile", "--d-model", "16", "--d-ff", "16", "--experts", "4", "--top-k", "2", "--tokens", str(T),
+                    "--strategy", "token_drop", "--overlap-chunks", "2", "--shared-expert-d-ff", "8",
+                    "--steps", "2", "--warmup", "1", "--json", str(out), "--trace", str(trace))
+    assert "busbw" in proc.stdout and "imbalance" in proc.stdout
+    rep = json.loads(out.read_text())
+    check_documented(rep, "## `profile --json`: keys")
+    check_bandwidth_and_times(rep, ep=2)
+    assert rep["world_size"] == rep["ep_size"] == 2 and rep["steps"] == 2
+    (lay,) = rep["layers"]
+    assert lay["calls"] == 2 and "backward" in lay["phases"]
+    rows = 2 * math.ceil(1.25 * T * 2 / 4)  # 2 local experts of the other rank x capacity
+    for ex in ("dispatch", "combine"):
+        assert lay["exchanges"][ex]["bytes_to_others"] == {q: rows * 16 * 4 for q in ("min", "median", "max")}
+        assert lay["exchanges"][ex]["bytes_total"]["median"] == 2 * rows * 16 * 4
+
+    events = json.loads(trace.read_text())["traceEvents"]
+    slices = [e for e in events if e["ph"] == "X"]
+    assert {e["pid"] for e in slices} == {0, 1}
+    for pid in (0, 1):
+        names = {e["name"] for e in slices if e["pid"] == pid}
+        assert {"route", "permute", "shared", "dispatch[0]", "dispatch[1]", "experts[0]", "experts[1]",
+                "combine[0]", "combine[1]", "unpermute", "total", "backward"} <= names
+        assert {e["tid"] for e in slices if e["pid"] == pid} == {0, 1}  # compute and comm tracks
+    assert all(e["dur"] >= 0 and e["ts"] >= 0 for e in slices)
+
+
+@pytest.mark.dist
+def test_sweep_command(tmp_path):
+    out = tmp_path / "sweep.json"
+    proc = torchrun("sweep", "-b", "1K", "-e", "8K", "-f", "2", "--iters", "3", "--warmup", "1",
+                    "--d-model", "64", "--experts", "8", "--top-k", "2", "--tokens", "128",
+                    "--predict-ep", "2,4,8", "--json", str(out))
+    assert "algbw" in proc.stdout and "ignores" in proc.stdout
+    rep = json.loads(out.read_text())
+    check_documented(rep, "## `sweep --json`: keys")
+    assert [r["bytes"] for r in rep["rows"]] == [1024, 2048, 4096, 8192]
+    assert rep["wrong"] == 0
+    for r in rep["rows"]:
+        assert r["wrong"] == 0 and r["time_us"] > 0
+        assert r["algbw_gbps"] == pytest.approx(r["bytes"] / (r["time_us"] * 1e-6) / 1e9, **REL)
+        assert r["busbw_gbps"] == pytest.approx(r["algbw_gbps"] / 2, **REL)
+    pred = rep["prediction"]["rows"]
+    assert [p["ep_size"] for p in pred] == [2, 4, 8]
+    for p in pred:  # dropless: tokens * top_k rows, (n-1)/n of them leave the rank
+        n = p["ep_size"]
+        assert p["bytes_to_others"] == pytest.approx(128 * 2 * 64 * 4 * (n - 1) / n)
+        assert p["forward_ms"] == pytest.approx(p["dispatch_ms"] + p["combine_ms"])
+        assert p["beyond_sweep"]  # 32 KiB and more against a largest sweep of 4 KiB to others
+    assert rep["model_ignores"]
+
+
+# ---- bad options: clear error, exit code 2, before any process group ------------
+BAD = [
+    (["profile", "--tokens", "0"], "--tokens must be >= 1"),
+    (["profile", "--steps", "0"], "--steps must be >= 1"),
+    (["profile", "--top-k", "9"], "--top-k: MoEConfig.top_k=9"),
+    (["profile", "--capacity-factor", "0"], "--capacity-factor: "),
+    (["profile", "--strategy", "greedy"], "--strategy: invalid choice"),
+    (["profile", "--preset", "gpt-like"], "--preset: invalid choice"),
+    (["profile", "--ep-size", "4"], "--ep-size 4 must divide the world size 1"),
+    (["profile", "--json", "/no/such/dir/p.json"], "--json /no/such/dir/p.json: directory"),
+    (["sweep", "--min-bytes", "2K", "--max-bytes", "1K"], "--min-bytes must be in 1..--max-bytes"),
+    (["sweep", "--factor", "1"], "--factor must be > 1"),
+    (["sweep", "--min-bytes", "lots"], "--min-bytes/-b: 'lots' is not a size"),
+    (["sweep", "--predict-ep", "3"], "--predict-ep [3]"),
+    (["sweep"], "sweep needs at least 2 ranks"),
+    (["bench"], "invalid choice: 'bench'"),
+]
+
+
+@pytest.mark.parametrize("argv, message", BAD)
+def test_bad_options(argv, message, capsys, monkeypatch):
+    for var in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bad_option_exit_code_subprocess():
+    proc = subprocess.run([sys.executable, "-m", "epar", "profile", "--tokens", "-5"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "--tokens must be >= 1, got -5" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# ---- pure pieces ---------------------------------------------------------------
+def test_fit_recovers_latency_and_bandwidth():
+    x = [1e3 * 2**i for i in range(12)]
+    lat, bw = cli.fit_latency_bandwidth(x, [20e-6 + v / 5e9 for v in x])
+    assert lat == pytest.approx(20e-6) and bw == pytest.approx(5e9)
+
+
+def test_union_counts_overlapping_chunks_once():
+    assert report._union_ms([(0, 2), (1, 3), (5, 6)]) == 4
+    assert report._union_ms([]) == 0
