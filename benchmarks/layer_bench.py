@@ -49,17 +49,14 @@ import torch.nn.functional as F
 from torch import nn
 
 import epar
+from epar.shapes import BENCH_SHAPES
 from epar.experts import activate, grouped_mm as epar_grouped_mm, grouped_mm_supported
 
 HERE = Path(__file__).resolve().parent
 SCHEMA = 1
 TINY_DIV = 64
 
-CONFIGS = {
-    "mixtral-like": dict(d_model=4096, d_ff=14336, num_experts=8, top_k=2, tokens=8192),
-    "qwen3-like": dict(d_model=2048, d_ff=768, num_experts=128, top_k=8, tokens=16384),
-    "deepseek-like": dict(d_model=2048, d_ff=1408, num_experts=64, top_k=6, tokens=16384),
-}
+CONFIGS = BENCH_SHAPES
 VARIANTS = ("floor", "epar_eager", "epar_compiled", "sort_gmm_eager", "sort_gmm_compiled",
             "hf_qwen3_eager", "hf_qwen3_compiled")
 GIB = 1024 ** 3

@@ -14,9 +14,29 @@ from torch import nn
 from .config import MoEConfig
 
 
+class _SwiGLU(torch.autograd.Function):
+    """silu(gate) * up, saving only its input: autograd through the two ops would also
+    keep silu(gate), one more [rows, d_ff] tensor per layer until backward."""
+
+    @staticmethod
+    def forward(ctx, h, d_ff: int):
+        ctx.save_for_backward(h)
+        ctx.d_ff = d_ff
+        return F.silu(h[..., :d_ff]) * h[..., d_ff:]
+
+    @staticmethod
+    def backward(ctx, grad):
+        (h,) = ctx.saved_tensors
+        gate, up = h[..., : ctx.d_ff], h[..., ctx.d_ff :]
+        sig = torch.sigmoid(gate)
+        silu = gate * sig
+        grad_gate = grad * up * (sig * (1 + gate * (1 - sig)))  # d silu / d gate
+        return torch.cat([grad_gate, grad * silu], dim=-1), None
+
+
 def activate(h: torch.Tensor, activation: str, d_ff: int) -> torch.Tensor:
     if activation == "swiglu":  # columns [:d_ff] gate, [d_ff:] up projection
-        return F.silu(h[..., :d_ff]) * h[..., d_ff:]
+        return _SwiGLU.apply(h, d_ff)
     if activation == "gelu":
         return F.gelu(h)  # exact (erf) form
     return F.relu(h)

@@ -29,13 +29,12 @@ from rich.table import Table
 from .. import parallel
 from ..config import STRATEGIES, MoEConfig
 from ..layer import MoELayer
+from ..shapes import BENCH_SHAPES
 from . import recorder, report
 
-PRESETS = {  # (d_model, d_ff, experts, top_k, tokens per rank)
-    "mixtral-like": dict(d_model=4096, d_ff=14336, experts=8, top_k=2, tokens=8192),
-    "qwen3-like": dict(d_model=2048, d_ff=768, experts=128, top_k=8, tokens=16384),
-    "deepseek-like": dict(d_model=2048, d_ff=1408, experts=64, top_k=6, tokens=16384),
-}
+# Preset shapes (tokens per rank) under this CLI's option names.
+PRESETS = {name: dict(d_model=s["d_model"], d_ff=s["d_ff"], experts=s["num_experts"], top_k=s["top_k"],
+                      tokens=s["tokens"]) for name, s in BENCH_SHAPES.items()}
 DEFAULTS = dict(d_model=256, d_ff=512, experts=8, top_k=2, tokens=1024)  # small: runs on CPU
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "float64": torch.float64}

@@ -26,6 +26,25 @@ class RouterOutput:
     select_TE: torch.Tensor  # what top-k selection ranks: scores of noisy logits + expert_bias
 
 
+class _WideLinear(torch.autograd.Function):
+    """x @ w.T computed in `dtype` (float32 for bf16 inputs), saving x and w as they are:
+    autograd through `x.float() @ w.float().T` would keep a float32 copy of x alive."""
+
+    @staticmethod
+    def forward(ctx, x_TD, w_ED, dtype: torch.dtype):
+        ctx.save_for_backward(x_TD, w_ED)
+        ctx.dtype = dtype
+        return x_TD.to(dtype) @ w_ED.to(dtype).t()
+
+    @staticmethod
+    def backward(ctx, g_TE):
+        x_TD, w_ED = ctx.saved_tensors
+        dt = ctx.dtype
+        grad_x = (g_TE @ w_ED.to(dt)).to(x_TD.dtype) if ctx.needs_input_grad[0] else None
+        grad_w = (g_TE.t() @ x_TD.to(dt)).to(w_ED.dtype) if ctx.needs_input_grad[1] else None
+        return grad_x, grad_w, None
+
+
 class Router(nn.Module):
     def __init__(self, config: MoEConfig):
         super().__init__()
@@ -46,11 +65,11 @@ class Router(nn.Module):
     def forward(self, x_TD: torch.Tensor) -> RouterOutput:
         cfg = self.config
         dtype = router_dtype(x_TD.dtype)
-        h_TD = x_TD.to(dtype)
+        h_TD = x_TD
         if self.training and cfg.router_jitter_eps > 0:
             eps = cfg.router_jitter_eps
-            h_TD = h_TD * torch.empty_like(h_TD).uniform_(1.0 - eps, 1.0 + eps)
-        logits_TE = h_TD @ self.weight.to(dtype).t()
+            h_TD = x_TD.to(dtype) * torch.empty(x_TD.shape, dtype=dtype, device=x_TD.device).uniform_(1.0 - eps, 1.0 + eps)
+        logits_TE = _WideLinear.apply(h_TD, self.weight, dtype)
         scores_TE = self._score(logits_TE)
         select_TE = scores_TE
         if self.training and cfg.router_noise_std > 0:
