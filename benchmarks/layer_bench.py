@@ -441,17 +441,20 @@ def bench_config(name: str, shape: dict, device: torch.device, dtype: torch.dtyp
         del o
     add_routed("epar_compiled", build_epar, True)
 
-    # (3) sort + grouped GEMM baseline, same weights
-    def build_sort():
-        mod = SortGroupedMM(layer.router.weight, layer.experts.w_in, layer.experts.w_out, k, Fh)
-
+    def plain_runner(runner_params):
+        """make_runner for a module whose forward returns y: y.backward(gy) per step."""
         def make_runner(fn):
             def step():
                 y = fn(x)
                 y.backward(gy)
                 return y
-            return Runner(step, params, [x])
-        return mod, make_runner
+            return Runner(step, runner_params, [x])
+        return make_runner
+
+    # (3) sort + grouped GEMM baseline, same weights
+    def build_sort():
+        mod = SortGroupedMM(layer.router.weight, layer.experts.w_in, layer.experts.w_out, k, Fh)
+        return mod, plain_runner(params)
 
     add_routed("sort_gmm_eager", build_sort, False)
     add_routed("sort_gmm_compiled", build_sort, True)
@@ -469,15 +472,7 @@ def bench_config(name: str, shape: dict, device: torch.device, dtype: torch.dtyp
                 out["hf_block"] = info
                 hf_holder["mod"] = HFAdapter(block)
             mod = hf_holder["mod"]
-            hf_params = list(mod.parameters())
-
-            def make_runner(fn):
-                def step():
-                    y = fn(x)
-                    y.backward(gy)
-                    return y
-                return Runner(step, hf_params, [x])
-            return mod, make_runner
+            return mod, plain_runner(list(mod.parameters()))
 
         add_routed("hf_qwen3_eager", build_hf, False)
         add_routed("hf_qwen3_compiled", build_hf, True)
