@@ -1,15 +1,13 @@
 """MoEConfig: every knob of an MoE layer in one frozen, validated dataclass.
 
-The config is the contract between ranks (fingerprinted and compared across the
-expert-parallel group at construction) and between runs (checkpoints record it).
+The config is the contract between ranks (compared field by field across the
+expert-parallel group at construction).
 Anything invalid fails here, naming the field, the value and what is allowed.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import math
 from dataclasses import dataclass
 
@@ -108,14 +106,9 @@ class MoEConfig:
                     activation="swiglu")
         return cls(d_model=d_model, d_ff=d_ff, num_experts=num_experts, **{**base, **overrides})
 
-    # ---- identity across ranks and runs --------------------------------------
+    # ---- helpers ---------------------------------------------------------------
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-    def fingerprint(self) -> str:
-        """A short digest of every field; equal on every rank that built the same layer."""
-        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
 
     def capacity(self, num_tokens: int) -> int:
         """Slots per expert for the capacity strategies, from this rank's token count."""

@@ -50,9 +50,9 @@ def _host_reads(rank, world, strategy, chunks):
 @pytest.mark.parametrize("chunks", [1, 2])
 def test_capacity_modes_read_only_the_host_token_table(strategy, chunks):
     for reads in run_distributed(_host_reads, 2, strategy, chunks, timeout=60):
-        # The one read: the [world, 3] table of (T, layer id, call number) gathered on
+        # The one read: the [world, 4] table of (T, layer id, call number, dtype) gathered on
         # the host (gloo) group, a CPU tensor even when the layer runs on GPU.
-        assert reads == [("tolist", (2, 3))], reads
+        assert reads == [("tolist", (2, 4))], reads
 
 
 def test_dropless_reads_counts_once_per_call():

@@ -221,6 +221,24 @@ def test_ranks_calling_different_layers_raise(strategy):
         assert "call mismatch" in msg, msg
 
 
+def _dtype_mismatch(rank, world, strategy):
+    cfg = epar.MoEConfig(d_model=D, d_ff=FF, num_experts=4, strategy=strategy)
+    layer = epar.MoELayer(cfg, dist.group.WORLD).double()
+    x = torch.randn(4, D, dtype=torch.float64 if rank == 0 else torch.float32)
+    try:
+        layer(x)
+    except epar.CommError as exc:
+        return str(exc)
+    return "no error"
+
+
+@pytest.mark.parametrize("strategy", ["dropless", "token_drop"])
+def test_ranks_with_different_input_dtypes_raise(strategy):
+    msgs = run_distributed(_dtype_mismatch, 2, strategy, timeout=60)
+    assert "input dtype differs" in msgs[0] and "torch.float32" in msgs[0], msgs[0]
+    assert "input dtype differs" in msgs[1] and "torch.float64" in msgs[1], msgs[1]
+
+
 def test_experts_must_divide_ep_size():
     msgs = run_distributed(_indivisible, 2, timeout=60)
     for msg in msgs:

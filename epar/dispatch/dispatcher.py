@@ -35,6 +35,10 @@ class CallInfo:
     recorder: PhaseRecorder | None
 
 
+# Input dtypes by code, for the per-call identity check (a rank in another dtype would
+# send rows of another byte size: garbage or a hang rather than an error).
+_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+
 ExpertFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -99,19 +103,28 @@ class AllToAllDispatcher:
         self.host_group = parallel.host_group_for(group)
 
     # ---- metadata: host-side split sizes for every chunk -----------------------
-    def _check_peers(self, peers: list[tuple[int, int]], info: CallInfo) -> None:
-        mine = (info.layer_id, info.call_no)
+    @staticmethod
+    def _identity(info: CallInfo, dtype: torch.dtype) -> list[int]:
+        """What every rank must agree on for this call, sent along with the sizes."""
+        return [info.layer_id, info.call_no, _DTYPES.index(dtype) if dtype in _DTYPES else -1]
+
+    def _check_peers(self, peers: list[list[int]], mine: list[int]) -> None:
         for src, theirs in enumerate(peers):
-            if tuple(theirs) != mine:
+            if list(theirs[:2]) != mine[:2]:
                 raise comm.CommError(
                     f"epar: MoE layer call mismatch on the expert-parallel group: rank {self.rank} "
                     f"is in layer #{mine[0]} call {mine[1]}, rank {src} in layer #{theirs[0]} call "
                     f"{theirs[1]}; every rank must call the same layers the same number of times")
+            if theirs[2] != mine[2]:
+                name = lambda code: str(_DTYPES[code]) if 0 <= code < len(_DTYPES) else "another dtype"  # noqa: E731
+                raise comm.CommError(
+                    f"epar: MoE layer #{mine[0]} input dtype differs across the expert-parallel group: "
+                    f"rank {self.rank} has {name(mine[2])}, rank {src} has {name(theirs[2])}")
 
-    def _capacity_counts(self, plan: RoutingPlan, info: CallInfo, chunks: int, device):
+    def _capacity_counts(self, plan: RoutingPlan, ident: list[int], chunks: int, device):
         """Every rank's capacity from every rank's T: host numbers only, no device read."""
         n, L = self.world, self.local_experts
-        meta = [plan.num_tokens, info.layer_id, info.call_no]
+        meta = [plan.num_tokens] + ident
         if self.host_group is not None:
             mine = torch.tensor(meta, dtype=torch.int64)
             gathered = [torch.empty_like(mine) for _ in range(n)]
@@ -123,7 +136,7 @@ class AllToAllDispatcher:
             comm.wait_work(dist.all_gather(gathered, mine, group=self.group, async_op=True),
                            "token-count exchange", self.group)
         table = torch.stack(gathered).tolist()
-        self._check_peers([row[1:] for row in table], info)
+        self._check_peers([row[1:] for row in table], ident)
         caps = [self.config.capacity(row[0]) for row in table]
         send = []  # send[j][e]
         recv = []  # recv[j][src][l]
@@ -134,7 +147,7 @@ class AllToAllDispatcher:
         recv_dev = _host_to_device([v for rj in recv for rs in rj for v in rs], device).view(chunks, n, L)
         return send, recv, recv_dev
 
-    def _dropless_counts(self, plan: RoutingPlan, info: CallInfo, chunks: int):
+    def _dropless_counts(self, plan: RoutingPlan, ident: list[int], chunks: int):
         """One all-to-all of per-(chunk, local expert) counts plus call identity, then the
         single device-to-host read of the call, placed after the exchange."""
         n, L, E = self.world, self.local_experts, self.config.num_experts
@@ -142,18 +155,17 @@ class AllToAllDispatcher:
         cnt_cE = torch.stack([bounds[j + 1] - bounds[j] for j in range(chunks)])  # [c, E]
         send_nX = cnt_cE.view(chunks, n, L).permute(1, 0, 2).reshape(n, chunks * L)
         # Fill kernels, not a host-to-device copy of a Python list.
-        ident = [torch.full((n, 1), v, dtype=torch.int64, device=send_nX.device)
-                 for v in (info.layer_id, info.call_no)]
-        send_nX = torch.cat([send_nX] + ident, dim=1).contiguous()
+        columns = [torch.full((n, 1), v, dtype=torch.int64, device=send_nX.device) for v in ident]
+        send_nX = torch.cat([send_nX] + columns, dim=1).contiguous()
         recv_nX = torch.empty_like(send_nX)
         work = dist.all_to_all_single(recv_nX, send_nX, group=self.group, async_op=True)
         comm.wait_work(work, "per-expert count exchange", self.group)
         host = torch.cat([cnt_cE.reshape(-1), recv_nX.reshape(-1)]).tolist()
         send = [host[j * E : (j + 1) * E] for j in range(chunks)]
         recv_flat = host[chunks * E :]
-        width = chunks * L + 2
+        width = chunks * L + len(ident)
         rows = [recv_flat[s * width : (s + 1) * width] for s in range(n)]
-        self._check_peers([r[-2:] for r in rows], info)
+        self._check_peers([r[chunks * L :] for r in rows], ident)
         recv = [[rows[s][j * L : (j + 1) * L] for s in range(n)] for j in range(chunks)]
         recv_dev = recv_nX[:, : chunks * L].reshape(n, chunks, L).permute(1, 0, 2)
         return send, recv, recv_dev, bounds
@@ -167,11 +179,12 @@ class AllToAllDispatcher:
         row_bytes = x_TD.shape[1] * x_TD.element_size()
 
         with phase(rec, lid, call, "permute", dev):
+            ident = self._identity(info, x_TD.dtype)
             if plan.capacity is not None:
-                send, recv, recv_dev = self._capacity_counts(plan, info, c, dev)
+                send, recv, recv_dev = self._capacity_counts(plan, ident, c, dev)
                 bounds = _chunk_bounds(plan.rows_per_expert_E, c)
             else:
-                send, recv, recv_dev, bounds = self._dropless_counts(plan, info, c)
+                send, recv, recv_dev, bounds = self._dropless_counts(plan, ident, c)
             starts_E = torch.cumsum(plan.rows_per_expert_E, 0) - plan.rows_per_expert_E
             chunk_rows, in_splits, out_splits, sends = [], [], [], []
             for j in range(c):
