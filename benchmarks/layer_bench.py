@@ -482,10 +482,6 @@ def bench_config(name: str, shape: dict, device: torch.device, dtype: torch.dtyp
     for rec in variants.values():
         if floor_ms and rec.get("median_ms") is not None:
             rec["ratio_to_floor"] = rec["median_ms"] / floor_ms
-    del layer, params, x, gy
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     return out
 
 
@@ -592,6 +588,9 @@ def main(argv=None) -> int:
         shape = tiny_shape(CONFIGS[name]) if args.tiny else dict(CONFIGS[name])
         print(f"[layer_bench] {name}: {shape}", flush=True)
         result["configs"][name] = bench_config(name, shape, device, dtype, args, tf_ver is not None)
+        gc.collect()  # the config's tensors went out of scope with bench_config: free them
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
     out = args.out
     if out is None:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 PARAM_NAMES = ("router.weight", "experts.w_in", "experts.w_out",
                "shared_expert.w_in", "shared_expert.w_out", "shared_expert.gate")

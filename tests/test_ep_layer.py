@@ -55,14 +55,14 @@ def _skewed_routing(rank, world):
             for m in (layer, ref):  # expert 3 (on the last rank) wins for every token
                 m.router.weight.zero_()
                 m.router.weight[3, 0] = 50.0
-        x = tagged_batch(rank, 5) .abs() + 1.0
+        x = tagged_batch(rank, 5).abs() + 1.0
         stats = run_and_compare(layer, ref, x, groups.ep_group)
         counts = stats["tokens_per_expert"].tolist()
         if strategy == "dropless":
             assert counts == [0, 0, 0, 5]
         elif strategy == "token_drop":  # capacity ceil(1.0 * 5 * 1 / 4) = 2
             assert counts == [0, 0, 0, 2] and int(stats["dropped_slots"]) == 3
-        for name, p in layer.experts.named_parameters():
+        for p in layer.experts.parameters():
             assert not torch.isnan(p.grad).any()
         if strategy == "dropless" and rank != world - 1:
             assert torch.count_nonzero(layer.experts.w_in.grad) == 0  # no tokens: exactly zero grads

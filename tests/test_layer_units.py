@@ -7,7 +7,6 @@ import dataclasses
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import epar
 from epar.experts import grouped_mm, grouped_mm_supported

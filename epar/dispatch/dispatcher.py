@@ -42,6 +42,14 @@ _DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 ExpertFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+@dataclass(frozen=True)
+class _Chunk:
+    in_splits: list[int]  # rows this rank sends to each rank
+    out_splits: list[int]  # rows it receives from each rank
+    rows: torch.Tensor | None  # dispatch rows of this chunk (None: all, in order)
+    recv_counts_SL: torch.Tensor  # int64 [source rank, local expert] rows received
+
+
 def _host_to_device(values: list[int], device: torch.device) -> torch.Tensor:
     t = torch.tensor(values, dtype=torch.int64)
     if device.type == "cuda":  # pinned + non_blocking: an H2D copy that never syncs the host
@@ -171,40 +179,66 @@ class AllToAllDispatcher:
         return send, recv, recv_dev, bounds
 
     # ---- one call --------------------------------------------------------------
+    def _chunks(self, plan: RoutingPlan, info: CallInfo, dtype) -> list[_Chunk]:
+        """Split sizes (host) and rows of every chunk; the call's only metadata exchange."""
+        n, L, c = self.world, self.local_experts, self.config.overlap_chunks
+        ident = self._identity(info, dtype)
+        dev = plan.token_idx_S.device
+        if plan.capacity is not None:
+            send, recv, recv_dev = self._capacity_counts(plan, ident, c, dev)
+            bounds = _chunk_bounds(plan.rows_per_expert_E, c)
+        else:
+            send, recv, recv_dev, bounds = self._dropless_counts(plan, ident, c)
+        starts_E = torch.cumsum(plan.rows_per_expert_E, 0) - plan.rows_per_expert_E
+        chunks = []
+        for j in range(c):
+            in_splits = [sum(send[j][d * L : (d + 1) * L]) for d in range(n)]
+            rows = None  # one chunk: every dispatch row, in order
+            if c > 1:  # chunk j of every expert's block of rows
+                rows = segment_arange(starts_E + bounds[j], bounds[j + 1] - bounds[j], sum(in_splits))
+            chunks.append(_Chunk(in_splits, [sum(recv[j][s]) for s in range(n)], rows, recv_dev[j]))
+        return chunks
+
+    def _run_experts(self, recv_RD: torch.Tensor, chunk: _Chunk, experts: ExpertFn) -> torch.Tensor:
+        """Rows arrive grouped by source rank, then local expert: regroup them by local
+        expert for one grouped GEMM call, and restore the arrival order afterwards."""
+        n, L = self.world, self.local_experts
+        local_of_row = torch.arange(L, device=recv_RD.device).repeat(n)
+        expert_of_row = torch.repeat_interleave(local_of_row, chunk.recv_counts_SL.reshape(-1),
+                                                output_size=sum(chunk.out_splits))
+        order = torch.argsort(expert_of_row, stable=True)
+        out_RD = experts(recv_RD[order], chunk.recv_counts_SL.sum(0))
+        return out_RD[inverse_permutation(order)]
+
     def __call__(self, x_TD, plan: RoutingPlan, experts: ExpertFn, acc_dtype, info: CallInfo,
                  shared_fn: Callable[[], torch.Tensor] | None = None):
-        n, L, E = self.world, self.local_experts, self.config.num_experts
-        c = self.config.overlap_chunks
         rec, dev, lid, call = info.recorder, x_TD.device, info.layer_id, info.call_no
         row_bytes = x_TD.shape[1] * x_TD.element_size()
 
-        with phase(rec, lid, call, "permute", dev):
-            ident = self._identity(info, x_TD.dtype)
-            if plan.capacity is not None:
-                send, recv, recv_dev = self._capacity_counts(plan, ident, c, dev)
-                bounds = _chunk_bounds(plan.rows_per_expert_E, c)
-            else:
-                send, recv, recv_dev, bounds = self._dropless_counts(plan, ident, c)
-            starts_E = torch.cumsum(plan.rows_per_expert_E, 0) - plan.rows_per_expert_E
-            chunk_rows, in_splits, out_splits, sends = [], [], [], []
-            for j in range(c):
-                in_splits.append([sum(send[j][d * L : (d + 1) * L]) for d in range(n)])
-                out_splits.append([sum(recv[j][s]) for s in range(n)])
-                if c == 1:
-                    rows = None
-                else:
-                    rows = segment_arange(starts_E + bounds[j], bounds[j + 1] - bounds[j], sum(in_splits[j]))
-                    chunk_rows.append(rows)
-                sends.append(gather_rows(x_TD, plan, rows))
-
-        pendings = []
-        for j in range(c):
-            t0 = rec.mark(dev) if rec else None
-            pendings.append((t0,) + comm.start(sends[j], self.group, out_splits[j], in_splits[j],
-                                               "dispatch all_to_all_single"))
+        def record_exchange(name: str, j: int, splits: list[int]) -> None:
             if rec:
-                rec.add_exchange(Exchange(lid, call, "dispatch", j, row_bytes * (sum(in_splits[j]) - in_splits[j][self.rank]),
-                                          row_bytes * sum(in_splits[j])))
+                total = row_bytes * sum(splits)
+                rec.add_exchange(Exchange(lid, call, name, j, total - row_bytes * splits[self.rank], total))
+
+        def finish_exchange(name: str, j: int, started) -> torch.Tensor:
+            t0, buf, pend = started
+            t_wait = rec.mark(dev) if rec else None
+            out = comm.wait(buf, pend)
+            if rec:  # in flight from t0; the compute side was blocked from t_wait
+                rec.add_span(Span(lid, call, name, j, t0, rec.mark(dev), "comm", t_wait))
+            return out
+
+        with phase(rec, lid, call, "permute", dev):
+            chunks = self._chunks(plan, info, x_TD.dtype)
+            sends = [gather_rows(x_TD, plan, ch.rows) for ch in chunks]
+
+        # Every chunk's dispatch goes out at once: chunk j+1 is in flight while j computes.
+        dispatches = []
+        for j, ch in enumerate(chunks):
+            t0 = rec.mark(dev) if rec else None
+            dispatches.append((t0,) + comm.start(sends[j], self.group, ch.out_splits, ch.in_splits,
+                                                 "dispatch all_to_all_single"))
+            record_exchange("dispatch", j, ch.in_splits)
 
         shared_out = None
         if shared_fn is not None:
@@ -213,40 +247,22 @@ class AllToAllDispatcher:
                 shared_fn, dev, lambda: phase(rec, lid, call, "shared", dev, stream=stream))
 
         combines = []
-        for j in range(c):
-            t0, buf, pend = pendings[j]
-            t_wait = rec.mark(dev) if rec else None
-            recv_RD = comm.wait(buf, pend)
-            if rec:
-                rec.add_span(Span(lid, call, "dispatch", j, t0, rec.mark(dev), "comm", t_wait))
+        for j, ch in enumerate(chunks):
+            recv_RD = finish_exchange("dispatch", j, dispatches[j])
             with phase(rec, lid, call, "experts", dev, j):
-                R = sum(out_splits[j])
-                local_of_row = torch.arange(L, device=dev).repeat(n)
-                expert_of_row = torch.repeat_interleave(local_of_row, recv_dev[j].reshape(-1), output_size=R)
-                order = torch.argsort(expert_of_row, stable=True)
-                out_RD = experts(recv_RD[order], recv_dev[j].sum(0))
-                out_RD = out_RD[inverse_permutation(order)]
+                out_RD = self._run_experts(recv_RD, ch, experts)
             t0 = rec.mark(dev) if rec else None
-            combines.append((t0,) + comm.start(out_RD, self.group, in_splits[j], out_splits[j],
+            combines.append((t0,) + comm.start(out_RD, self.group, ch.in_splits, ch.out_splits,
                                                "combine all_to_all_single"))
-            if rec:
-                rec.add_exchange(Exchange(lid, call, "combine", j, row_bytes * (R - out_splits[j][self.rank]),
-                                          row_bytes * R))
-
-        backs = []
-        for j in range(c):
-            t0, buf, pend = combines[j]
-            t_wait = rec.mark(dev) if rec else None
-            backs.append(comm.wait(buf, pend))
-            if rec:
-                rec.add_span(Span(lid, call, "combine", j, t0, rec.mark(dev), "comm", t_wait))
+            record_exchange("combine", j, ch.out_splits)
+        backs = [finish_exchange("combine", j, started) for j, started in enumerate(combines)]
 
         if shared_out is not None and dev.type == "cuda":
             torch.cuda.current_stream(dev).wait_stream(_side_stream(dev))
         with phase(rec, lid, call, "unpermute", dev):
-            if c == 1:
+            if len(chunks) == 1:
                 y_SD = backs[0]
             else:
-                y_SD = torch.cat(backs)[inverse_permutation(torch.cat(chunk_rows))]
+                y_SD = torch.cat(backs)[inverse_permutation(torch.cat([ch.rows for ch in chunks]))]
             y_TD = combine(y_SD, plan, acc_dtype)
         return y_TD, shared_out
