@@ -56,7 +56,8 @@ def grouped_mm_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
     if torch.compiler.is_compiling() and x.dtype != torch.bfloat16:
         return False  # the kernel's meta (shape) function accepts bfloat16 only
     if x.device.type == "cuda":
-        if torch.cuda.get_device_capability(x.device)[0] < 9 and x.dtype != torch.bfloat16:
+        # CUDA's fast (sync-free) kernel is bf16 only; other dtypes take the loop below.
+        if x.dtype != torch.bfloat16 or torch.cuda.get_device_capability(x.device) < (8, 0):
             return False
     elif x.device.type != "cpu":
         return False
