@@ -229,8 +229,14 @@ class AllToAllDispatcher:
             return out
 
         with phase(rec, lid, call, "permute", dev):
-            chunks = self._chunks(plan, info, x_TD.dtype)
-            sends = [gather_rows(x_TD, plan, ch.rows) for ch in chunks]
+            if self.config.overlap_chunks == 1:
+                # Queue the gather first: the device works on it while the host waits for
+                # dropless split sizes (the one device-to-host read, as late as possible).
+                sends = [gather_rows(x_TD, plan)]
+                chunks = self._chunks(plan, info, x_TD.dtype)
+            else:  # chunk rows are indexed with sizes from the host
+                chunks = self._chunks(plan, info, x_TD.dtype)
+                sends = [gather_rows(x_TD, plan, ch.rows) for ch in chunks]
 
         # Every chunk's dispatch goes out at once: chunk j+1 is in flight while j computes.
         dispatches = []
