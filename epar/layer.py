@@ -69,6 +69,11 @@ class MoELayer(nn.Module):
         self._calls = 0
 
     @property
+    def last_call_no(self) -> int:
+        """Number of the latest call that was numbered (EP > 1 or under a recorder)."""
+        return self._calls - 1
+
+    @property
     def global_expert_ids(self) -> range:
         """Global ids of the experts this rank holds: a contiguous block."""
         return range(self.ep_rank * self.num_local_experts, (self.ep_rank + 1) * self.num_local_experts)

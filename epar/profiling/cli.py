@@ -197,8 +197,8 @@ def profile(args, parser) -> dict:
             out = layer(x)
             t_bwd = rec.mark(env.device) if rec else None
             ((out.y * grad_y).sum() + out.aux_loss).backward()
-            if rec:  # the layer has just counted this call: it is number _calls - 1
-                rec.add_span(recorder.Span(layer.layer_id, layer._calls - 1, "backward", None, t_bwd,
+            if rec:
+                rec.add_span(recorder.Span(layer.layer_id, layer.last_call_no, "backward", None, t_bwd,
                                            rec.mark(env.device)))
             layer.zero_grad(set_to_none=True)
             x.grad = None
