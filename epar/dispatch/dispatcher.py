@@ -39,6 +39,10 @@ class CallInfo:
 # send rows of another byte size: garbage or a hang rather than an error).
 _DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 
+
+def _dtype_name(code: int) -> str:
+    return str(_DTYPES[code]) if 0 <= code < len(_DTYPES) else "another dtype"
+
 ExpertFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -124,10 +128,9 @@ class AllToAllDispatcher:
                     f"is in layer #{mine[0]} call {mine[1]}, rank {src} in layer #{theirs[0]} call "
                     f"{theirs[1]}; every rank must call the same layers the same number of times")
             if theirs[2] != mine[2]:
-                name = lambda code: str(_DTYPES[code]) if 0 <= code < len(_DTYPES) else "another dtype"  # noqa: E731
                 raise comm.CommError(
                     f"epar: MoE layer #{mine[0]} input dtype differs across the expert-parallel group: "
-                    f"rank {self.rank} has {name(mine[2])}, rank {src} has {name(theirs[2])}")
+                    f"rank {self.rank} has {_dtype_name(mine[2])}, rank {src} has {_dtype_name(theirs[2])}")
 
     def _capacity_counts(self, plan: RoutingPlan, ident: list[int], chunks: int, device):
         """Every rank's capacity from every rank's T: host numbers only, no device read."""

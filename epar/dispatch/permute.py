@@ -40,13 +40,13 @@ class _WeightedCombine(torch.autograd.Function):
     Autograd through the plain expression would save a float32 copy of every gathered
     row ([T, k, D]: 1 GiB at 16k tokens, top-8, d_model 2048). This keeps only the
     expert outputs in their own dtype and does the float32 work one choice at a time.
-    Rows hold -1 where a slot was dropped (weight 0, no row).
+    A row index equal to S (the number of rows) marks a dropped slot (weight 0, no row).
     """
 
     @staticmethod
     def forward(ctx, y_SD, w_TK, row_TK):
         acc = w_TK.dtype
-        valid_TK = row_TK >= 0
+        valid_TK = row_TK < y_SD.shape[0]
         safe_TK = torch.where(valid_TK, row_TK, 0)
         out_TD = y_SD.new_zeros(w_TK.shape[0], y_SD.shape[1], dtype=acc)
         for j in range(w_TK.shape[1]):
@@ -69,7 +69,7 @@ class _WeightedCombine(torch.autograd.Function):
                 grad_y.index_add_(0, safe_TK[:, j], contrib)
         if ctx.needs_input_grad[1]:
             cols = [(y_SD.index_select(0, safe_TK[:, j]).to(acc) * g_TD).sum(-1) for j in range(w_TK.shape[1])]
-            grad_w = torch.stack(cols, dim=1) * valid_TK if cols else torch.zeros_like(w_TK)
+            grad_w = torch.stack(cols, dim=1) * valid_TK  # top_k >= 1: never empty
         return grad_y, grad_w, None
 
 
@@ -78,10 +78,8 @@ def combine(y_SD: torch.Tensor, plan: RoutingPlan, acc_dtype: torch.dtype) -> to
     weight_S = plan.weight_S.to(acc_dtype)
     if plan.combine_idx_TK is not None:
         # Token choice: every token has exactly k slots, so gather-and-sum needs no atomics.
-        S = y_SD.shape[0]
-        row_TK = torch.where(plan.combine_idx_TK < S, plan.combine_idx_TK, -1)
         w_TK = torch.cat([weight_S, weight_S.new_zeros(1)])[plan.combine_idx_TK]
-        return _WeightedCombine.apply(y_SD, w_TK, row_TK)
+        return _WeightedCombine.apply(y_SD, w_TK, plan.combine_idx_TK)
     return _ScatterCombine.apply(y_SD, weight_S, plan.token_idx_S, plan.num_tokens)
 
 

@@ -210,7 +210,7 @@ def profile(args, parser) -> dict:
                 step(None)
                 bar.advance(task)
             task = bar.add_task("profile", total=args.steps)
-            with recorder.record(env.device) as rec:
+            with recorder.record() as rec:
                 for _ in range(args.steps):
                     step(rec)
                     bar.advance(task)

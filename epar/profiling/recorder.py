@@ -46,8 +46,7 @@ class Exchange:
 
 
 class PhaseRecorder:
-    def __init__(self, device: torch.device | str | None = None):
-        self.device = torch.device(device) if device is not None else None
+    def __init__(self):
         self.spans: list[Span] = []
         self.exchanges: list[Exchange] = []
         self.stats: list[tuple[int, int, dict]] = []  # (layer, call, stats tensors)
@@ -114,11 +113,11 @@ def phase(rec: PhaseRecorder | None, layer: int, call: int, name: str, device: t
 
 
 @contextlib.contextmanager
-def record(device: torch.device | str | None = None):
+def record():
     """Collect per-phase times, exchange sizes and load stats of every MoE layer call
     inside the block: `with epar.profiling.record() as rec: ...; rows = rec.finish()`."""
     global _current
-    previous, _current = _current, PhaseRecorder(device)
+    previous, _current = _current, PhaseRecorder()
     try:
         yield _current
     finally:

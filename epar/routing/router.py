@@ -68,7 +68,8 @@ class Router(nn.Module):
         h_TD = x_TD
         if self.training and cfg.router_jitter_eps > 0:
             eps = cfg.router_jitter_eps
-            h_TD = x_TD.to(dtype) * torch.empty(x_TD.shape, dtype=dtype, device=x_TD.device).uniform_(1.0 - eps, 1.0 + eps)
+            noise = torch.empty(x_TD.shape, dtype=dtype, device=x_TD.device).uniform_(1.0 - eps, 1.0 + eps)
+            h_TD = x_TD.to(dtype) * noise
         logits_TE = _WideLinear.apply(h_TD, self.weight, dtype)
         scores_TE = self._score(logits_TE)
         select_TE = scores_TE
