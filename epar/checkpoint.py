@@ -55,7 +55,8 @@ def save(model: nn.Module, path: str | os.PathLike, process_group=None) -> None:
 def load(model: nn.Module, path: str | os.PathLike, process_group=None) -> None:
     """Load into `model` (built at any EP size dividing num_experts): each rank reads the
     experts it holds by their global ids. Collective over `process_group`."""
-    wanted = {k: torch.empty_like(v) for k, v in expert_keyed_state_dict(model).items()}
+    live = expert_keyed_state_dict(model)  # views of the parameters and buffers
+    wanted = {k: torch.empty_like(v) for k, v in live.items()}
     dcp.load(wanted, checkpoint_id=path, process_group=process_group, no_dist=not dist.is_initialized())
-    for key, live in expert_keyed_state_dict(model).items():
-        live.copy_(wanted[key])
+    for key, tensor in live.items():
+        tensor.copy_(wanted[key])
