@@ -15,6 +15,7 @@ STRATEGIES = ("token_drop", "dropless", "expert_choice")
 DROP_POLICIES = ("probs", "position")
 SCORE_FUNCS = ("softmax", "sigmoid")
 ACTIVATIONS = ("swiglu", "gelu", "relu")
+AUX_LOSS_SCOPES = ("micro_batch", "global", "sequence")
 
 
 def _fail(field: str, value, allowed: str) -> None:
@@ -58,6 +59,12 @@ class MoEConfig:
     z_loss_coef: float = 0.0
     expert_bias_rate: float = 0.0
     overlap_chunks: int = 1  # pipeline the exchange in this many chunks
+    # Group-limited routing (DeepSeek-V3): experts in num_expert_groups equal groups of
+    # consecutive ids; each token picks top_k only inside its topk_groups best groups.
+    num_expert_groups: int = 1
+    topk_groups: int | None = None  # None = all groups
+    routed_scaling_factor: float = 1.0  # multiplies the routed experts' combined output
+    aux_loss_scope: str = "micro_batch"  # where the load-balancing statistics are pooled
 
     def __post_init__(self) -> None:
         _check_int("d_model", self.d_model, 1)
@@ -83,20 +90,36 @@ class MoEConfig:
         for field in ("router_noise_std", "aux_loss_coef", "z_loss_coef", "expert_bias_rate"):
             _check_float(field, getattr(self, field), 0.0, strict=False)
         _check_int("overlap_chunks", self.overlap_chunks, 1)
-        if self.top_k == 1 and self.normalize_topk:
-            _fail(
-                "normalize_topk",
-                True,
-                "with top_k=1 every normalised weight would be exactly 1, so the router "
-                "would learn only from the aux loss; set normalize_topk=False (as Switch does)",
-            )
+        # top_k=1 with normalize_topk is allowed (Qwen3 with one expert per token): the
+        # routed weight is then exactly 1 and the router learns only from the aux loss.
+        self._check_routing_groups()
+        _check_float("routed_scaling_factor", self.routed_scaling_factor, 0.0, strict=True)
+        _check_choice("aux_loss_scope", self.aux_loss_scope, AUX_LOSS_SCOPES)
+
+    def _check_routing_groups(self) -> None:
+        G = self.num_expert_groups
+        _check_int("num_expert_groups", G, 1)
+        if self.num_experts % G != 0:
+            _fail("num_expert_groups", G, f"must divide num_experts ({self.num_experts})")
+        if G > 1 and self.strategy == "expert_choice":
+            _fail("num_expert_groups", G, "group-limited routing needs a token-choice strategy "
+                  "('dropless' or 'token_drop'), not 'expert_choice'")
+        kept = self.topk_groups
+        if kept is not None and (isinstance(kept, bool) or not isinstance(kept, int)
+                                 or not 1 <= kept <= G):
+            _fail("topk_groups", kept, f"must be None (all groups) or an int in 1..num_expert_groups ({G})")
+        reachable = self.kept_groups * (self.num_experts // G)
+        if self.top_k > reachable:
+            _fail("top_k", self.top_k, f"must be <= the experts in the kept groups: topk_groups "
+                  f"({self.kept_groups}) * experts per group ({self.num_experts // G}) = {reachable}")
 
     # ---- presets -------------------------------------------------------------
     @classmethod
     def switch(cls, d_model: int, d_ff: int, num_experts: int, **overrides) -> "MoEConfig":
-        """Switch Transformer routing: top-1, token drop at capacity 1.25, raw softmax weight."""
+        """Switch Transformer routing: top-1, token drop at capacity 1.25 keeping the earliest
+        tokens (drop_policy="position"), raw softmax weight."""
         base = dict(top_k=1, strategy="token_drop", capacity_factor=1.25, normalize_topk=False,
-                    score_func="softmax", activation="relu")
+                    drop_policy="position", score_func="softmax", activation="relu")
         return cls(d_model=d_model, d_ff=d_ff, num_experts=num_experts, **{**base, **overrides})
 
     @classmethod
@@ -107,6 +130,11 @@ class MoEConfig:
         return cls(d_model=d_model, d_ff=d_ff, num_experts=num_experts, **{**base, **overrides})
 
     # ---- helpers ---------------------------------------------------------------
+    @property
+    def kept_groups(self) -> int:
+        """Expert groups each token may route to (topk_groups, or all of them)."""
+        return self.num_expert_groups if self.topk_groups is None else self.topk_groups
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

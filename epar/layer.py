@@ -117,6 +117,8 @@ class MoELayer(nn.Module):
             if shared_fn is not None:
                 with profiling.phase(rec, info.layer_id, info.call_no, "shared", dev):
                     shared_out = shared_fn()
+        if self.config.routed_scaling_factor != 1.0:  # routed experts only, never the shared one
+            y_TD = y_TD * self.config.routed_scaling_factor
         if shared_out is not None:
             y_TD = y_TD + shared_out.to(acc)
 

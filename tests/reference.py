@@ -12,7 +12,13 @@ Decisions the reference follows (the issue leaves them open; epar documents them
 - token_drop "position": slots ranked by (choice rank j, token index t);
 - expert_choice: expert e ranks tokens by scores[t, e] + expert_bias[e], ties lower token
   index; weight = unbiased scores[t, e]; dropped_slots = 0; no load-balancing aux term;
-- capacity C = ceil(capacity_factor * T * top_k / E), min(T, C) for expert_choice.
+- capacity C = ceil(capacity_factor * T * top_k / E), min(T, C) for expert_choice;
+- group-limited routing: experts 0..E-1 in num_expert_groups groups of consecutive ids;
+  a group scores the sum of its two highest `scores + expert_bias` (its only one for
+  groups of one expert); a token keeps its topk_groups best groups, ties lower group index;
+- routed_scaling_factor multiplies the weighted sum of the routed experts, not the shared;
+- aux_loss_scope "sequence": the balancing term per sequence (x [..., S, D]; a 2-D x is one
+  sequence), averaged over sequences; "global" without a group is "micro_batch".
 
 Meant for eval mode (no jitter, no noise) and float64 inputs: selection compares Python
 floats (doubles), which matches the layer exactly only when the router runs in float64.
@@ -86,15 +92,24 @@ def reference_forward(cfg, x: torch.Tensor, params: dict):
 
     # ---- routing: a list of kept (token, expert, weight) --------------------------
     kept: list[tuple[int, int, torch.Tensor]] = []
-    selected_count = [0] * E
     dropped = 0
     if cfg.strategy in ("dropless", "token_drop"):
         choice = []  # choice[t] = experts in rank order
+        G = cfg.num_expert_groups
+        kept_groups = G if cfg.topk_groups is None else cfg.topk_groups
+        n = E // G
         for t in range(T):
-            ranked = sorted(range(E), key=lambda e: (-(s_val[t][e] + bias[e]), e))
+            allowed = list(range(E))
+            if kept_groups < G:
+                group_score = []
+                for g in range(G):
+                    members = sorted((s_val[t][e] + bias[e] for e in range(g * n, (g + 1) * n)),
+                                     reverse=True)
+                    group_score.append(sum(members[:2]))
+                best = sorted(range(G), key=lambda g: (-group_score[g], g))[:kept_groups]
+                allowed = [e for e in range(E) if e // n in best]
+            ranked = sorted(allowed, key=lambda e: (-(s_val[t][e] + bias[e]), e))
             choice.append(ranked[:k])
-            for e in ranked[:k]:
-                selected_count[e] += 1
 
         def weight(t, e):
             w = scores[t][e]
@@ -139,6 +154,7 @@ def reference_forward(cfg, x: torch.Tensor, params: dict):
                 continue
             out = _ffn(x_t, w_in[e].to(x.dtype), w_out[e].to(x.dtype), act, F_)
             y_t = y_t + w.to(acc) * out.to(acc)
+        y_t = cfg.routed_scaling_factor * y_t
         if "shared_expert.w_in" in params:
             sh = _ffn(x_t, params["shared_expert.w_in"].to(x.dtype),
                       params["shared_expert.w_out"].to(x.dtype), act, cfg.shared_expert_d_ff)
@@ -153,12 +169,20 @@ def reference_forward(cfg, x: torch.Tensor, params: dict):
     aux = (W_r * 0.0).sum()  # a zero that depends on the router weight
     if T > 0:
         if cfg.aux_loss_coef > 0 and cfg.strategy != "expert_choice":
-            term = 0.0
-            for e in range(E):
-                f_e = selected_count[e] / (T * k)
-                P_e = sum(scores[t][e] / scores[t].sum() for t in range(T)) / T
-                term = term + f_e * P_e
-            aux = aux + cfg.aux_loss_coef * E * term
+            # One sequence of all T tokens, unless the scope is "sequence".
+            S = T
+            if cfg.aux_loss_scope == "sequence" and x.dim() >= 3:
+                S = x.shape[-2]
+            seq_terms = []
+            for first in range(0, T, S):
+                toks = range(first, first + S)
+                term = 0.0
+                for e in range(E):
+                    f_e = sum(1 for t in toks if e in choice[t]) / (S * k)
+                    P_e = sum(scores[t][e] / scores[t].sum() for t in toks) / S
+                    term = term + f_e * P_e
+                seq_terms.append(term)
+            aux = aux + cfg.aux_loss_coef * E * sum(seq_terms) / len(seq_terms)
         if cfg.z_loss_coef > 0:
             z = 0.0
             for t in range(T):

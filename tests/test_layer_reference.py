@@ -267,3 +267,74 @@ def test_reference_detects_a_wrong_layer():
     with torch.no_grad():
         layer.experts.w_out[int(layer(x).stats["tokens_per_expert"].argmax())] += 1e-6
         assert not torch.allclose(layer(x).y, y_ref, **TOL)
+
+
+# ---- model-family routing (issue 10) -------------------------------------------------
+
+TOKEN_CHOICE = ROUTINGS[:3]
+
+
+@pytest.mark.parametrize("score_func", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("routing", TOKEN_CHOICE, ids=lambda r: "-".join(r.values()))
+def test_group_limited_routing(routing, score_func):
+    """8 experts in 4 groups, 2 kept, top-3, with a selection bias: equal to the reference,
+    and different from ungrouped routing (so the grouping is really applied)."""
+    kw = dict(num_experts=8, top_k=3, score_func=score_func, capacity_factor=1.0, **routing)
+    layer = make_layer(seed=21, num_expert_groups=4, topk_groups=2, **kw)
+    with torch.no_grad():
+        layer.router.expert_bias.copy_(torch.linspace(-0.05, 0.05, 8))
+    x = torch.randn(12, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    out, (tpe, _) = check_against_reference(layer, x)
+    flat = make_layer(seed=21, **kw)
+    flat.load_state_dict(layer.state_dict())
+    with torch.no_grad():
+        assert flat(x).stats["tokens_per_expert"].tolist() != tpe
+
+
+@pytest.mark.parametrize("routing", TOKEN_CHOICE, ids=lambda r: "-".join(r.values()))
+def test_group_ties_and_single_group_kept(routing):
+    """All scores tied: every token keeps group 0 (lower index), so only experts 0 and 1
+    are ever chosen. Groups of one expert (group score = the score itself) route as top-k."""
+    layer = _tied_layer(num_experts=8, top_k=2, num_expert_groups=4, topk_groups=1,
+                        capacity_factor=1.0, **routing)
+    x = _dyadic(6, 8)
+    out, (tpe, _) = check_against_reference(layer, x)
+    assert sum(tpe[2:]) == 0 and sum(tpe) > 0
+    singles = make_layer(seed=2, num_experts=4, top_k=2, num_expert_groups=4, topk_groups=3, **routing)
+    check_against_reference(singles, torch.randn(10, 8, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("routing", ROUTINGS, ids=lambda r: "-".join(r.values()))
+def test_routed_scaling_factor(routing):
+    """DeepSeek-V3's routed_scaling_factor scales the routed sum only (a gated shared expert
+    is left alone); the reference checks y and every gradient, w_out's included."""
+    layer = make_layer(seed=12, score_func="sigmoid", routed_scaling_factor=2.5, capacity_factor=1.0,
+                       shared_expert_d_ff=5, shared_expert_gate=True, **routing)
+    x = torch.randn(10, 8, dtype=torch.float64)
+    out, _ = check_against_reference(layer, x)
+    unscaled = make_layer(seed=12, score_func="sigmoid", capacity_factor=1.0,
+                          shared_expert_d_ff=5, shared_expert_gate=True, **routing)
+    unscaled.load_state_dict(layer.state_dict())
+    with torch.no_grad():
+        shared = layer.shared_expert(x)
+        torch.testing.assert_close(out.y - shared, 2.5 * (unscaled(x).y - shared), **TOL)
+
+
+@pytest.mark.parametrize("routing", TOKEN_CHOICE, ids=lambda r: "-".join(r.values()))
+def test_top1_renormalised_weight_is_one(routing):
+    """top_k=1 with normalize_topk (Qwen3, one expert per token): every routed weight is
+    exactly 1, so the router's gradient comes from the aux loss alone (up to rounding)."""
+    layer = make_layer(seed=14, top_k=1, normalize_topk=True, capacity_factor=2.0, **routing)
+    x = torch.randn(9, 8, dtype=torch.float64)
+    out, _ = check_against_reference(layer, x)  # aux_loss_coef 0.01: the router does get a grad
+    assert layer.router.weight.grad.abs().sum() > 0
+    layer.zero_grad()
+    plan = layer.strategy.plan(layer.router(x))
+    assert torch.equal(plan.weight_S[plan.valid_S if plan.valid_S is not None else slice(None)],
+                       torch.ones(int(plan.kept_per_expert_E.sum()), dtype=torch.float64))
+    no_aux = make_layer(seed=14, top_k=1, normalize_topk=True, capacity_factor=2.0,
+                        aux_loss_coef=0.0, **routing)
+    no_aux(x).y.square().sum().backward()
+    # d(s/s)/ds is 0, up to the rounding of 1/s - s/s^2; an expert weight's grad is O(1).
+    assert no_aux.router.weight.grad.abs().max() < 1e-13
+    assert no_aux.experts.w_out.grad.abs().max() > 1e-3

@@ -243,6 +243,10 @@ BAD_CONFIGS = [
     ("router_noise_std", -1.0), ("aux_loss_coef", -0.01), ("z_loss_coef", -1.0),
     ("expert_bias_rate", -0.1),
     ("normalize_topk", 1),
+    ("num_expert_groups", 0), ("num_expert_groups", 3), ("num_expert_groups", 2.0),
+    ("topk_groups", 0), ("topk_groups", 2), ("topk_groups", 1.5),
+    ("routed_scaling_factor", 0.0), ("routed_scaling_factor", -2.5), ("routed_scaling_factor", "2"),
+    ("aux_loss_scope", "batch"),
 ]
 
 
@@ -270,11 +274,25 @@ def test_bad_choice_lists_allowed_values(field, value, allowed):
         assert a in str(info.value)
 
 
-def test_top_k_1_with_normalize_rejected_with_reason():
-    with pytest.raises(ValueError, match="normalize_topk") as info:
-        epar.MoEConfig(**BASE, top_k=1)  # normalize_topk defaults to True
-    assert "1" in str(info.value) and "aux" in str(info.value)
-    epar.MoEConfig(**BASE, top_k=1, normalize_topk=False)  # the fix it suggests works
+def test_top_k_1_with_normalize_allowed():
+    assert epar.MoEConfig(**BASE, top_k=1).normalize_topk  # Qwen3 with one expert per token
+
+
+@pytest.mark.parametrize("kw, field, words", [
+    (dict(num_expert_groups=3), "num_expert_groups", ["divide", "4"]),
+    (dict(num_experts=8, num_expert_groups=4, topk_groups=5), "topk_groups", ["1..num_expert_groups (4)"]),
+    (dict(num_experts=8, num_expert_groups=4, topk_groups=1, top_k=3), "top_k", ["kept groups", "= 2"]),
+    (dict(num_experts=8, num_expert_groups=2, strategy="expert_choice"), "num_expert_groups",
+     ["token-choice", "expert_choice"]),
+    (dict(aux_loss_scope="batch"), "aux_loss_scope", ["micro_batch", "global", "sequence"]),
+])
+def test_bad_group_and_scope_combinations(kw, field, words):
+    with pytest.raises(ValueError) as info:
+        epar.MoEConfig(**{**BASE, **kw})
+    msg = str(info.value)
+    assert msg.startswith(f"MoEConfig.{field}=") and all(w in msg for w in words), msg
+    ok = dict(num_experts=8, num_expert_groups=4, topk_groups=1, top_k=2, strategy="token_drop")
+    assert epar.MoEConfig(**{**BASE, **ok}).kept_groups == 1  # the limit itself is allowed
 
 
 def test_shared_gate_without_shared_expert_rejected():
@@ -291,6 +309,8 @@ def test_config_is_frozen_and_defaults():
             cfg.router_jitter_eps, cfg.router_noise_std, cfg.aux_loss_coef, cfg.z_loss_coef,
             cfg.expert_bias_rate) == (2, "dropless", 1.25, "probs", "softmax", True, "swiglu",
                                       0, False, 0.0, 0.0, 0.01, 0.0, 0.0)
+    assert (cfg.num_expert_groups, cfg.topk_groups, cfg.routed_scaling_factor, cfg.aux_loss_scope,
+            cfg.kept_groups) == (1, None, 1.0, "micro_batch", 1)
 
 
 @pytest.mark.parametrize("strategy, T, expected", [
@@ -314,11 +334,9 @@ def test_switch_preset():
     assert (cfg.d_model, cfg.d_ff, cfg.num_experts) == (16, 32, 8)
     assert cfg.top_k == 1 and cfg.strategy == "token_drop" and cfg.normalize_topk is False
     assert cfg.capacity_factor == 1.25 and cfg.score_func == "softmax"
-    assert cfg.activation == "relu"
-    cfg2 = epar.MoEConfig.switch(16, 32, 8, capacity_factor=2.0, drop_policy="position")
-    assert cfg2.capacity_factor == 2.0 and cfg2.drop_policy == "position" and cfg2.top_k == 1
-    with pytest.raises(ValueError, match="normalize_topk"):
-        epar.MoEConfig.switch(16, 32, 8, normalize_topk=True)
+    assert cfg.activation == "relu" and cfg.drop_policy == "position"  # keeps the earliest tokens
+    cfg2 = epar.MoEConfig.switch(16, 32, 8, capacity_factor=2.0, drop_policy="probs")
+    assert cfg2.capacity_factor == 2.0 and cfg2.drop_policy == "probs" and cfg2.top_k == 1
     epar.MoELayer(cfg)(torch.randn(5, 16))  # builds and runs
 
 

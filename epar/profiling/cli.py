@@ -130,8 +130,8 @@ def _resolve_layer(args, parser) -> MoEConfig:
         if value < low:
             parser.error(f"{opt} must be >= {low}, got {value}")
     try:
-        # top_k=1 with normalised weights gives every token weight 1 (MoEConfig refuses
-        # it); a top-1 layer from the command line means Switch-style raw weights.
+        # top_k=1 with normalised weights gives every token weight 1 (the router would learn
+        # only from the aux loss); a top-1 layer from the command line means Switch-style raw weights.
         return MoEConfig(d_model=args.d_model, d_ff=args.d_ff, num_experts=args.experts, top_k=args.top_k,
                          strategy=args.strategy, capacity_factor=args.capacity_factor,
                          shared_expert_d_ff=args.shared_expert_d_ff, overlap_chunks=args.overlap_chunks,

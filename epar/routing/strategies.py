@@ -25,6 +25,21 @@ def rank_within_expert(sorted_expert_S: torch.Tensor, counts_E: torch.Tensor) ->
     return positions - starts_E[sorted_expert_S]
 
 
+def limit_to_best_groups(select_TE: torch.Tensor, num_groups: int, keep: int) -> torch.Tensor:
+    """Group-limited routing (DeepSeek-V3): experts form num_groups groups of consecutive
+    ids; a group's score is the sum of its two highest selection scores (its one score for
+    groups of one expert); each token keeps its `keep` best groups (ties: lower group index)
+    and every expert outside them gets -inf, so top-k never picks it (the config makes
+    top_k <= the experts in the kept groups)."""
+    T, E = select_TE.shape
+    select_TGN = select_TE.view(T, num_groups, E // num_groups)
+    group_TG = torch.topk(select_TGN, min(2, E // num_groups), dim=-1).values.sum(dim=-1)
+    best_TG = torch.sort(group_TG, dim=-1, descending=True, stable=True).indices[:, :keep]
+    kept_TG = torch.zeros(T, num_groups, dtype=torch.bool, device=select_TE.device)
+    kept_TG.scatter_(1, best_TG, True)
+    return select_TGN.masked_fill(~kept_TG.unsqueeze(-1), float("-inf")).view(T, E)
+
+
 class RoutingStrategy(ABC):
     def __init__(self, config: MoEConfig):
         self.config = config
@@ -38,8 +53,12 @@ class _TokenChoice(RoutingStrategy):
 
     def select(self, router_out: RouterOutput):
         k = self.config.top_k
+        select_TE = router_out.select_TE
+        if self.config.kept_groups < self.config.num_expert_groups:
+            select_TE = limit_to_best_groups(select_TE, self.config.num_expert_groups,
+                                             self.config.kept_groups)
         # A stable descending sort makes tie-breaking deterministic, unlike topk.
-        expert_TK = torch.sort(router_out.select_TE, dim=-1, descending=True, stable=True).indices[:, :k]
+        expert_TK = torch.sort(select_TE, dim=-1, descending=True, stable=True).indices[:, :k]
         weight_TK = router_out.scores_TE.gather(1, expert_TK)
         if self.config.normalize_topk:
             weight_TK = weight_TK / weight_TK.sum(dim=-1, keepdim=True)
