@@ -10,6 +10,7 @@ expert loop and epar's grouped GEMM sum in different orders, so rtol 1e-4, atol 
 from __future__ import annotations
 
 import copy
+import pickle
 
 import pytest
 import torch
@@ -170,6 +171,7 @@ def test_save_pretrained_round_trip(tmp_path):
 
     ref = tiny_model("qwen2_moe")
     model = replace_moe_blocks(copy.deepcopy(ref))
+    model = pickle.loads(pickle.dumps(model))  # whole-module pickling (torch.save) works too
     model.save_pretrained(tmp_path, state_dict=to_hf_state_dict(model))
     back = hf.AutoModelForCausalLM.from_pretrained(tmp_path)
     check_exact_export(back, ref)

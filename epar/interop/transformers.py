@@ -138,10 +138,17 @@ class _RouterLogitsTap(nn.Module):
     def forward(self, logits_TE: torch.Tensor):
         return (logits_TE,)
 
+    def __reduce__(self):  # the class is made at run time: pickle names the router class instead
+        return (_new_tap, (self._router_cls,), self.__dict__)
+
 
 @functools.cache
 def _tap_class(router_cls: type) -> type:
-    return type(f"{router_cls.__name__}LogitsTap", (_RouterLogitsTap, router_cls), {})
+    return type(f"{router_cls.__name__}LogitsTap", (_RouterLogitsTap, router_cls), {"_router_cls": router_cls})
+
+
+def _new_tap(router_cls: type) -> _RouterLogitsTap:
+    return _tap_class(router_cls)()
 
 
 class HFMoEAdapter(nn.Module):
@@ -163,7 +170,7 @@ class HFMoEAdapter(nn.Module):
         # Mixtral jitters the whole block input (router and experts both see it), unlike
         # epar's router_jitter_eps, so the adapter applies it itself.
         self.jitter_noise = float(getattr(block, "jitter_noise", 0.0) or 0.0)
-        self.router_logits = _tap_class(type(block.gate))()
+        self.router_logits = _new_tap(type(block.gate))
         # The block's own state-dict names and dtypes, so export gives back exactly its layout.
         self._hf_dtypes = {k: v.dtype for k, v in block.state_dict().items()}
         self.last_stats: dict | None = None
