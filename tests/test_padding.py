@@ -28,7 +28,7 @@ ROUTINGS = [
 ]
 # capacity_factor 0.75: below the mean load, so token_drop drops real slots.
 EXTRAS = dict(capacity_factor=0.75, shared_expert_d_ff=5, shared_expert_gate=True,
-              z_loss_coef=0.1, aux_loss_coef=0.05)
+              z_loss_coef=0.1, aux_loss_coef=0.05, expert_bias_rate=0.01)
 
 
 def expected_routing(cfg, trace, real_idx: list[int], T: int):
@@ -59,6 +59,8 @@ def check_padded(layer, ref_params: dict, x: torch.Tensor, pad: torch.Tensor, se
     x = x.clone()
     x[pad] = float("nan")  # padding content must reach nothing
     layer.zero_grad(set_to_none=True)
+    layer.expert_counts.zero_()
+    layer.train()  # counts for the expert bias accumulate in training (no jitter or noise set)
     x1 = x.clone().requires_grad_(True)
     out = layer(x1, padding_mask=pad)
     ((out.y * g).sum() + 3.0 * out.aux_loss).backward()
@@ -79,6 +81,11 @@ def check_padded(layer, ref_params: dict, x: torch.Tensor, pad: torch.Tensor, se
     assert out.stats["tokens_per_expert"].tolist() == tpe_ref
     assert int(out.stats["dropped_slots"]) == drop_ref
     routed = {t for t, _, _ in trace["kept"]}
+    if trace["choice"] is not None:  # selected before any drop, real tokens only
+        want_counts = [sum(e in c for c in trace["choice"]) for e in range(cfg.num_experts)]
+    else:
+        want_counts = tpe_ref
+    assert layer.expert_counts.tolist() == want_counts
     assert int(out.stats["unrouted_tokens"]) == len(real_idx) - len(routed)
     gx = x1.grad.reshape(-1, D)
     torch.testing.assert_close(gx[real_T], grads[0] if grads[0] is not None else torch.zeros_like(x_real), **TOL)
@@ -120,7 +127,7 @@ def _mask(shape, padded) -> torch.Tensor:
 def test_padding_matches_reference_ep1(routing):
     cfg = epar.MoEConfig(d_model=8, d_ff=6, num_experts=4, top_k=2, **routing, **EXTRAS)
     torch.manual_seed(3)
-    layer = epar.MoELayer(cfg).double().eval()
+    layer = epar.MoELayer(cfg).double()
     x = torch.randn(2, 6, 8, dtype=torch.float64)
     pad = _mask((2, 6), [4, 5, 6, 9])  # padding at the end and in the middle
     compare_param_grads(layer, check_padded(layer, layer_params(layer), x, pad, seed=1))
@@ -154,7 +161,6 @@ def _padded_ep(rank, world):
         cfg = epar.MoEConfig(d_model=8, d_ff=6, num_experts=4, top_k=2, overlap_chunks=1 + i % 2,
                              **routing, **EXTRAS)
         layer, ref = make_pair(cfg, group, seed=i)
-        layer.eval()
         g = torch.Generator().manual_seed(100 * i + rank)
         x = torch.randn(T, 8, generator=g, dtype=torch.float64)
         for j, padded in enumerate(pads + [list(range(T)) if rank == 1 else [2]]):
