@@ -158,7 +158,7 @@ def _padded_ep(rank, world):
     # third case pads every token (capacity 0 there, not on rank 0).
     pads = [[[1, 4, 9], []], [[0, 1, 2, 3, 4, 5, 6], [3]]][rank]
     for i, routing in enumerate(ROUTINGS):
-        cfg = epar.MoEConfig(d_model=8, d_ff=6, num_experts=4, top_k=2, overlap_chunks=1 + i % 2,
+        cfg = epar.MoEConfig(d_model=8, d_ff=6, num_experts=4, top_k=2, overlap_chunks=(1, 2, 2, 1)[i],
                              **routing, **EXTRAS)
         layer, ref = make_pair(cfg, group, seed=i)
         g = torch.Generator().manual_seed(100 * i + rank)

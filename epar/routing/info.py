@@ -2,8 +2,10 @@
 
 It holds the call's RoutingPlan and computes each property when read, from tensors the
 plan already has (a gather over the plan's combine index, or views): a caller that never
-reads it pays nothing, and the plan is alive anyway while the output is (backward saves
-most of it). Every read recomputes; keep the result if you read it often.
+reads it pays no compute. Holding the plan keeps its index tensors alive as long as the
+output (int64 [T, K] and [S] and a [S] weight vector: small beside the activations,
+and backward saves most of them anyway). Every read recomputes; keep the result if you
+read it often.
 """
 
 from __future__ import annotations
