@@ -88,7 +88,8 @@ class Dropless(_TokenChoice):
 
 
 class TokenDrop(_TokenChoice):
-    """Capacity C = ceil(capacity_factor * T * k / E) slots per expert; the rest are dropped."""
+    """Capacity C = ceil(capacity_factor * T * k / E) slots per expert; the rest are dropped.
+    Under a padding mask T counts the real tokens only."""
 
     def plan(self, router_out: RouterOutput, valid_T=None, num_real=None) -> RoutingPlan:
         cfg = self.config
