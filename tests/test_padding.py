@@ -140,6 +140,10 @@ def test_padding_matches_reference_ep1(routing):
     torch.testing.assert_close(masked.aux_loss, plain.aux_loss, **TOL)
     for key in plain.stats:
         assert torch.equal(masked.stats[key], plain.stats[key]), key
+    for name in ("expert_ids", "chosen_tokens"):  # routing info without a mask too
+        assert (getattr(plain.routing, name) is None) == (getattr(masked.routing, name) is None)
+        if getattr(plain.routing, name) is not None:
+            assert torch.equal(getattr(plain.routing, name), getattr(masked.routing, name))
 
 
 def test_bad_padding_mask_is_named():
