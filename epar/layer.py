@@ -13,6 +13,7 @@ from . import profiling
 from .config import MoEConfig
 from .dispatch.dispatcher import AllToAllDispatcher, CallInfo, LocalDispatcher
 from .experts import GroupedExperts, SharedExpert
+from .routing.info import RoutingInfo
 from .routing.losses import aux_loss
 from .routing.router import Router, router_dtype
 from .routing.strategies import make_strategy
@@ -27,6 +28,9 @@ class MoEOutput:
     y: torch.Tensor  # same shape and dtype as the input
     aux_loss: torch.Tensor  # scalar with grad, coefficients applied
     stats: dict  # tokens_per_expert int64 [E], dropped_slots, unrouted_tokens (int64 scalars)
+    # Each token's experts and weights (token choice), or each expert's tokens (expert
+    # choice); computed only when read. See epar.routing.info.RoutingInfo.
+    routing: RoutingInfo | None = None
 
 
 def _check_same_config(config: MoEConfig, group) -> None:
@@ -86,8 +90,39 @@ class MoELayer(nn.Module):
                 f"MoELayer input's last dimension must be d_model={self.config.d_model}, "
                 f"got shape {tuple(x.shape)}")
 
-    def forward(self, x: torch.Tensor) -> MoEOutput:
+    def _padding(self, x: torch.Tensor, padding_mask):
+        """(valid_T, number of real tokens on the host), or (None, None) without a mask.
+
+        Capacity follows the real tokens, so padding never changes which real tokens are
+        kept: a padded batch routes exactly like its real tokens alone. That needs their
+        count on the host: the one read a mask costs, and none when the mask is a CPU
+        tensor (as data loaders build it); it is counted there and then copied over."""
+        if padding_mask is None:
+            return None, None
+        lead = tuple(x.shape[:-1])
+        if (not isinstance(padding_mask, torch.Tensor) or padding_mask.dtype != torch.bool
+                or tuple(padding_mask.shape) != lead):
+            got = (f"{padding_mask.dtype} tensor of shape {tuple(padding_mask.shape)}"
+                   if isinstance(padding_mask, torch.Tensor) else type(padding_mask).__name__)
+            raise ValueError(f"MoELayer padding_mask must be a torch.bool tensor of shape "
+                             f"x.shape[:-1] = {lead} (True = padding), got {got}")
+        if padding_mask.device != x.device and padding_mask.device.type != "cpu":
+            raise ValueError(f"MoELayer padding_mask must be on the input's device ({x.device}) "
+                             f"or on the CPU, got {padding_mask.device}")
+        valid_T = ~padding_mask.reshape(-1)
+        num_real = int(valid_T.sum())
+        return valid_T.to(x.device, non_blocking=True), num_real
+
+    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None) -> MoEOutput:
+        """x [..., d_model]; padding_mask bool [...] (True = padding) or None.
+
+        Padded tokens are not routed: no dispatch row, no capacity, no part in the aux
+        loss, z-loss, counts or stats. Their input rows are replaced by zeros first, so
+        their content (even NaN) reaches nothing, and the layer's whole output there is
+        exactly zero: nothing routed, and the shared expert (bias-free) maps a zero row to
+        zero. No gradient flows from or to padded positions."""
         self._check_input(x)
+        valid_T, num_real = self._padding(x, padding_mask)
         rec = profiling.current()
         # Calls are numbered only where something reads the number (the EP exchanges'
         # identity check, the recorder): a Python counter changing every call would make
@@ -99,11 +134,13 @@ class MoELayer(nn.Module):
         dev = x.device
         total = rec.mark(dev) if rec else None
         x_TD = x.reshape(-1, self.config.d_model)
+        if valid_T is not None:
+            x_TD = x_TD.masked_fill(~valid_T.unsqueeze(1), 0.0)
         acc = router_dtype(x.dtype)
 
         with profiling.phase(rec, info.layer_id, info.call_no, "route", dev):
             r_out = self.router(x_TD)
-            plan = self.strategy.plan(r_out)
+            plan = self.strategy.plan(r_out, valid_T, num_real)
             loss = aux_loss(self.config, r_out, plan)
         if self.training and self.config.expert_bias_rate > 0:
             self.expert_counts += plan.selected_per_expert_E
@@ -128,9 +165,10 @@ class MoELayer(nn.Module):
             "unrouted_tokens": plan.unrouted_tokens,
         }
         if rec:
-            rec.add_stats(info.layer_id, info.call_no, {**stats, "num_tokens": torch.tensor(plan.num_tokens)})
+            real = plan.num_tokens if num_real is None else num_real
+            rec.add_stats(info.layer_id, info.call_no, {**stats, "num_tokens": torch.tensor(real)})
             rec.add_span(profiling.recorder.Span(info.layer_id, info.call_no, "total", None, total, rec.mark(dev)))
-        return MoEOutput(y_TD.to(x.dtype).reshape(x.shape), loss, stats)
+        return MoEOutput(y_TD.to(x.dtype).reshape(x.shape), loss, stats, RoutingInfo(plan, tuple(x.shape[:-1])))
 
     @torch.no_grad()
     def update_expert_bias(self, group=None) -> None:

@@ -67,8 +67,10 @@ def _capacity(cfg, T: int) -> int:
     return min(T, c) if cfg.strategy == "expert_choice" else c
 
 
-def reference_forward(cfg, x: torch.Tensor, params: dict):
-    """Returns (y, aux_loss, tokens_per_expert list[int], dropped_slots int)."""
+def reference_forward(cfg, x: torch.Tensor, params: dict, trace: dict | None = None):
+    """Returns (y, aux_loss, tokens_per_expert list[int], dropped_slots int). A `trace`
+    dict receives the routing: "choice" (token choice: each token's experts in rank
+    order, else None) and "kept" ((token, expert, weight) in the order they were kept)."""
     D, E, k = cfg.d_model, cfg.num_experts, cfg.top_k
     lead = x.shape[:-1]
     xs = x.reshape(-1, D)
@@ -137,6 +139,8 @@ def reference_forward(cfg, x: torch.Tensor, params: dict):
             for t in ranked[:C]:
                 kept.append((t, e, scores[t][e]))
 
+    if trace is not None:
+        trace.update(choice=choice if cfg.strategy != "expert_choice" else None, kept=kept)
     tokens_per_expert = [0] * E
     for _, e, _ in kept:
         tokens_per_expert[e] += 1

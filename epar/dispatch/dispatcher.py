@@ -2,7 +2,7 @@
 
 LocalDispatcher: EP size 1, no collective at all.
 AllToAllDispatcher: experts sharded over an EP group. Per call:
-  metadata   host split sizes (capacity modes: from T of every rank, host only;
+  metadata   host split sizes (capacity modes: every rank's capacity, host only;
              dropless: one all-to-all of per-expert counts, one device-to-host read)
   per chunk  permute -> dispatch all-to-all -> regroup by local expert -> experts
              -> combine all-to-all; chunk j+1's dispatch is in flight while chunk j
@@ -133,9 +133,11 @@ class AllToAllDispatcher:
                     f"rank {self.rank} has {_dtype_name(mine[2])}, rank {src} has {_dtype_name(theirs[2])}")
 
     def _capacity_counts(self, plan: RoutingPlan, ident: list[int], chunks: int, device):
-        """Every rank's capacity from every rank's T: host numbers only, no device read."""
+        """Every rank's capacity, gathered: host numbers only, no device read. Each rank
+        sends the capacity its own plan used (from its token count, or its real-token
+        count under a padding mask), so every rank splits by the same numbers."""
         n, L = self.world, self.local_experts
-        meta = [plan.num_tokens] + ident
+        meta = [plan.capacity] + ident
         if self.host_group is not None:
             mine = torch.tensor(meta, dtype=torch.int64)
             gathered = [torch.empty_like(mine) for _ in range(n)]
@@ -148,7 +150,7 @@ class AllToAllDispatcher:
                            "token-count exchange", self.group)
         table = torch.stack(gathered).tolist()
         self._check_peers([row[1:] for row in table], ident)
-        caps = [self.config.capacity(row[0]) for row in table]
+        caps = [row[0] for row in table]
         send = []  # send[j][e]
         recv = []  # recv[j][src][l]
         for j in range(chunks):

@@ -49,7 +49,10 @@ class _WeightedCombine(torch.autograd.Function):
         valid_TK = row_TK < y_SD.shape[0]
         safe_TK = torch.where(valid_TK, row_TK, 0)
         out_TD = y_SD.new_zeros(w_TK.shape[0], y_SD.shape[1], dtype=acc)
-        for j in range(w_TK.shape[1]):
+        # No row at all (every slot dropped or padding, e.g. an all-padding batch): every
+        # slot is the sentinel and there is no row 0 to stand in for it; read nothing.
+        ctx.choices = w_TK.shape[1] if y_SD.shape[0] > 0 else 0
+        for j in range(ctx.choices):
             out_TD.addcmul_(y_SD.index_select(0, safe_TK[:, j]).to(acc), w_TK[:, j : j + 1])
         ctx.save_for_backward(y_SD, w_TK, safe_TK, valid_TK)
         return out_TD
@@ -62,14 +65,14 @@ class _WeightedCombine(torch.autograd.Function):
         grad_y = grad_w = None
         if ctx.needs_input_grad[0]:
             grad_y = torch.zeros_like(y_SD)
-            for j in range(w_TK.shape[1]):
+            for j in range(ctx.choices):
                 # Each row belongs to exactly one (token, choice); dropped slots add exact
                 # zeros to row 0, so the sum is exact in any order.
                 contrib = (g_TD * (w_TK[:, j : j + 1] * valid_TK[:, j : j + 1])).to(y_SD.dtype)
                 grad_y.index_add_(0, safe_TK[:, j], contrib)
         if ctx.needs_input_grad[1]:
-            cols = [(y_SD.index_select(0, safe_TK[:, j]).to(acc) * g_TD).sum(-1) for j in range(w_TK.shape[1])]
-            grad_w = torch.stack(cols, dim=1) * valid_TK  # top_k >= 1: never empty
+            cols = [(y_SD.index_select(0, safe_TK[:, j]).to(acc) * g_TD).sum(-1) for j in range(ctx.choices)]
+            grad_w = torch.stack(cols, dim=1) * valid_TK if cols else torch.zeros_like(w_TK)
         return grad_y, grad_w, None
 
 

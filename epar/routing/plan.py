@@ -27,7 +27,10 @@ class RoutingPlan:
     kept_per_expert_E: torch.Tensor  # int64 [E]: slots actually processed per expert
     selected_per_expert_E: torch.Tensor  # int64 [E]: slots chosen before any drop
     dropped_slots: torch.Tensor  # int64 scalar
-    unrouted_tokens: torch.Tensor  # int64 scalar: tokens that no expert processes
+    unrouted_tokens: torch.Tensor  # int64 scalar: real tokens that no expert processes
+    # bool [T]: True = a real token, False = padding (MoELayer's padding_mask); None = all
+    # real. Padding has no dispatch row, no capacity, and no part in counts or aux loss.
+    valid_T: torch.Tensor | None = None
 
     @property
     def num_rows(self) -> int:

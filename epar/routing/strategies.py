@@ -40,12 +40,23 @@ def limit_to_best_groups(select_TE: torch.Tensor, num_groups: int, keep: int) ->
     return select_TGN.masked_fill(~kept_TG.unsqueeze(-1), float("-inf")).view(T, E)
 
 
+def padding_to_virtual_expert(expert_TK: torch.Tensor, valid_T: torch.Tensor | None, num_experts: int):
+    """Padding's slots go to a virtual expert E: sorted by expert they come after every
+    real slot, so they take no capacity and are cut off (counts use E + 1 bins)."""
+    if valid_T is None:
+        return expert_TK
+    return torch.where(valid_T.unsqueeze(1), expert_TK, num_experts)
+
+
 class RoutingStrategy(ABC):
     def __init__(self, config: MoEConfig):
         self.config = config
 
     @abstractmethod
-    def plan(self, router_out: RouterOutput) -> RoutingPlan: ...
+    def plan(self, router_out: RouterOutput, valid_T: torch.Tensor | None = None,
+             num_real: int | None = None) -> RoutingPlan:
+        """valid_T: bool [T], False = padding (None: every token is real); num_real: the
+        number of real tokens, on the host (capacity and row counts follow real tokens)."""
 
 
 class _TokenChoice(RoutingStrategy):
@@ -66,15 +77,18 @@ class _TokenChoice(RoutingStrategy):
 
 
 class Dropless(_TokenChoice):
-    def plan(self, router_out: RouterOutput) -> RoutingPlan:
+    def plan(self, router_out: RouterOutput, valid_T=None, num_real=None) -> RoutingPlan:
         E, k = self.config.num_experts, self.config.top_k
         expert_TK, weight_TK = self.select(router_out)
         T = expert_TK.shape[0]
-        slot_expert = expert_TK.reshape(-1)  # slot s = t * k + j
+        slot_expert = padding_to_virtual_expert(expert_TK, valid_T, E).reshape(-1)  # slot s = t * k + j
         order_S = torch.argsort(slot_expert, stable=True)
-        counts_E = count_per_expert(slot_expert, E)
+        counts_E = count_per_expert(slot_expert, E + 1)[:E]
         combine_idx = torch.empty_like(order_S)
         combine_idx[order_S] = torch.arange(order_S.shape[0], device=order_S.device)
+        if valid_T is not None:  # padding's slots sorted last: cut, and marked with the sentinel S
+            S = num_real * k
+            order_S, combine_idx = order_S[:S], combine_idx.clamp(max=S)
         zero = torch.zeros((), dtype=torch.int64, device=counts_E.device)
         return RoutingPlan(
             num_tokens=T,
@@ -88,35 +102,39 @@ class Dropless(_TokenChoice):
             selected_per_expert_E=counts_E,
             dropped_slots=zero,
             unrouted_tokens=zero,
+            valid_T=valid_T,
         )
 
 
 class TokenDrop(_TokenChoice):
-    """Capacity C = ceil(capacity_factor * T * k / E) slots per expert; the rest are dropped."""
+    """Capacity C = ceil(capacity_factor * T * k / E) slots per expert; the rest are dropped.
+    Under a padding mask T counts the real tokens only."""
 
-    def plan(self, router_out: RouterOutput) -> RoutingPlan:
+    def plan(self, router_out: RouterOutput, valid_T=None, num_real=None) -> RoutingPlan:
         cfg = self.config
         E, k = cfg.num_experts, cfg.top_k
         expert_TK, weight_TK = self.select(router_out)
         T = expert_TK.shape[0]
-        C = cfg.capacity(T)
+        C = cfg.capacity(T if valid_T is None else num_real)
         dev = expert_TK.device
+        route_TK = padding_to_virtual_expert(expert_TK, valid_T, E)
         if cfg.drop_policy == "probs":
             # Priority within an expert: higher score first, then lower token index. Slots
             # start in token order, so a stable sort by score keeps token order for ties.
             score_S = router_out.scores_TE.gather(1, expert_TK).reshape(-1)
             by_score = torch.argsort(score_S, descending=True, stable=True)
-            slot_order = by_score[torch.argsort(expert_TK.reshape(-1)[by_score], stable=True)]
+            slot_order = by_score[torch.argsort(route_TK.reshape(-1)[by_score], stable=True)]
         else:  # "position": choice rank first, then token index (GShard)
-            choice_major = expert_TK.t().reshape(-1)  # index j * T + t
+            choice_major = route_TK.t().reshape(-1)  # index j * T + t
             order_cm = torch.argsort(choice_major, stable=True)
             t, j = order_cm % T, order_cm // T
             slot_order = t * k + j
-        slot_expert = expert_TK.reshape(-1)
-        selected_E = count_per_expert(slot_expert, E)
+        slot_expert = route_TK.reshape(-1)
+        selected_E = count_per_expert(slot_expert, E + 1)  # bin E: padding
         sorted_expert = slot_expert[slot_order]
         rank = rank_within_expert(sorted_expert, selected_E)
-        kept = rank < C
+        kept = (rank < C) & (sorted_expert < E)
+        selected_E = selected_E[:E]
         # Kept slot -> padded row e * C + rank; dropped -> the spare row E * C.
         row = torch.where(kept, sorted_expert * C + rank, torch.full_like(rank, E * C))
         S = E * C
@@ -129,6 +147,9 @@ class TokenDrop(_TokenChoice):
         combine_idx = torch.empty(T * k, dtype=torch.int64, device=dev)
         combine_idx[slot_order] = row
         kept_E = torch.clamp(selected_E, max=C)
+        unrouted_T = weight_TK.new_zeros(T, dtype=torch.int64).index_add_(0, slot_order // k, kept.long()) == 0
+        if valid_T is not None:
+            unrouted_T &= valid_T
         return RoutingPlan(
             num_tokens=T,
             token_idx_S=token_idx[:S],
@@ -139,26 +160,32 @@ class TokenDrop(_TokenChoice):
             combine_idx_TK=combine_idx.view(T, k),
             kept_per_expert_E=kept_E,
             selected_per_expert_E=selected_E,
-            dropped_slots=T * k - kept_E.sum(),
-            unrouted_tokens=(weight_TK.new_zeros(T, dtype=torch.int64)
-                             .index_add_(0, slot_order // k, kept.long()) == 0).sum(),
+            dropped_slots=selected_E.sum() - kept_E.sum(),
+            unrouted_tokens=unrouted_T.sum(),
+            valid_T=valid_T,
         )
 
 
 class ExpertChoice(RoutingStrategy):
     """Each expert takes the C tokens with the highest score for it (ties: lower token)."""
 
-    def plan(self, router_out: RouterOutput) -> RoutingPlan:
+    def plan(self, router_out: RouterOutput, valid_T=None, num_real=None) -> RoutingPlan:
         cfg = self.config
         E = cfg.num_experts
         T = router_out.scores_TE.shape[0]
-        C = cfg.capacity(T)
+        C = cfg.capacity(T if valid_T is None else num_real)
         dev = router_out.scores_TE.device
-        token_EC = torch.sort(router_out.select_TE.t(), dim=1, descending=True, stable=True).indices[:, :C]
+        select_ET = router_out.select_TE.t()
+        if valid_T is not None:  # padding ranks below every real token; C <= num_real: never taken
+            select_ET = select_ET.masked_fill(~valid_T, float("-inf"))
+        token_EC = torch.sort(select_ET, dim=1, descending=True, stable=True).indices[:, :C]
         weight_EC = router_out.scores_TE.t().gather(1, token_EC)
         taken_T = torch.zeros(T, dtype=torch.int64, device=dev).index_add_(
             0, token_EC.reshape(-1), torch.ones(E * C, dtype=torch.int64, device=dev))
         per_expert = torch.full((E,), C, dtype=torch.int64, device=dev)
+        unrouted_T = taken_T == 0
+        if valid_T is not None:
+            unrouted_T &= valid_T
         return RoutingPlan(
             num_tokens=T,
             token_idx_S=token_EC.reshape(-1),
@@ -170,7 +197,8 @@ class ExpertChoice(RoutingStrategy):
             kept_per_expert_E=per_expert,
             selected_per_expert_E=per_expert,
             dropped_slots=torch.zeros((), dtype=torch.int64, device=dev),
-            unrouted_tokens=(taken_T == 0).sum(),
+            unrouted_tokens=unrouted_T.sum(),
+            valid_T=valid_T,
         )
 
 
