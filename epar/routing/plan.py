@@ -28,6 +28,9 @@ class RoutingPlan:
     selected_per_expert_E: torch.Tensor  # int64 [E]: slots chosen before any drop
     dropped_slots: torch.Tensor  # int64 scalar
     unrouted_tokens: torch.Tensor  # int64 scalar: tokens that no expert processes
+    # Token-choice only: int64 [T, K] experts each token selected, before any drop
+    # (the per-sequence and masked load-balancing statistics count these).
+    expert_TK: torch.Tensor | None = None
 
     @property
     def num_rows(self) -> int:

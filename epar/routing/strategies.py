@@ -88,6 +88,7 @@ class Dropless(_TokenChoice):
             selected_per_expert_E=counts_E,
             dropped_slots=zero,
             unrouted_tokens=zero,
+            expert_TK=expert_TK,
         )
 
 
@@ -142,6 +143,7 @@ class TokenDrop(_TokenChoice):
             dropped_slots=T * k - kept_E.sum(),
             unrouted_tokens=(weight_TK.new_zeros(T, dtype=torch.int64)
                              .index_add_(0, slot_order // k, kept.long()) == 0).sum(),
+            expert_TK=expert_TK,
         )
 
 
