@@ -46,10 +46,13 @@ def _check_same_config(config: MoEConfig, group) -> None:
 
 
 class MoELayer(nn.Module):
-    def __init__(self, config: MoEConfig, ep_group=None):
+    def __init__(self, config: MoEConfig, ep_group=None, router_group=None):
         super().__init__()
         self.config = config
         self.ep_group = ep_group
+        # The ranks holding a copy of this (dense) router, e.g. the whole dp x ep world:
+        # aux_loss_scope="global" sums the expert counts over them (default: the EP group).
+        self.router_group = router_group if router_group is not None else ep_group
         ep_size = 1 if ep_group is None else dist.get_world_size(ep_group)
         if config.num_experts % ep_size != 0:
             raise ValueError(
@@ -141,7 +144,8 @@ class MoELayer(nn.Module):
         with profiling.phase(rec, info.layer_id, info.call_no, "route", dev):
             r_out = self.router(x_TD)
             plan = self.strategy.plan(r_out, valid_T, num_real)
-            loss = aux_loss(self.config, r_out, plan)
+            loss = aux_loss(self.config, r_out, plan, seq_len=x.shape[-2] if x.dim() > 2 else None,
+                            sum_over_group=self._sum_over_router_group)
         if self.training and self.config.expert_bias_rate > 0:
             self.expert_counts += plan.selected_per_expert_E
 
@@ -169,6 +173,10 @@ class MoELayer(nn.Module):
             rec.add_stats(info.layer_id, info.call_no, {**stats, "num_tokens": torch.tensor(real)})
             rec.add_span(profiling.recorder.Span(info.layer_id, info.call_no, "total", None, total, rec.mark(dev)))
         return MoEOutput(y_TD.to(x.dtype).reshape(x.shape), loss, stats, RoutingInfo(plan, tuple(x.shape[:-1])))
+
+    def _sum_over_router_group(self, totals: torch.Tensor) -> None:
+        if self.router_group is not None:
+            dist.all_reduce(totals, group=self.router_group)
 
     @torch.no_grad()
     def update_expert_bias(self, group=None) -> None:

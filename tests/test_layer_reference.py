@@ -338,3 +338,13 @@ def test_top1_renormalised_weight_is_one(routing):
     # d(s/s)/ds is 0, up to the rounding of 1/s - s/s^2; an expert weight's grad is O(1).
     assert no_aux.router.weight.grad.abs().max() < 1e-13
     assert no_aux.experts.w_out.grad.abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("routing", TOKEN_CHOICE, ids=lambda r: "-".join(r.values()))
+def test_sequence_aux_scope(routing):
+    """aux_loss_scope="sequence" on x [B, S, D], with groups: the reference's per-sequence
+    balancing term, value and gradients."""
+    layer = make_layer(seed=17, num_experts=8, top_k=2, num_expert_groups=2, topk_groups=1,
+                       aux_loss_scope="sequence", aux_loss_coef=0.3, score_func="sigmoid", **routing)
+    x = torch.randn(3, 4, 8, dtype=torch.float64)
+    check_against_reference(layer, x)

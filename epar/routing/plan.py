@@ -31,6 +31,9 @@ class RoutingPlan:
     # bool [T]: True = a real token, False = padding (MoELayer's padding_mask); None = all
     # real. Padding has no dispatch row, no capacity, and no part in counts or aux loss.
     valid_T: torch.Tensor | None = None
+    # Token-choice only: int64 [T, K] experts each token selected, before any drop
+    # (the per-sequence and masked load-balancing statistics count these).
+    expert_TK: torch.Tensor | None = None
 
     @property
     def num_rows(self) -> int:

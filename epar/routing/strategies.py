@@ -103,6 +103,7 @@ class Dropless(_TokenChoice):
             dropped_slots=zero,
             unrouted_tokens=zero,
             valid_T=valid_T,
+            expert_TK=expert_TK,
         )
 
 
@@ -163,6 +164,7 @@ class TokenDrop(_TokenChoice):
             dropped_slots=selected_E.sum() - kept_E.sum(),
             unrouted_tokens=unrouted_T.sum(),
             valid_T=valid_T,
+            expert_TK=expert_TK,
         )
 
 
