@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from . import profiling
+from . import parallel, profiling
 from .config import MoEConfig
 from .dispatch.dispatcher import AllToAllDispatcher, CallInfo, LocalDispatcher
 from .experts import GroupedExperts, SharedExpert
@@ -42,10 +42,16 @@ def _check_same_config(config: MoEConfig, group) -> None:
 
 
 class MoELayer(nn.Module):
-    def __init__(self, config: MoEConfig, ep_group=None):
+    def __init__(self, config: MoEConfig, ep_group=None, router_group=None):
+        """ep_group: ProcessGroup or 1-D DeviceMesh over which experts are sharded (None:
+        one device). router_group: every rank holding a copy of this layer's router (at
+        dp x ep, the world); default ep_group. update_expert_bias reduces over it."""
         super().__init__()
         self.config = config
+        ep_group = parallel.as_process_group(ep_group)
         self.ep_group = ep_group
+        router_group = parallel.as_process_group(router_group)
+        self.router_group = router_group if router_group is not None else ep_group
         ep_size = 1 if ep_group is None else dist.get_world_size(ep_group)
         if config.num_experts % ep_size != 0:
             raise ValueError(
@@ -134,12 +140,13 @@ class MoELayer(nn.Module):
     def update_expert_bias(self, group=None) -> None:
         """Aux-loss-free balancing step; call after the optimizer step. Moves each expert's
         selection bias by rate * sign(mean count - count) and resets the counts. Counts are
-        summed over `group` (default: the EP group) so every rank applies the same update."""
+        summed over `group` (default: self.router_group, every rank holding this router)
+        so every copy of the bias applies the same update."""
         rate = self.config.expert_bias_rate
         if rate <= 0:
             raise ValueError("update_expert_bias needs MoEConfig.expert_bias_rate > 0")
         counts = self.expert_counts.clone()
-        group = group if group is not None else self.ep_group
+        group = parallel.as_process_group(group) if group is not None else self.router_group
         if group is not None:
             dist.all_reduce(counts, group=group)
         counts = counts.to(torch.float32)
