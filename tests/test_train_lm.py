@@ -1,7 +1,7 @@
 """scripts/train_lm.py at a tiny size on 2 gloo ranks: the held-out loss falls, and a run
 resumed from a checkpoint continues the uninterrupted run exactly at the same layout and
 within float rounding at another EP size (checkpoints keyed by global expert id, the
-optimizer state included)."""
+optimizer state included); --fsdp trains the same model to the same losses."""
 
 from __future__ import annotations
 
@@ -36,7 +36,6 @@ def _expert_moments(tl, path, ep, env):
     from epar.parallel import build_groups
 
     groups = build_groups(ep)
-    args = tl.parse_args(TINY + ["--ep-size", str(ep)])
     cfg = tl.epar.MoEConfig(d_model=32, d_ff=32, num_experts=4)
     torch.manual_seed(123)
     model = tl.ByteLM(cfg, 2, 2, 32, 0.0, groups.ep_group)
@@ -52,7 +51,6 @@ def _expert_moments(tl, path, ep, env):
                 torch.distributed.all_gather(parts, m, group=groups.ep_group)
                 m = torch.cat(parts)
             out.append(m)
-    del args
     return out
 
 
@@ -70,16 +68,17 @@ def _train_and_resume(rank, world, tmp):
     same = run(2, "--ckpt-dir", f"{tmp}/same", "--resume", start)
     other = run(1, "--ckpt-dir", f"{tmp}/other", "--resume", start,
                 "--profile", "2", "--profile-json", f"{tmp}/profile.json")
+    fsdp = run(1, "--fsdp")  # dp 2: FSDP2 shards every expert over the 2 ranks
     moments_ep2 = _expert_moments(tl, start, 2, env)
     moments_ep1 = _expert_moments(tl, start, 1, env)
     reshard_ok = all(torch.equal(a, b) for a, b in zip(moments_ep2, moments_ep1))
     nonzero = all(m.abs().sum() > 0 for m in moments_ep1)
-    return full, same, other, reshard_ok, nonzero
+    return full, same, other, fsdp, reshard_ok, nonzero
 
 
 def test_train_lm_learns_and_resumes(tmp_path):
     results = run_distributed(_train_and_resume, 2, str(tmp_path), timeout=240, pg_timeout=120)
-    full, same, other, reshard_ok, nonzero = results[0]
+    full, same, other, fsdp, reshard_ok, nonzero = results[0]
     assert results[1][0] == full  # every rank reports the same global losses
 
     heldout = dict(full["heldout"])
@@ -96,6 +95,11 @@ def test_train_lm_learns_and_resumes(tmp_path):
     for (s, want), (_, got) in zip(after, other["train"]):
         assert abs(got - want) <= 1e-5 * abs(want), (s, got, want)
     assert abs(dict(other["heldout"])[12] - heldout[12]) <= 1e-5 * heldout[12]
+
+    # FSDP2 at dp 2 (fully_shard_moe, gradients reduced by FSDP) from scratch: the same run.
+    assert [s for s, _ in fsdp["train"]] == list(range(1, 13))
+    for (s, want), (_, got) in zip(full["train"], fsdp["train"]):
+        assert abs(got - want) <= 1e-5 * abs(want), (s, got, want)
 
     # The Adam moments of every global expert are the same loaded at EP 2 or EP 1.
     assert reshard_ok and nonzero
