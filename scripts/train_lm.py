@@ -353,6 +353,8 @@ def parse_args(argv=None):
     args = ap.parse_args(argv)
     if args.resume == "latest" and not args.ckpt_dir:
         ap.error("--resume without a path needs --ckpt-dir")
+    if args.log_every < 1:
+        ap.error("--log-every must be >= 1")
     if args.ckpt_every and not args.ckpt_dir:
         ap.error("--ckpt-every needs --ckpt-dir")
     if args.fsdp and (args.ckpt_dir or args.resume):
@@ -425,8 +427,7 @@ def train(args, env, groups) -> dict:
         for block in model.blocks:
             fully_shard(block, mesh=dense_mesh(groups))
         fully_shard(model, mesh=dense_mesh(groups))
-    # AdamW without decay on norms, the positional table and the router's gains alike:
-    # decay only matrices, the usual choice.
+    # Weight decay on matrices only (not on norm gains or the shared-expert gate).
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
@@ -443,7 +444,8 @@ def train(args, env, groups) -> dict:
         if path is None:
             raise SystemExit(f"--resume: no complete checkpoint in {args.ckpt_dir}")
         step = load_checkpoint(path, model, opt, train_data, env, groups, out.log)
-    n_params = sum(p.numel() for p in model.parameters())
+        out.step(step, None)
+    n_params = sum((p.to_local() if args.fsdp else p).numel() for p in model.parameters())
     out.log(f"byte LM: {args.layers} layers, d_model {args.d_model}, {args.experts} experts top-{args.top_k} "
             f"({args.strategy}), {n_params} parameters on this rank; world {env.world_size} = "
             f"dp {groups.dp_size} x ep {groups.ep_size}; {len(train_data.data_N)} training bytes; "

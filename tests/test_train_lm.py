@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -65,7 +66,10 @@ def _train_and_resume(rank, world, tmp):
 
     full = run(2, "--ckpt-dir", f"{tmp}/full", "--ckpt-every", "6")
     start = tl.checkpoint_path(f"{tmp}/full", 6)
-    same = run(2, "--ckpt-dir", f"{tmp}/same", "--resume", start)
+    if rank == 0:  # a directory whose newest checkpoint is step 6: bare --resume picks it
+        shutil.copytree(start, tl.checkpoint_path(f"{tmp}/same", 6))
+    torch.distributed.barrier()
+    same = run(2, "--ckpt-dir", f"{tmp}/same", "--resume")
     other = run(1, "--ckpt-dir", f"{tmp}/other", "--resume", start,
                 "--profile", "2", "--profile-json", f"{tmp}/profile.json")
     fsdp = run(1, "--fsdp")  # dp 2: FSDP2 shards every expert over the 2 ranks
