@@ -97,10 +97,11 @@ class MoELayer(nn.Module):
         rec = profiling.current()
         # Calls are numbered only where something reads the number (the EP exchanges'
         # identity check, the recorder): a Python counter changing every call would make
-        # torch.compile recompile the single-device layer on every call.
-        call_no = 0
-        if self.ep_size > 1 or rec is not None:
-            call_no, self._calls = self._calls, self._calls + 1
+        # torch.compile recompile on every call. With EP > 1 and no recorder the number is
+        # taken inside _exchange, which dynamo does not trace (call_no None until then).
+        call_no = 0 if self.ep_size == 1 else None
+        if rec is not None:
+            call_no = self._next_call_no()
         info = CallInfo(self.layer_id, call_no, rec)
         dev = x.device
         total = rec.mark(dev) if rec else None
@@ -116,7 +117,7 @@ class MoELayer(nn.Module):
 
         shared_fn = (lambda: self.shared_expert(x_TD)) if self.shared_expert is not None else None
         if self.ep_size > 1:
-            y_TD, shared_out = self.dispatcher(x_TD, plan, self.experts, acc, info, shared_fn)
+            y_TD, shared_out = self._exchange(x_TD, plan, acc, info, shared_fn)
         else:
             y_TD = self.dispatcher(x_TD, plan, self.experts, acc, info)
             shared_out = None
@@ -135,6 +136,19 @@ class MoELayer(nn.Module):
             rec.add_stats(info.layer_id, info.call_no, {**stats, "num_tokens": torch.tensor(plan.num_tokens)})
             rec.add_span(profiling.recorder.Span(info.layer_id, info.call_no, "total", None, total, rec.mark(dev)))
         return MoEOutput(y_TD.to(x.dtype).reshape(x.shape), loss, stats)
+
+    def _next_call_no(self) -> int:
+        call_no, self._calls = self._calls, self._calls + 1
+        return call_no
+
+    @torch.compiler.disable
+    def _exchange(self, x_TD, plan, acc, info: CallInfo, shared_fn):
+        """The EP dispatch (exchanges, experts between them, combine), run eagerly under
+        torch.compile: its split sizes and call number are host values that change per
+        call, so tracing them would recompile every call. One graph break on each side."""
+        if info.call_no is None:
+            info = CallInfo(info.layer_id, self._next_call_no(), info.recorder)
+        return self.dispatcher(x_TD, plan, self.experts, acc, info, shared_fn)
 
     @torch.no_grad()
     def update_expert_bias(self, group=None) -> None:

@@ -162,3 +162,67 @@ def _all_checks(rank, world):
 @pytest.mark.dist
 def test_dp2_x_ep2_mesh_replicas_bias_and_fsdp2_step():
     assert run_distributed(_all_checks, 4, timeout=240) == [True] * 4
+
+
+class TwoMoELayers(nn.Module):
+    """Two EP layers called without a Python loop, so one frame holds both."""
+
+    def __init__(self, cfg, ep_group):
+        super().__init__()
+        self.a = epar.MoELayer(cfg, ep_group)
+        self.b = epar.MoELayer(cfg, ep_group)
+
+    def forward(self, x):
+        out_a = self.a(x)
+        h = x + out_a.y
+        out_b = self.b(h)
+        return (h + out_b.y).square().mean() + out_a.aux_loss + out_b.aux_loss
+
+
+def _compile_then_timeout(rank, world):
+    import time
+    from datetime import timedelta
+
+    from torch._dynamo.utils import counters
+
+    groups = build_groups(2)
+    # torch.compile at EP 2: graph breaks only around the exchanges, no recompilation over
+    # 20 calls (error_on_recompile raises on the first), nothing skipped to eager.
+    torch._dynamo.reset()
+    counters.clear()
+    cfg = epar.MoEConfig(d_model=D, d_ff=FF, num_experts=4, top_k=2, strategy="token_drop",
+                         shared_expert_d_ff=FF)
+    torch.manual_seed(0)
+    model = TwoMoELayers(cfg, groups.ep_group)
+    compiled = torch.compile(model, backend="aot_eager")
+    for call in range(20):
+        x = tagged_batch(rank, T, seed=call).float()
+        with torch._dynamo.config.patch(error_on_recompile=call > 0):
+            loss = compiled(x)
+        loss.backward()
+    assert torch.equal(loss, model(x)), "compiled and eager differ"  # same weights, same routing
+    breaks = counters["graph_break"]
+    assert breaks and all("_exchange" in reason for reason in breaks), dict(breaks)
+    assert counters["frames"]["ok"] == counters["frames"]["total"], dict(counters["frames"])
+    assert model.a.last_call_no == 20 and model.b.last_call_no == 20  # numbered outside the graph
+
+    # Groups made by build_groups inherit the default group's timeout (as if the job had
+    # been started with a short one): a silent peer makes them raise, not wait 30 minutes.
+    dist.distributed_c10d._set_pg_timeout(timedelta(seconds=2))
+    short = build_groups(2)
+    store = dist.distributed_c10d._get_default_store()
+    if rank == 1:  # alive but never joins: rank 0 must time out on its own
+        store.wait(["rank0_done"], timedelta(seconds=60))
+        return None
+    start = time.monotonic()
+    with pytest.raises(RuntimeError):
+        dist.all_reduce(torch.ones(1), group=short.ep_group)
+    elapsed = time.monotonic() - start
+    store.set("rank0_done", "1")
+    return elapsed
+
+
+@pytest.mark.dist
+def test_ep2_compile_without_recompiles_and_groups_inherit_the_timeout():
+    elapsed = run_distributed(_compile_then_timeout, 2, timeout=240)[0]
+    assert elapsed < 20, f"the group waited {elapsed:.0f}s: it did not inherit the 2 s timeout"
