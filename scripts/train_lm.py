@@ -37,8 +37,8 @@ from torch import nn
 
 import epar
 from epar import checkpoint
-from epar.parallel import (broadcast_parameters, build_groups, dense_mesh, fully_shard_moe, init_distributed,
-                           is_expert_param, reduce_gradients)
+from epar.parallel import (broadcast_parameters, build_groups, check_replicas, dense_mesh, fully_shard_moe,
+                           init_distributed, is_expert_param, reduce_gradients)
 
 V = 256  # byte vocabulary
 HELDOUT_EVERY = 10  # topic i (in sorted name order) is held out when i % 10 == 5
@@ -446,6 +446,7 @@ def train(args, env, groups) -> dict:
         if path is None:
             raise SystemExit(f"--resume: no complete checkpoint in {args.ckpt_dir}")
         step = load_checkpoint(path, model, opt, train_data, env, groups, out.log)
+        check_replicas(model, groups)  # raises naming a parameter that differs across replicas
         out.step(step, None)
     n_params = sum((p.to_local() if args.fsdp else p).numel() for p in model.parameters())
     out.log(f"byte LM: {args.layers} layers, d_model {args.d_model}, {args.experts} experts top-{args.top_k} "
