@@ -133,7 +133,16 @@ class Block(nn.Module):
 
     def forward(self, x_BSD):
         x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD))
-        out = self.moe(self.moe_norm(x_BSD))
+        h_BSD = self.moe_norm(x_BSD)
+        dev = h_BSD.device.type
+        if torch.is_autocast_enabled(dev):
+            # The MoE layer does its own mixed precision from its input's dtype (router in
+            # float32, expert GEMMs in bf16, float32 combine); under autocast its custom
+            # autograd functions would get bf16 gradients for float32 weights.
+            with torch.autocast(dev, enabled=False):
+                out = self.moe(h_BSD.to(torch.get_autocast_dtype(dev)))
+        else:
+            out = self.moe(h_BSD)
         return x_BSD + out.y, out
 
 
