@@ -1,7 +1,7 @@
 """Train a small byte-level language model whose every FFN is an epar MoE layer.
 
     torchrun --nproc-per-node 2 scripts/train_lm.py --ep-size 2 --steps 300 --ckpt-dir ckpt
-    torchrun --nproc-per-node 2 scripts/train_lm.py --ep-size 1 --steps 400 --ckpt-dir ckpt --resume
+    torchrun --nproc-per-node 2 scripts/train_lm.py --ep-size 1 --steps 300 --ckpt-dir ckpt --resume
 
 The text is Python's own help (`pydoc_data.topics`, shipped with every CPython), read
 as bytes; one topic in ten is held out. Every rank of the (dp, ep) grid reads its own
