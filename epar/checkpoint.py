@@ -4,6 +4,9 @@ On disk (torch.distributed.checkpoint), every MoE layer's routed experts are sto
 one tensor per global expert, `<layer>.experts.w_in.<g>` / `<layer>.experts.w_out.<g>`;
 everything else keeps its ordinary state-dict name. A rank saves and loads only the
 experts it holds; replicas (expert-DP copies, dense weights) are written once.
+With `optimizer=`, the optimizer's per-parameter state is keyed the same way under
+`optim.` (`optim.<layer>.experts.w_in.<g>.exp_avg`), so it reshards with the experts;
+`extra=` carries any further tensors (a trainer's step, data position, RNG states).
 """
 
 from __future__ import annotations
@@ -44,18 +47,85 @@ def expert_keyed_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def save(model: nn.Module, path: str | os.PathLike, process_group=None) -> None:
+def expert_keyed_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """The optimizer's per-parameter state as `optim.<parameter key>.<state name>`, with the
+    per-element state of expert parameters (Adam's moments) split per global expert id
+    like the parameters themselves; scalar state (Adam's step) stays one entry per
+    parameter. Values are views of the live state. Hyperparameters are not included."""
+    layers = _moe_layers(model)
+    expert_params = {}  # parameter name -> (key prefix, layer)
+    for owner, layer in layers.items():
+        base = f"{owner}." if owner else ""
+        for weight in _EXPERT_WEIGHTS:
+            expert_params[f"{base}experts.{weight}"] = layer
+    out = {}
+    for name, p in model.named_parameters():
+        for k, v in optimizer.state.get(p, {}).items():
+            if not torch.is_tensor(v):
+                raise ValueError(f"optimizer state {name}.{k} is a {type(v).__name__}, not a tensor: "
+                                 "epar.checkpoint saves tensor state only")
+            layer = expert_params.get(name)
+            if layer is not None and v.shape == p.shape:
+                for local, g in enumerate(layer.global_expert_ids):
+                    out[f"optim.{name}.{g}.{k}"] = v.detach()[local]
+            else:
+                out[f"optim.{name}.{k}"] = v.detach()
+    return out
+
+
+@torch.no_grad()
+def _materialize_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """Create the state of an optimizer that has not stepped yet (torch optimizers make it
+    lazily), by one step with zero gradients and a learning rate of 0; the loaded values
+    then overwrite it."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if all(optimizer.state.get(p) for p in params):
+        return
+    grads = [p.grad for p in params]
+    lrs = [group["lr"] for group in optimizer.param_groups]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    for group in optimizer.param_groups:
+        group["lr"] = 0.0
+    optimizer.step()
+    for p, g in zip(params, grads):
+        p.grad = g
+    for group, lr in zip(optimizer.param_groups, lrs):
+        group["lr"] = lr
+
+
+def _full_state(model, optimizer, extra) -> dict[str, torch.Tensor]:
+    state = expert_keyed_state_dict(model)
+    if optimizer is not None:
+        state.update(expert_keyed_optimizer_state(model, optimizer))
+    for key, value in (extra or {}).items():
+        if key in state or key.startswith("optim."):
+            raise ValueError(f"extra key {key!r} collides with a model or optimizer key")
+        if not torch.is_tensor(value):
+            raise ValueError(f"extra[{key!r}] is a {type(value).__name__}: only tensors are saved")
+        state[key] = value
+    return state
+
+
+def save(model: nn.Module, path: str | os.PathLike, process_group=None,
+         optimizer: torch.optim.Optimizer | None = None, extra: dict | None = None) -> None:
     """Collective over `process_group` (default: every rank). Each rank contributes what it
-    holds; keys held by several ranks are written once."""
-    dcp.save(expert_keyed_state_dict(model), checkpoint_id=path, process_group=process_group,
+    holds; keys held by several ranks are written once (so a key in `extra` that differs
+    by rank, such as an RNG state, needs the rank in its name)."""
+    dcp.save(_full_state(model, optimizer, extra), checkpoint_id=path, process_group=process_group,
              no_dist=not dist.is_initialized())
 
 
 @torch.no_grad()
-def load(model: nn.Module, path: str | os.PathLike, process_group=None) -> None:
+def load(model: nn.Module, path: str | os.PathLike, process_group=None,
+         optimizer: torch.optim.Optimizer | None = None, extra: dict | None = None) -> None:
     """Load into `model` (built at any EP size dividing num_experts): each rank reads the
-    experts it holds by their global ids. Collective over `process_group`."""
-    live = expert_keyed_state_dict(model)  # views of the parameters and buffers
+    experts it holds by their global ids, and with `optimizer` their optimizer state.
+    Tensors in `extra` are filled in place from the same keys. Collective over
+    `process_group`."""
+    if optimizer is not None:
+        _materialize_optimizer_state(optimizer)
+    live = _full_state(model, optimizer, extra)  # views of parameters, buffers, state
     wanted = {k: torch.empty_like(v) for k, v in live.items()}
     dcp.load(wanted, checkpoint_id=path, process_group=process_group, no_dist=not dist.is_initialized())
     for key, tensor in live.items():

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from . import profiling
+from . import parallel, profiling
 from .config import MoEConfig
 from .dispatch.dispatcher import AllToAllDispatcher, CallInfo, LocalDispatcher
 from .experts import GroupedExperts, SharedExpert
@@ -47,11 +47,15 @@ def _check_same_config(config: MoEConfig, group) -> None:
 
 class MoELayer(nn.Module):
     def __init__(self, config: MoEConfig, ep_group=None, router_group=None):
+        """ep_group: ProcessGroup or 1-D DeviceMesh over which experts are sharded (None:
+        one device). router_group: every rank holding a copy of this layer's router (at
+        dp x ep, the world); default ep_group. update_expert_bias and
+        aux_loss_scope="global" reduce over it."""
         super().__init__()
         self.config = config
+        ep_group = parallel.as_process_group(ep_group)
         self.ep_group = ep_group
-        # The ranks holding a copy of this (dense) router, e.g. the whole dp x ep world:
-        # aux_loss_scope="global" sums the expert counts over them (default: the EP group).
+        router_group = parallel.as_process_group(router_group)
         self.router_group = router_group if router_group is not None else ep_group
         ep_size = 1 if ep_group is None else dist.get_world_size(ep_group)
         if config.num_experts % ep_size != 0:
@@ -129,10 +133,11 @@ class MoELayer(nn.Module):
         rec = profiling.current()
         # Calls are numbered only where something reads the number (the EP exchanges'
         # identity check, the recorder): a Python counter changing every call would make
-        # torch.compile recompile the single-device layer on every call.
-        call_no = 0
-        if self.ep_size > 1 or rec is not None:
-            call_no, self._calls = self._calls, self._calls + 1
+        # torch.compile recompile on every call. With EP > 1 and no recorder the number is
+        # taken inside _exchange, which dynamo does not trace (call_no None until then).
+        call_no = 0 if self.ep_size == 1 else None
+        if rec is not None:
+            call_no = self._next_call_no()
         info = CallInfo(self.layer_id, call_no, rec)
         dev = x.device
         total = rec.mark(dev) if rec else None
@@ -151,7 +156,7 @@ class MoELayer(nn.Module):
 
         shared_fn = (lambda: self.shared_expert(x_TD)) if self.shared_expert is not None else None
         if self.ep_size > 1:
-            y_TD, shared_out = self.dispatcher(x_TD, plan, self.experts, acc, info, shared_fn)
+            y_TD, shared_out = self._exchange(x_TD, plan, acc, info, shared_fn)
         else:
             y_TD = self.dispatcher(x_TD, plan, self.experts, acc, info)
             shared_out = None
@@ -178,16 +183,30 @@ class MoELayer(nn.Module):
         if self.router_group is not None:
             dist.all_reduce(totals, group=self.router_group)
 
+    def _next_call_no(self) -> int:
+        call_no, self._calls = self._calls, self._calls + 1
+        return call_no
+
+    @torch.compiler.disable
+    def _exchange(self, x_TD, plan, acc, info: CallInfo, shared_fn):
+        """The EP dispatch (exchanges, experts between them, combine), run eagerly under
+        torch.compile: its split sizes and call number are host values that change per
+        call, so tracing them would recompile every call. One graph break on each side."""
+        if info.call_no is None:
+            info = CallInfo(info.layer_id, self._next_call_no(), info.recorder)
+        return self.dispatcher(x_TD, plan, self.experts, acc, info, shared_fn)
+
     @torch.no_grad()
     def update_expert_bias(self, group=None) -> None:
         """Aux-loss-free balancing step; call after the optimizer step. Moves each expert's
         selection bias by rate * sign(mean count - count) and resets the counts. Counts are
-        summed over `group` (default: the EP group) so every rank applies the same update."""
+        summed over `group` (default: self.router_group, every rank holding this router)
+        so every copy of the bias applies the same update."""
         rate = self.config.expert_bias_rate
         if rate <= 0:
             raise ValueError("update_expert_bias needs MoEConfig.expert_bias_rate > 0")
         counts = self.expert_counts.clone()
-        group = group if group is not None else self.ep_group
+        group = parallel.as_process_group(group) if group is not None else self.router_group
         if group is not None:
             dist.all_reduce(counts, group=group)
         counts = counts.to(torch.float32)

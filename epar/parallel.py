@@ -15,6 +15,7 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh
 
 # NCCL group -> a gloo group over the same ranks, for host-only metadata exchanges.
 _host_twins: dict = {}
@@ -73,37 +74,92 @@ class ParallelGroups:
     ep_group: object  # None when ep_size == 1
     expert_dp_group: object  # None when dp_size == 1
     world_group: object  # dense parameters reduce over all ranks
+    # DeviceMesh with dims ("dp", "ep") over the same groups: mesh["ep"] is this rank's
+    # EP group, mesh["dp"] its expert-DP group (kept last: positional callers unaffected).
+    mesh: object = None
 
 
-def build_groups(ep_size: int, timeout: timedelta | float | None = None) -> ParallelGroups:
-    """The (dp, ep) grid for the current world; every rank must call this, in the same order."""
+def default_group_timeout() -> timedelta | None:
+    """The timeout the default process group was created with, or None if torch does
+    not say. dist.new_group(timeout=None) falls back to torch's global default (30 min
+    for gloo, 10 for NCCL), not to this: build_groups passes it on explicitly."""
+    try:
+        pg = dist.distributed_c10d._get_default_group()
+        for device in pg._device_types:
+            return pg._get_backend(device).options._timeout
+    except (AttributeError, RuntimeError):  # private API: fall back, never fail on it
+        return None
+    return None
+
+
+def _check_mesh(mesh, ep_size: int, world: int) -> None:
+    names = getattr(mesh, "mesh_dim_names", None)
+    if names is None or tuple(names) != ("dp", "ep"):
+        raise ValueError(f"mesh={mesh!r} is invalid: it must be a DeviceMesh with mesh_dim_names ('dp', 'ep')")
+    if mesh.size() != world:
+        raise ValueError(f"mesh={mesh!r} is invalid: it covers {mesh.size()} ranks, the world has {world}")
+    if mesh.size(1) != ep_size:
+        raise ValueError(f"ep_size={ep_size} is invalid: the mesh's 'ep' dim has size {mesh.size(1)}")
+
+
+def build_groups(ep_size: int, timeout: timedelta | float | None = None, mesh=None) -> ParallelGroups:
+    """The (dp, ep) grid for the current world; every rank must call this, in the same order.
+
+    Without `mesh`, makes the EP and expert-DP groups (each with `timeout`, default: the
+    default group's own timeout) and a DeviceMesh ("dp", "ep") over them. With an existing
+    mesh of those dims, uses its groups instead (their timeouts are the mesh's)."""
     world, rank = dist.get_world_size(), dist.get_rank()
     if ep_size < 1 or world % ep_size != 0:
         raise ValueError(f"ep_size={ep_size} is invalid: it must divide the world size {world}")
     if timeout is not None and not isinstance(timeout, timedelta):
         timeout = timedelta(seconds=float(timeout))
+    if timeout is None:
+        timeout = default_group_timeout()
     dp = world // ep_size
     kw = {} if timeout is None else {"timeout": timeout}
     nccl = dist.get_backend() == "nccl"
-    ep_group = expert_dp_group = None
-    # new_group must be called by every rank for every group, in the same order.
-    for d in range(dp):
-        ranks = list(range(d * ep_size, (d + 1) * ep_size))
-        g = dist.new_group(ranks, **kw)
-        twin = dist.new_group(ranks, backend="gloo", **kw) if nccl else None
-        if rank in ranks:
-            ep_group = g
-            if twin is not None:
-                _host_twins[g] = twin
-    for e in range(ep_size):
-        ranks = list(range(e, world, ep_size))
-        g = dist.new_group(ranks, **kw)
-        if rank in ranks:
-            expert_dp_group = g
-    return ParallelGroups(world, dp, ep_size, rank // ep_size, rank % ep_size,
+    layout = torch.arange(world).reshape(dp, ep_size)
+    if mesh is not None:
+        _check_mesh(mesh, ep_size, world)
+        layout = mesh.mesh.cpu()
+        ep_group, expert_dp_group = mesh.get_group("ep"), mesh.get_group("dp")
+        if nccl:  # the host twins: same ranks, gloo (every rank makes every group)
+            for ranks in layout.tolist():
+                twin = dist.new_group(ranks, backend="gloo", **kw)
+                if rank in ranks:
+                    _host_twins[ep_group] = twin
+    else:
+        ep_group = expert_dp_group = None
+        # new_group must be called by every rank for every group, in the same order.
+        for ranks in layout.tolist():
+            g = dist.new_group(ranks, **kw)
+            twin = dist.new_group(ranks, backend="gloo", **kw) if nccl else None
+            if rank in ranks:
+                ep_group = g
+                if twin is not None:
+                    _host_twins[g] = twin
+        for ranks in layout.t().tolist():
+            g = dist.new_group(ranks, **kw)
+            if rank in ranks:
+                expert_dp_group = g
+        device_type = "cuda" if nccl else "cpu"
+        mesh = DeviceMesh.from_group([expert_dp_group, ep_group], device_type, mesh=layout,
+                                     mesh_dim_names=("dp", "ep"))
+    dp_rank, ep_rank = [int(i[0]) for i in torch.nonzero(layout == rank, as_tuple=True)]
+    return ParallelGroups(world, dp, ep_size, dp_rank, ep_rank,
                           ep_group if ep_size > 1 else None,
                           expert_dp_group if dp > 1 else None,
-                          dist.group.WORLD)
+                          dist.group.WORLD, mesh)
+
+
+def as_process_group(group):
+    """A ProcessGroup from a ProcessGroup, a 1-D DeviceMesh, or None."""
+    if isinstance(group, DeviceMesh):
+        if group.ndim != 1:
+            raise ValueError(f"a DeviceMesh passed as a group must be 1-D, got mesh_dim_names "
+                             f"{group.mesh_dim_names} of shape {tuple(group.shape)}; slice it, e.g. mesh['ep']")
+        return group.get_group()
+    return group
 
 
 def is_expert_param(p: torch.nn.Parameter) -> bool:
@@ -130,3 +186,115 @@ def reduce_gradients(module: torch.nn.Module, groups: ParallelGroups) -> None:
         elif W > 1:
             dist.all_reduce(p.grad, group=groups.world_group)
         p.grad.div_(W)
+
+
+def _state_tensors(model: torch.nn.Module):
+    """(name, tensor, is_expert) for every parameter and persistent buffer, in model order.
+    Buffers (e.g. router.expert_bias) are dense: every rank holding the router has one."""
+    for name, p in model.named_parameters():
+        yield name, p, is_expert_param(p)
+    for mod_name, mod in model.named_modules():
+        for b_name, b in mod.named_buffers(recurse=False):
+            if b is not None and b_name not in mod._non_persistent_buffers_set:
+                yield f"{mod_name}.{b_name}" if mod_name else b_name, b, False
+
+
+def _reject_sharded(name: str, t: torch.Tensor, what: str) -> None:
+    if not isinstance(t, torch.Tensor) or type(t).__name__ == "DTensor":
+        raise TypeError(f"epar.parallel.{what}: {name} is a DTensor (already sharded by FSDP2?); "
+                        f"call {what} before fully_shard / fully_shard_moe")
+
+
+@torch.no_grad()
+def broadcast_parameters(model: torch.nn.Module, groups: ParallelGroups) -> None:
+    """Make replicas equal: dense parameters and buffers from world rank 0, each expert
+    parameter from the first rank of its expert-DP group. Call once after building the
+    model (before wrapping it in FSDP2), whatever seed each rank used."""
+    first_expert_rank = None
+    if groups.expert_dp_group is not None:
+        first_expert_rank = dist.get_process_group_ranks(groups.expert_dp_group)[0]
+    for name, t, expert in _state_tensors(model):
+        _reject_sharded(name, t, "broadcast_parameters")
+        if expert:
+            if first_expert_rank is not None:
+                dist.broadcast(t.data, src=first_expert_rank, group=groups.expert_dp_group)
+        elif groups.world_size > 1:
+            dist.broadcast(t.data, src=0, group=groups.world_group)
+
+
+def _checksums(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Two exact int64 checksums per tensor, of its bits: the plain sum and a position-
+    weighted sum (catches swapped values). Integer sums wrap identically everywhere."""
+    out = []
+    for t in tensors:
+        flat = t.detach().contiguous().reshape(-1)
+        if flat.is_floating_point() or flat.is_complex():
+            bits = flat.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[flat.element_size()])
+        else:
+            bits = flat
+        bits = bits.to(torch.int64)
+        w = torch.arange(bits.numel(), device=bits.device, dtype=torch.int64) % 1021 + 1
+        out.append(torch.stack([bits.sum(), (bits * w).sum()]))
+    if not out:
+        return torch.zeros(0, dtype=torch.int64)
+    return torch.stack(out)
+
+
+@torch.no_grad()
+def check_replicas(model: torch.nn.Module, groups: ParallelGroups) -> None:
+    """Raise ValueError naming the first parameter (or buffer) whose replicas differ:
+    dense ones over all ranks, expert ones over their expert-DP group. Bit-exact, and one
+    all-reduce of checksums per group (max and -min in one MAX reduction)."""
+    dense, expert = [], []
+    for name, t, is_exp in _state_tensors(model):
+        _reject_sharded(name, t, "check_replicas")
+        (expert if is_exp else dense).append((name, t))
+    for kind, items, group, size in (("dense", dense, groups.world_group, groups.world_size),
+                                     ("expert", expert, groups.expert_dp_group, groups.dp_size)):
+        if not items or group is None or size == 1:
+            continue
+        sums = _checksums([t for _, t in items])
+        both = torch.cat([sums, -sums], dim=1).to(items[0][1].device)
+        dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
+        hi, neg_lo = both.cpu().chunk(2, dim=1)
+        differs = (hi != -neg_lo).any(dim=1)
+        if differs.any():
+            name = items[int(differs.nonzero()[0])][0]
+            where = "all ranks" if kind == "dense" else "the expert-DP group"
+            raise ValueError(f"epar.parallel.check_replicas: {kind} parameter {name!r} differs across "
+                             f"{where} (ranks {dist.get_process_group_ranks(group)}); "
+                             "call epar.parallel.broadcast_parameters(model, groups) after building the model")
+
+
+def dense_mesh(groups: ParallelGroups):
+    """A 1-D DeviceMesh over all ranks, for sharding dense modules with fully_shard."""
+    return DeviceMesh.from_group(groups.world_group, groups.mesh.device_type)
+
+
+def fully_shard_moe(model: torch.nn.Module, groups: ParallelGroups, shard_root: bool = True, **fsdp_kwargs):
+    """FSDP2 for a model holding epar MoE layers, with reduce_gradients' gradient scaling.
+
+    Each MoELayer's experts are sharded over the expert-DP mesh dim (the dp ranks holding
+    the same experts), the rest of each layer (router, shared expert) over all ranks, and,
+    with shard_root, whatever remains of the model over all ranks. FSDP2 averages each
+    gradient over its mesh: right for dense parameters (sum over W ranks / W), but expert
+    grads already sum every token of their EP group, so their divide factor is W, not dp.
+
+    To shard your own blocks too, call this with shard_root=False, then fully_shard each
+    block and the root on dense_mesh(groups) (children before parents, as FSDP2 needs).
+    Call broadcast_parameters first. Returns the model."""
+    from torch.distributed.fsdp import fully_shard
+
+    from .layer import MoELayer
+
+    if groups.mesh is None:
+        raise ValueError("fully_shard_moe needs ParallelGroups.mesh: make the groups with build_groups")
+    expert_mesh, world_mesh = groups.mesh["dp"], dense_mesh(groups)
+    layers = [m for m in model.modules() if isinstance(m, MoELayer)]
+    for layer in layers:
+        fully_shard(layer.experts, mesh=expert_mesh, **fsdp_kwargs)
+        layer.experts.set_gradient_divide_factor(float(groups.world_size))
+        fully_shard(layer, mesh=world_mesh, **fsdp_kwargs)
+    if shard_root and not isinstance(model, MoELayer):
+        fully_shard(model, mesh=world_mesh, **fsdp_kwargs)
+    return model

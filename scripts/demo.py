@@ -17,7 +17,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 import epar
-from epar.parallel import build_groups, init_distributed, reduce_gradients
+from epar.parallel import broadcast_parameters, build_groups, init_distributed, reduce_gradients
 
 
 def main() -> None:
@@ -34,8 +34,10 @@ def main() -> None:
     groups = build_groups(args.ep_size or env.world_size)
     cfg = epar.MoEConfig(d_model=64, d_ff=128, num_experts=args.experts, top_k=2, strategy=args.strategy,
                          shared_expert_d_ff=64, overlap_chunks=args.overlap_chunks, expert_bias_rate=1e-3)
-    torch.manual_seed(0)  # same dense init everywhere; expert shards differ by rank anyway
-    layer = epar.MoELayer(cfg, groups.ep_group).to(env.device)
+    torch.manual_seed(0)
+    # router_group: every rank holds a copy of the router, so the expert bias reduces over all.
+    layer = epar.MoELayer(cfg, groups.ep_group, router_group=groups.world_group).to(env.device)
+    broadcast_parameters(layer, groups)  # replicas equal whatever the seed
     opt = torch.optim.AdamW(layer.parameters(), lr=3e-3)
     target = torch.nn.Linear(64, 64, bias=False).to(env.device)  # a fixed function to learn
     gen = torch.Generator(device=env.device).manual_seed(1234 + env.rank)
@@ -57,7 +59,7 @@ def main() -> None:
             loss.backward()
             reduce_gradients(layer, groups)
             opt.step()
-            layer.update_expert_bias(group=groups.world_group)
+            layer.update_expert_bias()
             load += out.stats["tokens_per_expert"]
             dropped += out.stats["dropped_slots"]
             losses.append(loss.detach())

@@ -40,3 +40,17 @@ def test_repeated_calls_do_not_recompile():
     with torch._dynamo.config.patch(error_on_recompile=True):
         for _ in range(3):
             compiled(x)
+
+
+def test_float32_cpu_expert_loop_compiles_in_one_graph():
+    # float32 on CPU takes the per-expert loop (split by counts read back): dynamo captures
+    # it in the one graph (data-dependent sizes), and new counts do not recompile it.
+    torch._dynamo.reset()
+    cfg = epar.MoEConfig(d_model=16, d_ff=16, num_experts=4, shared_expert_d_ff=16)
+    layer = epar.MoELayer(cfg)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    for i in range(3):
+        x = torch.randn(32, 16, generator=torch.Generator().manual_seed(i))
+        with torch._dynamo.config.patch(error_on_recompile=i > 0):
+            out = compiled(x)
+        torch.testing.assert_close(out.y, layer(x).y)
