@@ -25,52 +25,74 @@ def segment_arange(starts: torch.Tensor, lengths: torch.Tensor, total: int) -> t
 
 def gather_rows(x_TD: torch.Tensor, plan: RoutingPlan, rows: torch.Tensor | None = None) -> torch.Tensor:
     """Dispatch rows (all of them, or the subset `rows`) read from the tokens.
-    Capacity padding rows are exact zeros, so they add nothing to any gradient."""
+    Capacity padding rows are exact zeros, so they add nothing to any gradient. They read
+    a zero row appended to the tokens rather than being multiplied by 0: a NaN or Inf
+    token must not leak into padding rows (0 x NaN = NaN), and the append copies T rows
+    where masking the gathered rows would pass over S > T rows."""
     token_idx = plan.token_idx_S if rows is None else plan.token_idx_S[rows]
-    out = x_TD.index_select(0, token_idx)
-    if plan.valid_S is not None:
-        valid = plan.valid_S if rows is None else plan.valid_S[rows]
-        out = out * valid.unsqueeze(1).to(out.dtype)
-    return out
+    if plan.valid_S is None:
+        return x_TD.index_select(0, token_idx)
+    valid = plan.valid_S if rows is None else plan.valid_S[rows]
+    x_pad = torch.cat([x_TD, x_TD.new_zeros(1, x_TD.shape[1])])
+    return x_pad.index_select(0, torch.where(valid, token_idx, x_TD.shape[0]))
+
+
+def _grad_rows(g_TD: torch.Tensor, token_S: torch.Tensor, valid_S: torch.Tensor | None, dtype) -> torch.Tensor:
+    """g[token of each dispatch row] in the expert outputs' dtype; padding rows get exact
+    zeros from an appended zero row (never g[0] x 0, which is NaN where g[0] is not finite).
+    The upstream gradient holds values of the layer's output dtype (the layer casts its
+    float32 sum back), so this cast loses nothing."""
+    T, D = g_TD.shape
+    if valid_S is None:
+        return g_TD.to(dtype).index_select(0, token_S)
+    g_pad = g_TD.new_empty(T + 1, D, dtype=dtype)
+    g_pad[:T].copy_(g_TD)
+    g_pad[T].zero_()
+    return g_pad.index_select(0, torch.where(valid_S, token_S, T))
 
 
 class _WeightedCombine(torch.autograd.Function):
-    """out[t] = sum_j w[t, j] * y[row[t, j]], accumulated in w's dtype (>= float32).
+    """out[t] = sum_j w[t, j] * y[row[t, j]], summed in w's dtype (>= float32).
 
-    Autograd through the plain expression would save a float32 copy of every gathered
-    row ([T, k, D]: 1 GiB at 16k tokens, top-8, d_model 2048). This keeps only the
-    expert outputs in their own dtype and does the float32 work one choice at a time.
-    A row index equal to S (the number of rows) marks a dropped slot (weight 0, no row).
+    One gather of the k rows of every token in the expert outputs' own dtype, one
+    in-place multiply by the weights (a product rounded to that dtype, as a grouped GEMM
+    epilogue would), one sum over k accumulated in w's dtype: no float32 copy of a
+    [T*k, D] tensor, and only the expert outputs are saved. A row index equal to S (the
+    number of rows) marks a dropped slot: its gathered row is overwritten with zeros
+    (never multiplied by its zero weight: 0 x NaN = NaN would leak a bad token into others).
+
+    The backward works in dispatch order: each row's gradient is its token's gradient
+    times the row's weight, and the weight's gradient is the row's dot product with it.
     """
 
     @staticmethod
-    def forward(ctx, y_SD, w_TK, row_TK):
-        acc = w_TK.dtype
-        valid_TK = row_TK < y_SD.shape[0]
+    def forward(ctx, y_SD, w_TK, row_TK, token_S, valid_S, may_drop: bool):
+        S, D = y_SD.shape
+        T, K = w_TK.shape
+        valid_TK = row_TK < S
         safe_TK = torch.where(valid_TK, row_TK, 0)
-        out_TD = y_SD.new_zeros(w_TK.shape[0], y_SD.shape[1], dtype=acc)
-        for j in range(w_TK.shape[1]):
-            out_TD.addcmul_(y_SD.index_select(0, safe_TK[:, j]).to(acc), w_TK[:, j : j + 1])
-        ctx.save_for_backward(y_SD, w_TK, safe_TK, valid_TK)
+        g_TKD = y_SD.index_select(0, safe_TK.reshape(-1)).view(T, K, D)
+        if may_drop:
+            g_TKD.masked_fill_(~valid_TK.unsqueeze(-1), 0)
+        g_TKD.mul_(w_TK.unsqueeze(-1))
+        out_TD = g_TKD.sum(1, dtype=w_TK.dtype)
+        # Each row's weight in dispatch order (dropped slots land on the spare entry S).
+        w_S = w_TK.new_zeros(S + 1).index_put_((row_TK.reshape(-1),), w_TK.reshape(-1))[:S]
+        ctx.save_for_backward(y_SD, w_S, safe_TK, valid_TK, token_S, valid_S)
         return out_TD
 
     @staticmethod
     def backward(ctx, g_TD):
-        y_SD, w_TK, safe_TK, valid_TK = ctx.saved_tensors
-        acc = w_TK.dtype
-        g_TD = g_TD.to(acc)
+        y_SD, w_S, safe_TK, valid_TK, token_S, valid_S = ctx.saved_tensors
+        g_SD = _grad_rows(g_TD, token_S, valid_S, y_SD.dtype)
         grad_y = grad_w = None
-        if ctx.needs_input_grad[0]:
-            grad_y = torch.zeros_like(y_SD)
-            for j in range(w_TK.shape[1]):
-                # Each row belongs to exactly one (token, choice); dropped slots add exact
-                # zeros to row 0, so the sum is exact in any order.
-                contrib = (g_TD * (w_TK[:, j : j + 1] * valid_TK[:, j : j + 1])).to(y_SD.dtype)
-                grad_y.index_add_(0, safe_TK[:, j], contrib)
         if ctx.needs_input_grad[1]:
-            cols = [(y_SD.index_select(0, safe_TK[:, j]).to(acc) * g_TD).sum(-1) for j in range(w_TK.shape[1])]
-            grad_w = torch.stack(cols, dim=1) * valid_TK  # top_k >= 1: never empty
-        return grad_y, grad_w, None
+            gw_S = (y_SD * g_SD).sum(-1, dtype=w_S.dtype)
+            # where, not a multiply: a dropped slot's stand-in row may be another token's NaN
+            grad_w = torch.where(valid_TK, gw_S[safe_TK], 0)
+        if ctx.needs_input_grad[0]:
+            grad_y = g_SD.mul_(w_S.unsqueeze(1))
+        return grad_y, grad_w, None, None, None, None
 
 
 def combine(y_SD: torch.Tensor, plan: RoutingPlan, acc_dtype: torch.dtype) -> torch.Tensor:
@@ -79,27 +101,28 @@ def combine(y_SD: torch.Tensor, plan: RoutingPlan, acc_dtype: torch.dtype) -> to
     if plan.combine_idx_TK is not None:
         # Token choice: every token has exactly k slots, so gather-and-sum needs no atomics.
         w_TK = torch.cat([weight_S, weight_S.new_zeros(1)])[plan.combine_idx_TK]
-        return _WeightedCombine.apply(y_SD, w_TK, plan.combine_idx_TK)
+        return _WeightedCombine.apply(y_SD, w_TK, plan.combine_idx_TK, plan.token_idx_S, plan.valid_S,
+                                      plan.capacity is not None)
     return _ScatterCombine.apply(y_SD, weight_S, plan.token_idx_S, plan.num_tokens)
 
 
 class _ScatterCombine(torch.autograd.Function):
     """Expert choice: a token may have any number of rows, so rows are scatter-added onto
     their tokens (index_add: on CUDA the float sum order is not fixed). Saves only the
-    expert outputs in their own dtype, like _WeightedCombine."""
+    expert outputs in their own dtype, like _WeightedCombine. Every row is a real token's."""
 
     @staticmethod
     def forward(ctx, y_SD, w_S, token_S, num_tokens: int):
         acc = w_S.dtype
         out_TD = y_SD.new_zeros(num_tokens, y_SD.shape[1], dtype=acc)
-        out_TD.index_add_(0, token_S, y_SD.to(acc) * w_S.unsqueeze(1))
+        out_TD.index_add_(0, token_S, y_SD * w_S.unsqueeze(1))  # the product promotes to acc
         ctx.save_for_backward(y_SD, w_S, token_S)
         return out_TD
 
     @staticmethod
     def backward(ctx, g_TD):
         y_SD, w_S, token_S = ctx.saved_tensors
-        g_SD = g_TD.to(w_S.dtype).index_select(0, token_S)
-        grad_y = (g_SD * w_S.unsqueeze(1)).to(y_SD.dtype) if ctx.needs_input_grad[0] else None
-        grad_w = (y_SD.to(w_S.dtype) * g_SD).sum(-1) if ctx.needs_input_grad[1] else None
+        g_SD = _grad_rows(g_TD, token_S, None, y_SD.dtype)
+        grad_w = (y_SD * g_SD).sum(-1, dtype=w_S.dtype) if ctx.needs_input_grad[1] else None
+        grad_y = g_SD.mul_(w_S.unsqueeze(1)) if ctx.needs_input_grad[0] else None
         return grad_y, grad_w, None, None
