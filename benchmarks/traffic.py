@@ -121,7 +121,10 @@ def op_bytes(func, args, kwargs, out) -> int:
         others = [t for t in _tensors((args[1:], kwargs)) if t is not dst]
         touched = _touched_elements(name, args, kwargs) * dst.element_size()
         return sum(tensor_bytes(t) for t in others) + touched * (2 if accumulate else 1)
-    ins = list(_tensors((args, kwargs)))
+    # `out=` (and `grad_input=`) arguments are written, not read: counted once, as outputs
+    written = {a.name for a in func._schema.arguments
+               if a.kwarg_only and a.alias_info is not None and a.alias_info.is_write}
+    ins = list(_tensors((args, {k: v for k, v in kwargs.items() if k not in written})))
     return sum(tensor_bytes(t) for t in ins) + sum(tensor_bytes(t) for t in outs)
 
 

@@ -109,10 +109,12 @@ class MoELayer(nn.Module):
             self.expert_counts += plan.selected_per_expert_E
 
         shared_fn = (lambda: self.shared_expert(x_TD)) if self.shared_expert is not None else None
+        # With nothing added after it, the combine rounds its float32 sum to x's dtype itself.
+        out_dt = acc if shared_fn is not None else x.dtype
         if self.ep_size > 1:
-            y_TD, shared_out = self.dispatcher(x_TD, plan, self.experts, acc, info, shared_fn)
+            y_TD, shared_out = self.dispatcher(x_TD, plan, self.experts, acc, info, shared_fn, out_dtype=out_dt)
         else:
-            y_TD = self.dispatcher(x_TD, plan, self.experts, acc, info)
+            y_TD = self.dispatcher(x_TD, plan, self.experts, acc, info, out_dtype=out_dt)
             shared_out = None
             if shared_fn is not None:
                 with profiling.phase(rec, info.layer_id, info.call_no, "shared", dev):

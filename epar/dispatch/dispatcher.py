@@ -95,14 +95,15 @@ def run_on_side_stream(fn: Callable[[], torch.Tensor], device: torch.device, tim
 class LocalDispatcher:
     """All experts on this device: permute, one grouped GEMM call, combine."""
 
-    def __call__(self, x_TD, plan: RoutingPlan, experts: ExpertFn, acc_dtype, info: CallInfo):
+    def __call__(self, x_TD, plan: RoutingPlan, experts: ExpertFn, acc_dtype, info: CallInfo,
+                 out_dtype=None):
         rec, dev = info.recorder, x_TD.device
         with phase(rec, info.layer_id, info.call_no, "permute", dev):
             rows_SD = gather_rows(x_TD, plan)
         with phase(rec, info.layer_id, info.call_no, "experts", dev):
             out_SD = experts(rows_SD, plan.rows_per_expert_E)
         with phase(rec, info.layer_id, info.call_no, "unpermute", dev):
-            return combine(out_SD, plan, acc_dtype)
+            return combine(out_SD, plan, acc_dtype, out_dtype)
 
 
 class AllToAllDispatcher:
@@ -214,7 +215,7 @@ class AllToAllDispatcher:
         return out_RD[inverse_permutation(order)]
 
     def __call__(self, x_TD, plan: RoutingPlan, experts: ExpertFn, acc_dtype, info: CallInfo,
-                 shared_fn: Callable[[], torch.Tensor] | None = None):
+                 shared_fn: Callable[[], torch.Tensor] | None = None, out_dtype=None):
         rec, dev, lid, call = info.recorder, x_TD.device, info.layer_id, info.call_no
         row_bytes = x_TD.shape[1] * x_TD.element_size()
 
@@ -273,5 +274,5 @@ class AllToAllDispatcher:
                 y_SD = backs[0]
             else:
                 y_SD = torch.cat(backs)[inverse_permutation(torch.cat([ch.rows for ch in chunks]))]
-            y_TD = combine(y_SD, plan, acc_dtype)
+            y_TD = combine(y_SD, plan, acc_dtype, out_dtype)
         return y_TD, shared_out

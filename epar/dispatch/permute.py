@@ -66,7 +66,7 @@ class _WeightedCombine(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, y_SD, w_TK, row_TK, token_S, valid_S, may_drop: bool):
+    def forward(ctx, y_SD, w_TK, row_TK, token_S, valid_S, may_drop: bool, out_dtype):
         S, D = y_SD.shape
         T, K = w_TK.shape
         valid_TK = row_TK < S
@@ -75,7 +75,9 @@ class _WeightedCombine(torch.autograd.Function):
         if may_drop:
             g_TKD.masked_fill_(~valid_TK.unsqueeze(-1), 0)
         g_TKD.mul_(w_TK.unsqueeze(-1))
-        out_TD = g_TKD.sum(1, dtype=w_TK.dtype)
+        # The reduction accumulates in float32 (or wider) whatever out_dtype is: a narrower
+        # out_dtype only rounds the finished sum, once, as the layer's own cast would.
+        out_TD = g_TKD.sum(1, dtype=out_dtype)
         # Each row's weight in dispatch order (dropped slots land on the spare entry S).
         w_S = w_TK.new_zeros(S + 1).index_put_((row_TK.reshape(-1),), w_TK.reshape(-1))[:S]
         ctx.save_for_backward(y_SD, w_S, safe_TK, valid_TK, token_S, valid_S)
@@ -92,18 +94,22 @@ class _WeightedCombine(torch.autograd.Function):
             grad_w = torch.where(valid_TK, gw_S[safe_TK], 0)
         if ctx.needs_input_grad[0]:
             grad_y = g_SD.mul_(w_S.unsqueeze(1))
-        return grad_y, grad_w, None, None, None, None
+        return grad_y, grad_w, None, None, None, None, None
 
 
-def combine(y_SD: torch.Tensor, plan: RoutingPlan, acc_dtype: torch.dtype) -> torch.Tensor:
-    """y[t] = sum over t's kept rows of weight * expert output, accumulated in acc_dtype."""
+def combine(y_SD: torch.Tensor, plan: RoutingPlan, acc_dtype: torch.dtype,
+            out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """y[t] = sum over t's kept rows of weight * expert output, accumulated in acc_dtype and
+    returned in out_dtype (default acc_dtype; the layer's output dtype where nothing is added
+    to the sum afterwards, which saves a float32 [T, D] round trip forward and backward)."""
+    out_dtype = acc_dtype if out_dtype is None else out_dtype
     weight_S = plan.weight_S.to(acc_dtype)
     if plan.combine_idx_TK is not None:
         # Token choice: every token has exactly k slots, so gather-and-sum needs no atomics.
         w_TK = torch.cat([weight_S, weight_S.new_zeros(1)])[plan.combine_idx_TK]
         return _WeightedCombine.apply(y_SD, w_TK, plan.combine_idx_TK, plan.token_idx_S, plan.valid_S,
-                                      plan.capacity is not None)
-    return _ScatterCombine.apply(y_SD, weight_S, plan.token_idx_S, plan.num_tokens)
+                                      plan.capacity is not None, out_dtype)
+    return _ScatterCombine.apply(y_SD, weight_S, plan.token_idx_S, plan.num_tokens).to(out_dtype)
 
 
 class _ScatterCombine(torch.autograd.Function):
