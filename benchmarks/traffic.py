@@ -135,10 +135,14 @@ class ByteCounter(TorchDispatchMode):
         super().__init__()
         self.phase = "forward"
         self.by_op: dict = defaultdict(int)
+        self.comm_bytes = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
+        if func.namespace == "c10d":  # collectives: the exchange itself, reported apart
+            self.comm_bytes += sum(tensor_bytes(t) for t in _tensors(args[:2]))
+            return out
         n = op_bytes(func, args, kwargs, out)
         if n:
             self.by_op[(self.phase, func._schema.name.split("::")[-1])] += n
@@ -154,7 +158,7 @@ class ByteCounter(TorchDispatchMode):
             if op not in GEMM_OPS:
                 ops[op] += v
         top = sorted(ops.items(), key=lambda kv: -kv[1])
-        return {"outside_gemm_gb": other / GB, "gemm_gb": gemm / GB,
+        return {"outside_gemm_gb": other / GB, "gemm_gb": gemm / GB, "exchange_buffers_gb": self.comm_bytes / GB,
                 "forward_outside_gemm_gb": per_phase["forward"] / GB,
                 "backward_outside_gemm_gb": per_phase["backward"] / GB,
                 "by_op_gb": {op: v / GB for op, v in top}}

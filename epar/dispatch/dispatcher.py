@@ -25,7 +25,7 @@ from ..config import MoEConfig
 from ..profiling.recorder import Exchange, PhaseRecorder, Span, phase
 from ..routing.plan import RoutingPlan
 from . import comm
-from .permute import combine, gather_rows, inverse_permutation, segment_arange
+from .permute import combine, gather_rows, inverse_permutation, permute_rows, segment_arange
 
 
 @dataclass(frozen=True)
@@ -211,8 +211,9 @@ class AllToAllDispatcher:
         expert_of_row = torch.repeat_interleave(local_of_row, chunk.recv_counts_SL.reshape(-1),
                                                 output_size=sum(chunk.out_splits))
         order = torch.argsort(expert_of_row, stable=True)
-        out_RD = experts(recv_RD[order], chunk.recv_counts_SL.sum(0))
-        return out_RD[inverse_permutation(order)]
+        inverse = inverse_permutation(order)
+        out_RD = experts(permute_rows(recv_RD, order, inverse), chunk.recv_counts_SL.sum(0))
+        return permute_rows(out_RD, inverse, order)
 
     def __call__(self, x_TD, plan: RoutingPlan, experts: ExpertFn, acc_dtype, info: CallInfo,
                  shared_fn: Callable[[], torch.Tensor] | None = None, out_dtype=None):

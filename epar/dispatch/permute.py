@@ -15,6 +15,26 @@ def inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
     return inv
 
 
+class _PermuteRows(torch.autograd.Function):
+    """x[order] whose backward is a gather too (grad[inverse]): indexing's own backward
+    would zero a buffer and scatter-add into it, two more passes over the rows."""
+
+    @staticmethod
+    def forward(ctx, x_RD, order_R, inverse_R):
+        ctx.save_for_backward(inverse_R)
+        return x_RD.index_select(0, order_R)
+
+    @staticmethod
+    def backward(ctx, g_RD):
+        (inverse_R,) = ctx.saved_tensors
+        return g_RD.index_select(0, inverse_R), None, None
+
+
+def permute_rows(x_RD: torch.Tensor, order_R: torch.Tensor, inverse_R: torch.Tensor) -> torch.Tensor:
+    """x[order] for a permutation `order` whose inverse is `inverse`."""
+    return _PermuteRows.apply(x_RD, order_R, inverse_R)
+
+
 def segment_arange(starts: torch.Tensor, lengths: torch.Tensor, total: int) -> torch.Tensor:
     """cat(arange(s, s + n) for s, n in zip(starts, lengths)); `total` (= sum of lengths)
     comes from the host so the device never has to report a size."""
