@@ -144,8 +144,11 @@ class ByteCounter(TorchDispatchMode):
             self.comm_bytes += sum(tensor_bytes(t) for t in _tensors(args[:2]))
             return out
         n = op_bytes(func, args, kwargs, out)
+        name = func._schema.name.split("::")[-1]
+        if name in GEMM_OPS and isinstance(out, torch.Tensor) and out.dim() >= 2 and min(out.shape[-2:]) == 1:
+            name += "_vector"  # a matrix-vector product: a memory-bound reduction, not a GEMM
         if n:
-            self.by_op[(self.phase, func._schema.name.split("::")[-1])] += n
+            self.by_op[(self.phase, name)] += n
         return out
 
     def totals(self) -> dict:

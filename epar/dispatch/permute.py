@@ -94,10 +94,15 @@ class _WeightedCombine(torch.autograd.Function):
         g_TKD = y_SD.index_select(0, safe_TK.reshape(-1)).view(T, K, D)
         if may_drop:
             g_TKD.masked_fill_(~valid_TK.unsqueeze(-1), 0)
-        g_TKD.mul_(w_TK.unsqueeze(-1))
-        # The reduction accumulates in float32 (or wider) whatever out_dtype is: a narrower
-        # out_dtype only rounds the finished sum, once, as the layer's own cast would.
-        out_TD = g_TKD.sum(1, dtype=out_dtype)
+        if out_dtype == y_SD.dtype:
+            # One batched [1, K] x [K, D] product per token reads the gathered rows once;
+            # matmul kernels accumulate bf16/fp16 in float32 and round the sum once. The
+            # weights are rounded to y's dtype, an error of the size the per-product
+            # rounding of the path below makes.
+            out_TD = torch.bmm(w_TK.to(y_SD.dtype).unsqueeze(1), g_TKD).squeeze(1)
+        else:
+            g_TKD.mul_(w_TK.unsqueeze(-1))
+            out_TD = g_TKD.sum(1, dtype=out_dtype)  # accumulates in out_dtype (>= float32)
         # Each row's weight in dispatch order (dropped slots land on the spare entry S).
         w_S = w_TK.new_zeros(S + 1).index_put_((row_TK.reshape(-1),), w_TK.reshape(-1))[:S]
         ctx.save_for_backward(y_SD, w_S, safe_TK, valid_TK, token_S, valid_S)
