@@ -71,6 +71,12 @@ def _grad_rows(g_TD: torch.Tensor, token_S: torch.Tensor, valid_S: torch.Tensor 
     return g_pad.index_select(0, torch.where(valid_S, token_S, T))
 
 
+def _row_dots(a_SD: torch.Tensor, b_SD: torch.Tensor) -> torch.Tensor:
+    """[S] dot products of matching rows as S [1, D] x [D, 1] products: both read once,
+    nothing [S, D] written; bf16/fp16 accumulate in float32, rounded once to their dtype."""
+    return torch.bmm(a_SD.unsqueeze(1), b_SD.unsqueeze(2)).view(-1)
+
+
 class _WeightedCombine(torch.autograd.Function):
     """out[t] = sum_j w[t, j] * y[row[t, j]], summed in w's dtype (>= float32).
 
@@ -114,7 +120,7 @@ class _WeightedCombine(torch.autograd.Function):
         g_SD = _grad_rows(g_TD, token_S, valid_S, y_SD.dtype)
         grad_y = grad_w = None
         if ctx.needs_input_grad[1]:
-            gw_S = (y_SD * g_SD).sum(-1, dtype=w_S.dtype)
+            gw_S = _row_dots(y_SD, g_SD).to(w_S.dtype)
             # where, not a multiply: a dropped slot's stand-in row may be another token's NaN
             grad_w = torch.where(valid_TK, gw_S[safe_TK], 0)
         if ctx.needs_input_grad[0]:
@@ -154,6 +160,6 @@ class _ScatterCombine(torch.autograd.Function):
     def backward(ctx, g_TD):
         y_SD, w_S, token_S = ctx.saved_tensors
         g_SD = _grad_rows(g_TD, token_S, None, y_SD.dtype)
-        grad_w = (y_SD * g_SD).sum(-1, dtype=w_S.dtype) if ctx.needs_input_grad[1] else None
+        grad_w = _row_dots(y_SD, g_SD).to(w_S.dtype) if ctx.needs_input_grad[1] else None
         grad_y = g_SD.mul_(w_S.unsqueeze(1)) if ctx.needs_input_grad[0] else None
         return grad_y, grad_w, None, None
