@@ -5,6 +5,7 @@ combine, where a token's row count is not fixed: there index_add accumulates).""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from ..routing.plan import RoutingPlan
 
@@ -97,6 +98,14 @@ class _WeightedCombine(torch.autograd.Function):
         T, K = w_TK.shape
         valid_TK = row_TK < S
         safe_TK = torch.where(valid_TK, row_TK, 0)
+        # Each row's weight in dispatch order (dropped slots land on the spare entry S).
+        w_S = w_TK.new_zeros(S + 1).index_put_((row_TK.reshape(-1),), w_TK.reshape(-1))[:S]
+        ctx.save_for_backward(y_SD, w_S, safe_TK, valid_TK, token_S, valid_S)
+        if not may_drop and out_dtype == y_SD.dtype:
+            # A weighted bag sum reads each row once and writes only [T, D] (its kernels
+            # accumulate bf16/fp16 in float32); the weights are rounded to y's dtype, an
+            # error the size of the per-product rounding of the paths below.
+            return F.embedding_bag(row_TK, y_SD, mode="sum", per_sample_weights=w_TK.to(y_SD.dtype))
         g_TKD = y_SD.index_select(0, safe_TK.reshape(-1)).view(T, K, D)
         if may_drop:
             g_TKD.masked_fill_(~valid_TK.unsqueeze(-1), 0)
@@ -109,9 +118,6 @@ class _WeightedCombine(torch.autograd.Function):
         else:
             g_TKD.mul_(w_TK.unsqueeze(-1))
             out_TD = g_TKD.sum(1, dtype=out_dtype)  # accumulates in out_dtype (>= float32)
-        # Each row's weight in dispatch order (dropped slots land on the spare entry S).
-        w_S = w_TK.new_zeros(S + 1).index_put_((row_TK.reshape(-1),), w_TK.reshape(-1))[:S]
-        ctx.save_for_backward(y_SD, w_S, safe_TK, valid_TK, token_S, valid_S)
         return out_TD
 
     @staticmethod
