@@ -79,14 +79,16 @@ def _row_dots(a_SD: torch.Tensor, b_SD: torch.Tensor) -> torch.Tensor:
 
 
 class _WeightedCombine(torch.autograd.Function):
-    """out[t] = sum_j w[t, j] * y[row[t, j]], summed in w's dtype (>= float32).
+    """out[t] = sum_j w[t, j] * y[row[t, j]], accumulated in float32 or wider.
 
-    One gather of the k rows of every token in the expert outputs' own dtype, one
-    in-place multiply by the weights (a product rounded to that dtype, as a grouped GEMM
-    epilogue would), one sum over k accumulated in w's dtype: no float32 copy of a
-    [T*k, D] tensor, and only the expert outputs are saved. A row index equal to S (the
-    number of rows) marks a dropped slot: its gathered row is overwritten with zeros
-    (never multiplied by its zero weight: 0 x NaN = NaN would leak a bad token into others).
+    Returned in y's dtype (the layer's, when nothing is added after the combine): one
+    weighted embedding_bag sum, which reads every row once and writes [T, D]. Returned in
+    out_dtype otherwise (float32 or wider, a shared expert's output is added to it): one
+    gather of the k rows of every token in y's dtype, an in-place multiply by the weights,
+    one sum over k in out_dtype. Neither path writes a float32 copy of a [T*k, D] tensor,
+    and only the expert outputs are saved. A row index equal to S (the number of rows)
+    marks a dropped slot: it is never multiplied by its zero weight where its row could
+    hold another token's NaN (0 x NaN = NaN).
 
     The backward works in dispatch order: each row's gradient is its token's gradient
     times the row's weight, and the weight's gradient is the row's dot product with it.
@@ -101,23 +103,27 @@ class _WeightedCombine(torch.autograd.Function):
         # Each row's weight in dispatch order (dropped slots land on the spare entry S).
         w_S = w_TK.new_zeros(S + 1).index_put_((row_TK.reshape(-1),), w_TK.reshape(-1))[:S]
         ctx.save_for_backward(y_SD, w_S, safe_TK, valid_TK, token_S, valid_S)
-        if not may_drop and out_dtype == y_SD.dtype:
+        if out_dtype == y_SD.dtype:
             # A weighted bag sum reads each row once and writes only [T, D] (its kernels
             # accumulate bf16/fp16 in float32); the weights are rounded to y's dtype, an
-            # error the size of the per-product rounding of the paths below.
-            return F.embedding_bag(row_TK, y_SD, mode="sum", per_sample_weights=w_TK.to(y_SD.dtype))
+            # error the size of the per-product rounding of the path below.
+            idx_TK = row_TK
+            if may_drop:
+                # A dropped slot (weight 0) reads its own token's first kept row, finite
+                # unless that token itself is bad; a token with no kept row reads row 0 and
+                # is zeroed afterwards with a mask (never by a zero weight).
+                routed_T = valid_TK.any(1)
+                own_T1 = row_TK.gather(1, valid_TK.to(torch.int64).argmax(1, keepdim=True))
+                idx_TK = torch.where(valid_TK, row_TK, torch.where(routed_T.unsqueeze(1), own_T1, 0))
+            out_TD = F.embedding_bag(idx_TK, y_SD, mode="sum", per_sample_weights=w_TK.to(y_SD.dtype))
+            if may_drop:
+                out_TD.masked_fill_(~routed_T.unsqueeze(1), 0)
+            return out_TD
         g_TKD = y_SD.index_select(0, safe_TK.reshape(-1)).view(T, K, D)
         if may_drop:
             g_TKD.masked_fill_(~valid_TK.unsqueeze(-1), 0)
-        if out_dtype == y_SD.dtype:
-            # One batched [1, K] x [K, D] product per token reads the gathered rows once;
-            # matmul kernels accumulate bf16/fp16 in float32 and round the sum once. The
-            # weights are rounded to y's dtype, an error of the size the per-product
-            # rounding of the path below makes.
-            out_TD = torch.bmm(w_TK.to(y_SD.dtype).unsqueeze(1), g_TKD).squeeze(1)
-        else:
-            g_TKD.mul_(w_TK.unsqueeze(-1))
-            out_TD = g_TKD.sum(1, dtype=out_dtype)  # accumulates in out_dtype (>= float32)
+        g_TKD.mul_(w_TK.unsqueeze(-1))
+        out_TD = g_TKD.sum(1, dtype=out_dtype)  # accumulates in out_dtype (>= float32)
         return out_TD
 
     @staticmethod
