@@ -25,9 +25,9 @@ D, FF, E, T = 8, 16, 4, 12
 TOL = dict(rtol=1e-10, atol=1e-12)
 
 
-def _layer(strategy: str, ep_group=None) -> epar.MoELayer:
+def _layer(strategy: str, ep_group=None, shared: int = 0) -> epar.MoELayer:
     cfg = epar.MoEConfig(d_model=D, d_ff=FF, num_experts=E, top_k=2, strategy=strategy,
-                         capacity_factor=1.0)
+                         capacity_factor=1.0, shared_expert_d_ff=shared)
     torch.manual_seed(0)
     layer = epar.MoELayer(cfg, ep_group).double()
     with torch.no_grad():  # a favourite expert: token drop overflows it and pads the others
@@ -69,9 +69,10 @@ def _run(layer, x, gy, pin=None):
     return y.detach(), grads[0], grads[1:]
 
 
-def check_bad_token(strategy: str, rank: int, bad_rank: int, ep_group=None) -> int:
-    """Returns the number of (value, mode) cases checked on this rank."""
-    layer = _layer(strategy, ep_group)
+def check_bad_token(strategy: str, rank: int, bad_rank: int, ep_group=None, shared: int = 0) -> int:
+    """Returns the number of (value, mode) cases checked on this rank. A shared expert
+    makes the combine return float32 for the sum with it, which takes another path."""
+    layer = _layer(strategy, ep_group, shared)
     g = torch.Generator().manual_seed(10 + rank)
     x = torch.randn(T, D, generator=g, dtype=torch.float64)
     gy = torch.randn(T, D, generator=g, dtype=torch.float64)
@@ -111,9 +112,10 @@ def check_bad_token(strategy: str, rank: int, bad_rank: int, ep_group=None) -> i
     return cases
 
 
+@pytest.mark.parametrize("shared", [0, 6], ids=["routed", "shared"])
 @pytest.mark.parametrize("strategy", STRATEGIES)
-def test_bad_token_stays_local_ep1(strategy):
-    assert check_bad_token(strategy, 0, 0) == 4
+def test_bad_token_stays_local_ep1(strategy, shared):
+    assert check_bad_token(strategy, 0, 0, shared=shared) == 4
 
 
 def _ep2_all_strategies(rank, world):
