@@ -13,8 +13,12 @@ the bytes of its tensor inputs and outputs, with these rules:
     (read and written where it accumulates, written where it overwrites), plus its
     index and source;
   - a broadcast input (stride 0) counts its distinct elements once.
-GEMM ops (mm, addmm, bmm, baddbmm, _grouped_mm) are reported apart from everything
-else. Activation memory (bytes saved for backward, parameters and the input excluded)
+  - `out=` arguments are written, not read.
+GEMM ops (mm, addmm, bmm, baddbmm, _grouped_mm) are reported apart from everything else,
+except matrix-vector products (an output dimension of 1: a memory-bound reduction such as
+the combine's per-row dot products), which count as `<op>_vector` outside GEMMs.
+Collectives (c10d ops, --ep2 only) are the exchange itself: their buffers are reported
+apart as `exchange_buffers_gb`. Activation memory (bytes saved for backward, parameters and the input excluded)
 comes from the same forward, with benchmarks/activation_memory.py's saved-tensors hook.
 
 Rows: `floor` (plain torch autograd ops on rows already sorted by expert: torch's grouped
