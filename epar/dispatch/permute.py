@@ -152,20 +152,30 @@ def combine(y_SD: torch.Tensor, plan: RoutingPlan, acc_dtype: torch.dtype,
         w_TK = torch.cat([weight_S, weight_S.new_zeros(1)])[plan.combine_idx_TK]
         return _WeightedCombine.apply(y_SD, w_TK, plan.combine_idx_TK, plan.token_idx_S, plan.valid_S,
                                       plan.capacity is not None, out_dtype)
-    return _ScatterCombine.apply(y_SD, weight_S, plan.token_idx_S, plan.num_tokens).to(out_dtype)
+    return _ScatterCombine.apply(y_SD, weight_S, plan.token_idx_S, plan.num_tokens, out_dtype)
 
 
 class _ScatterCombine(torch.autograd.Function):
-    """Expert choice: a token may have any number of rows, so rows are scatter-added onto
-    their tokens (index_add: on CUDA the float sum order is not fixed). Saves only the
+    """Expert choice: a token may have any number of rows. Returned in y's dtype: one
+    weighted bag sum over rows sorted by token; in a wider out_dtype: rows scatter-added
+    onto their tokens (index_add: on CUDA the float sum order is not fixed). Saves only the
     expert outputs in their own dtype, like _WeightedCombine. Every row is a real token's."""
 
     @staticmethod
-    def forward(ctx, y_SD, w_S, token_S, num_tokens: int):
-        acc = w_S.dtype
-        out_TD = y_SD.new_zeros(num_tokens, y_SD.shape[1], dtype=acc)
-        out_TD.index_add_(0, token_S, y_SD * w_S.unsqueeze(1))  # the product promotes to acc
+    def forward(ctx, y_SD, w_S, token_S, num_tokens: int, out_dtype):
         ctx.save_for_backward(y_SD, w_S, token_S)
+        if out_dtype == y_SD.dtype:
+            # Rows sorted by token form one bag per token (empty bags give zeros): a weighted
+            # embedding_bag sum reads each row once and accumulates in float32 inside, in a
+            # fixed order, with weights rounded to y's dtype (see _WeightedCombine).
+            order_S = torch.argsort(token_S, stable=True)
+            counts_T = torch.zeros(num_tokens, dtype=torch.int64, device=token_S.device).index_add_(
+                0, token_S, torch.ones_like(token_S))
+            offsets_T = torch.cumsum(counts_T, 0) - counts_T
+            return F.embedding_bag(order_S, y_SD, offsets_T, mode="sum",
+                                   per_sample_weights=w_S[order_S].to(y_SD.dtype))
+        out_TD = y_SD.new_zeros(num_tokens, y_SD.shape[1], dtype=out_dtype)
+        out_TD.index_add_(0, token_S, y_SD * w_S.unsqueeze(1))  # the product promotes to w's dtype
         return out_TD
 
     @staticmethod
@@ -174,4 +184,4 @@ class _ScatterCombine(torch.autograd.Function):
         g_SD = _grad_rows(g_TD, token_S, None, y_SD.dtype)
         grad_w = _row_dots(y_SD, g_SD).to(w_S.dtype) if ctx.needs_input_grad[1] else None
         grad_y = g_SD.mul_(w_S.unsqueeze(1)) if ctx.needs_input_grad[0] else None
-        return grad_y, grad_w, None, None
+        return grad_y, grad_w, None, None, None
