@@ -1,6 +1,11 @@
 """Index math for permute / unpermute. Deterministic: every order is a stable sort
-or an explicit index, and no step depends on atomics (except the expert-choice
-combine, where a token's row count is not fixed: there index_add accumulates)."""
+or an explicit index, and no step depends on atomics (except the expert-choice combine
+into a float32 output, where index_add accumulates).
+
+Bytes matter here as much as FLOPs do in the experts (benchmarks/traffic.py counts them):
+no float32 copy of a [rows, D] tensor, no multiply of a whole tensor where a gather or a
+bag sum can carry the weight, and never a zero weight times a row that may hold another
+token's NaN."""
 
 from __future__ import annotations
 
@@ -61,8 +66,8 @@ def gather_rows(x_TD: torch.Tensor, plan: RoutingPlan, rows: torch.Tensor | None
 def _grad_rows(g_TD: torch.Tensor, token_S: torch.Tensor, valid_S: torch.Tensor | None, dtype) -> torch.Tensor:
     """g[token of each dispatch row] in the expert outputs' dtype; padding rows get exact
     zeros from an appended zero row (never g[0] x 0, which is NaN where g[0] is not finite).
-    The upstream gradient holds values of the layer's output dtype (the layer casts its
-    float32 sum back), so this cast loses nothing."""
+    The upstream gradient holds values of the layer's output dtype (the layer's output is
+    in x's dtype), so a cast from float32 loses nothing."""
     T, D = g_TD.shape
     if valid_S is None:
         return g_TD.to(dtype).index_select(0, token_S)
