@@ -274,6 +274,7 @@ class AllToAllDispatcher:
             if len(chunks) == 1:
                 y_SD = backs[0]
             else:
-                y_SD = torch.cat(backs)[inverse_permutation(torch.cat([ch.rows for ch in chunks]))]
+                rows = torch.cat([ch.rows for ch in chunks])
+                y_SD = permute_rows(torch.cat(backs), inverse_permutation(rows), rows)
             y_TD = combine(y_SD, plan, acc_dtype, out_dtype)
         return y_TD, shared_out
