@@ -14,6 +14,7 @@ leaves out transient buffers (the GPU benchmark's peak-memory figure covers thos
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 from pathlib import Path
@@ -29,7 +30,9 @@ from epar.shapes import BENCH_SHAPES
 GIB = 2 ** 30
 
 
-def saved_bytes(run, exclude=()) -> tuple[int, list]:
+@contextlib.contextmanager
+def record_saved():
+    """Records every storage autograd saves while open: {id(storage): (bytes, shape, dtype)}."""
     seen = {}
 
     def pack(t):
@@ -38,10 +41,20 @@ def saved_bytes(run, exclude=()) -> tuple[int, list]:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield seen
+
+
+def saved_total(seen: dict, exclude=()) -> int:
+    skip = {id(t.untyped_storage()) for t in exclude}
+    return sum(v[0] for k, v in seen.items() if k not in skip)
+
+
+def saved_bytes(run, exclude=()) -> tuple[int, list]:
+    with record_saved() as seen:
         keep = run()  # noqa: F841  (outputs stay referenced while we count)
     skip = {id(t.untyped_storage()) for t in exclude}
     items = [v for k, v in seen.items() if k not in skip]
-    return sum(v[0] for v in items), sorted(items, key=lambda v: -v[0])[:6]
+    return saved_total(seen, exclude), sorted(items, key=lambda v: -v[0])[:6]
 
 
 def measure(name: str, strategy: str) -> dict:

@@ -155,10 +155,12 @@ class MoELayer(nn.Module):
             self.expert_counts += plan.selected_per_expert_E
 
         shared_fn = (lambda: self.shared_expert(x_TD)) if self.shared_expert is not None else None
+        # With nothing added after it, the combine rounds its float32 sum to x's dtype itself.
+        out_dt = acc if shared_fn is not None else x.dtype
         if self.ep_size > 1:
-            y_TD, shared_out = self._exchange(x_TD, plan, acc, info, shared_fn)
+            y_TD, shared_out = self._exchange(x_TD, plan, acc, info, shared_fn, out_dt)
         else:
-            y_TD = self.dispatcher(x_TD, plan, self.experts, acc, info)
+            y_TD = self.dispatcher(x_TD, plan, self.experts, acc, info, out_dtype=out_dt)
             shared_out = None
             if shared_fn is not None:
                 with profiling.phase(rec, info.layer_id, info.call_no, "shared", dev):
@@ -188,13 +190,13 @@ class MoELayer(nn.Module):
         return call_no
 
     @torch.compiler.disable
-    def _exchange(self, x_TD, plan, acc, info: CallInfo, shared_fn):
+    def _exchange(self, x_TD, plan, acc, info: CallInfo, shared_fn, out_dtype):
         """The EP dispatch (exchanges, experts between them, combine), run eagerly under
         torch.compile: its split sizes and call number are host values that change per
         call, so tracing them would recompile every call. One graph break on each side."""
         if info.call_no is None:
             info = CallInfo(info.layer_id, self._next_call_no(), info.recorder)
-        return self.dispatcher(x_TD, plan, self.experts, acc, info, shared_fn)
+        return self.dispatcher(x_TD, plan, self.experts, acc, info, shared_fn, out_dtype=out_dtype)
 
     @torch.no_grad()
     def update_expert_bias(self, group=None) -> None:

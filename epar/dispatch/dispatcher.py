@@ -25,7 +25,7 @@ from ..config import MoEConfig
 from ..profiling.recorder import Exchange, PhaseRecorder, Span, phase
 from ..routing.plan import RoutingPlan
 from . import comm
-from .permute import combine, gather_rows, inverse_permutation, segment_arange
+from .permute import combine, gather_rows, inverse_permutation, permute_rows, segment_arange
 
 
 @dataclass(frozen=True)
@@ -95,14 +95,15 @@ def run_on_side_stream(fn: Callable[[], torch.Tensor], device: torch.device, tim
 class LocalDispatcher:
     """All experts on this device: permute, one grouped GEMM call, combine."""
 
-    def __call__(self, x_TD, plan: RoutingPlan, experts: ExpertFn, acc_dtype, info: CallInfo):
+    def __call__(self, x_TD, plan: RoutingPlan, experts: ExpertFn, acc_dtype, info: CallInfo,
+                 out_dtype=None):
         rec, dev = info.recorder, x_TD.device
         with phase(rec, info.layer_id, info.call_no, "permute", dev):
             rows_SD = gather_rows(x_TD, plan)
         with phase(rec, info.layer_id, info.call_no, "experts", dev):
             out_SD = experts(rows_SD, plan.rows_per_expert_E)
         with phase(rec, info.layer_id, info.call_no, "unpermute", dev):
-            return combine(out_SD, plan, acc_dtype)
+            return combine(out_SD, plan, acc_dtype, out_dtype)
 
 
 class AllToAllDispatcher:
@@ -212,11 +213,12 @@ class AllToAllDispatcher:
         expert_of_row = torch.repeat_interleave(local_of_row, chunk.recv_counts_SL.reshape(-1),
                                                 output_size=sum(chunk.out_splits))
         order = torch.argsort(expert_of_row, stable=True)
-        out_RD = experts(recv_RD[order], chunk.recv_counts_SL.sum(0))
-        return out_RD[inverse_permutation(order)]
+        inverse = inverse_permutation(order)
+        out_RD = experts(permute_rows(recv_RD, order, inverse), chunk.recv_counts_SL.sum(0))
+        return permute_rows(out_RD, inverse, order)
 
     def __call__(self, x_TD, plan: RoutingPlan, experts: ExpertFn, acc_dtype, info: CallInfo,
-                 shared_fn: Callable[[], torch.Tensor] | None = None):
+                 shared_fn: Callable[[], torch.Tensor] | None = None, out_dtype=None):
         rec, dev, lid, call = info.recorder, x_TD.device, info.layer_id, info.call_no
         row_bytes = x_TD.shape[1] * x_TD.element_size()
 
@@ -274,6 +276,7 @@ class AllToAllDispatcher:
             if len(chunks) == 1:
                 y_SD = backs[0]
             else:
-                y_SD = torch.cat(backs)[inverse_permutation(torch.cat([ch.rows for ch in chunks]))]
-            y_TD = combine(y_SD, plan, acc_dtype)
+                rows = torch.cat([ch.rows for ch in chunks])
+                y_SD = permute_rows(torch.cat(backs), inverse_permutation(rows), rows)
+            y_TD = combine(y_SD, plan, acc_dtype, out_dtype)
         return y_TD, shared_out

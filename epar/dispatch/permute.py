@@ -1,10 +1,16 @@
 """Index math for permute / unpermute. Deterministic: every order is a stable sort
-or an explicit index, and no step depends on atomics (except the expert-choice
-combine, where a token's row count is not fixed: there index_add accumulates)."""
+or an explicit index, and no step depends on atomics (except the expert-choice combine
+into a float32 output, where index_add accumulates).
+
+Bytes matter here as much as FLOPs do in the experts (benchmarks/traffic.py counts them):
+no float32 copy of a [rows, D] tensor, no multiply of a whole tensor where a gather or a
+bag sum can carry the weight, and never a zero weight times a row that may hold another
+token's NaN."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from ..routing.plan import RoutingPlan
 
@@ -13,6 +19,26 @@ def inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
     inv = torch.empty_like(perm)
     inv[perm] = torch.arange(perm.shape[0], device=perm.device)
     return inv
+
+
+class _PermuteRows(torch.autograd.Function):
+    """x[order] whose backward is a gather too (grad[inverse]): indexing's own backward
+    would zero a buffer and scatter-add into it, two more passes over the rows."""
+
+    @staticmethod
+    def forward(ctx, x_RD, order_R, inverse_R):
+        ctx.save_for_backward(inverse_R)
+        return x_RD.index_select(0, order_R)
+
+    @staticmethod
+    def backward(ctx, g_RD):
+        (inverse_R,) = ctx.saved_tensors
+        return g_RD.index_select(0, inverse_R), None, None
+
+
+def permute_rows(x_RD: torch.Tensor, order_R: torch.Tensor, inverse_R: torch.Tensor) -> torch.Tensor:
+    """x[order] for a permutation `order` whose inverse is `inverse`."""
+    return _PermuteRows.apply(x_RD, order_R, inverse_R)
 
 
 def segment_arange(starts: torch.Tensor, lengths: torch.Tensor, total: int) -> torch.Tensor:
@@ -25,84 +51,152 @@ def segment_arange(starts: torch.Tensor, lengths: torch.Tensor, total: int) -> t
 
 def gather_rows(x_TD: torch.Tensor, plan: RoutingPlan, rows: torch.Tensor | None = None) -> torch.Tensor:
     """Dispatch rows (all of them, or the subset `rows`) read from the tokens.
-    Capacity padding rows are exact zeros, so they add nothing to any gradient."""
+    Capacity padding rows are exact zeros, so they add nothing to any gradient. They read
+    a zero row appended to the tokens rather than being multiplied by 0: a NaN or Inf
+    token must not leak into padding rows (0 x NaN = NaN), and the append copies T rows
+    where masking the gathered rows would pass over S > T rows."""
     token_idx = plan.token_idx_S if rows is None else plan.token_idx_S[rows]
-    out = x_TD.index_select(0, token_idx)
-    if plan.valid_S is not None:
-        valid = plan.valid_S if rows is None else plan.valid_S[rows]
-        out = out * valid.unsqueeze(1).to(out.dtype)
-    return out
+    if plan.valid_S is None:
+        return x_TD.index_select(0, token_idx)
+    valid = plan.valid_S if rows is None else plan.valid_S[rows]
+    x_pad = torch.cat([x_TD, x_TD.new_zeros(1, x_TD.shape[1])])
+    return x_pad.index_select(0, torch.where(valid, token_idx, x_TD.shape[0]))
+
+
+def _grad_rows(g_TD: torch.Tensor, token_S: torch.Tensor, valid_S: torch.Tensor | None, dtype) -> torch.Tensor:
+    """g[token of each dispatch row] in the expert outputs' dtype; padding rows get exact
+    zeros from an appended zero row (never g[0] x 0, which is NaN where g[0] is not finite).
+    The upstream gradient holds values of the layer's output dtype (the layer's output is
+    in x's dtype), so a cast from float32 loses nothing."""
+    T, D = g_TD.shape
+    if valid_S is None:
+        return g_TD.to(dtype).index_select(0, token_S)
+    g_pad = g_TD.new_empty(T + 1, D, dtype=dtype)
+    g_pad[:T].copy_(g_TD)
+    g_pad[T].zero_()
+    return g_pad.index_select(0, torch.where(valid_S, token_S, T))
+
+
+def _row_dots(a_SD: torch.Tensor, b_SD: torch.Tensor) -> torch.Tensor:
+    """[S] dot products of matching rows as S [1, D] x [D, 1] products: both read once,
+    nothing [S, D] written; bf16/fp16 accumulate in float32, rounded once to their dtype."""
+    return torch.bmm(a_SD.unsqueeze(1), b_SD.unsqueeze(2)).view(-1)
 
 
 class _WeightedCombine(torch.autograd.Function):
-    """out[t] = sum_j w[t, j] * y[row[t, j]], accumulated in w's dtype (>= float32).
+    """out[t] = sum_j w[t, j] * y[row[t, j]], accumulated in float32 or wider.
 
-    Autograd through the plain expression would save a float32 copy of every gathered
-    row ([T, k, D]: 1 GiB at 16k tokens, top-8, d_model 2048). This keeps only the
-    expert outputs in their own dtype and does the float32 work one choice at a time.
-    A row index equal to S (the number of rows) marks a dropped slot (weight 0, no row).
+    Returned in y's dtype (the layer's, when nothing is added after the combine): one
+    weighted embedding_bag sum, which reads every row once and writes [T, D]. Returned in
+    out_dtype otherwise (float32 or wider, a shared expert's output is added to it): one
+    gather of the k rows of every token in y's dtype, an in-place multiply by the weights,
+    one sum over k in out_dtype. Neither path writes a float32 copy of a [T*k, D] tensor,
+    and only the expert outputs are saved. A row index equal to S (the number of rows)
+    marks a dropped slot: it is never multiplied by its zero weight where its row could
+    hold another token's NaN (0 x NaN = NaN).
+
+    The backward works in dispatch order: each row's gradient is its token's gradient
+    times the row's weight, and the weight's gradient is the row's dot product with it.
     """
 
     @staticmethod
-    def forward(ctx, y_SD, w_TK, row_TK):
-        acc = w_TK.dtype
-        valid_TK = row_TK < y_SD.shape[0]
+    def forward(ctx, y_SD, w_TK, row_TK, token_S, valid_S, may_drop: bool, out_dtype):
+        S, D = y_SD.shape
+        T, K = w_TK.shape
+        # No row at all (every slot dropped or padding, e.g. an all-padding batch): there is
+        # no row to stand in for a dropped slot, so read nothing.
+        ctx.no_rows = (T, K, w_TK.dtype) if S == 0 else None
+        if S == 0:
+            ctx.save_for_backward(y_SD)
+            return y_SD.new_zeros(T, D, dtype=out_dtype)
+        valid_TK = row_TK < S
         safe_TK = torch.where(valid_TK, row_TK, 0)
-        out_TD = y_SD.new_zeros(w_TK.shape[0], y_SD.shape[1], dtype=acc)
-        # No row at all (every slot dropped or padding, e.g. an all-padding batch): every
-        # slot is the sentinel and there is no row 0 to stand in for it; read nothing.
-        ctx.choices = w_TK.shape[1] if y_SD.shape[0] > 0 else 0
-        for j in range(ctx.choices):
-            out_TD.addcmul_(y_SD.index_select(0, safe_TK[:, j]).to(acc), w_TK[:, j : j + 1])
-        ctx.save_for_backward(y_SD, w_TK, safe_TK, valid_TK)
+        # Each row's weight in dispatch order (dropped slots land on the spare entry S).
+        w_S = w_TK.new_zeros(S + 1).index_put_((row_TK.reshape(-1),), w_TK.reshape(-1))[:S]
+        ctx.save_for_backward(y_SD, w_S, safe_TK, valid_TK, token_S, valid_S)
+        if out_dtype == y_SD.dtype:
+            # A weighted bag sum reads each row once and writes only [T, D] (its kernels
+            # accumulate bf16/fp16 in float32); the weights are rounded to y's dtype, an
+            # error the size of the per-product rounding of the path below.
+            idx_TK = row_TK
+            if may_drop:
+                # A dropped slot (weight 0) reads its own token's first kept row, finite
+                # unless that token itself is bad; a token with no kept row reads row 0 and
+                # is zeroed afterwards with a mask (never by a zero weight).
+                routed_T = valid_TK.any(1)
+                own_T1 = row_TK.gather(1, valid_TK.to(torch.int64).argmax(1, keepdim=True))
+                idx_TK = torch.where(valid_TK, row_TK, torch.where(routed_T.unsqueeze(1), own_T1, 0))
+            out_TD = F.embedding_bag(idx_TK, y_SD, mode="sum", per_sample_weights=w_TK.to(y_SD.dtype))
+            if may_drop:
+                out_TD.masked_fill_(~routed_T.unsqueeze(1), 0)
+            return out_TD
+        g_TKD = y_SD.index_select(0, safe_TK.reshape(-1)).view(T, K, D)
+        if may_drop:
+            g_TKD.masked_fill_(~valid_TK.unsqueeze(-1), 0)
+        g_TKD.mul_(w_TK.unsqueeze(-1))
+        out_TD = g_TKD.sum(1, dtype=out_dtype)  # accumulates in out_dtype (>= float32)
         return out_TD
 
     @staticmethod
     def backward(ctx, g_TD):
-        y_SD, w_TK, safe_TK, valid_TK = ctx.saved_tensors
-        acc = w_TK.dtype
-        g_TD = g_TD.to(acc)
+        if ctx.no_rows is not None:
+            T, K, w_dtype = ctx.no_rows
+            (y_SD,) = ctx.saved_tensors
+            return torch.zeros_like(y_SD), g_TD.new_zeros(T, K, dtype=w_dtype), None, None, None, None, None
+        y_SD, w_S, safe_TK, valid_TK, token_S, valid_S = ctx.saved_tensors
+        g_SD = _grad_rows(g_TD, token_S, valid_S, y_SD.dtype)
         grad_y = grad_w = None
-        if ctx.needs_input_grad[0]:
-            grad_y = torch.zeros_like(y_SD)
-            for j in range(ctx.choices):
-                # Each row belongs to exactly one (token, choice); dropped slots add exact
-                # zeros to row 0, so the sum is exact in any order.
-                contrib = (g_TD * (w_TK[:, j : j + 1] * valid_TK[:, j : j + 1])).to(y_SD.dtype)
-                grad_y.index_add_(0, safe_TK[:, j], contrib)
         if ctx.needs_input_grad[1]:
-            cols = [(y_SD.index_select(0, safe_TK[:, j]).to(acc) * g_TD).sum(-1) for j in range(ctx.choices)]
-            grad_w = torch.stack(cols, dim=1) * valid_TK if cols else torch.zeros_like(w_TK)
-        return grad_y, grad_w, None
+            gw_S = _row_dots(y_SD, g_SD).to(w_S.dtype)
+            # where, not a multiply: a dropped slot's stand-in row may be another token's NaN
+            grad_w = torch.where(valid_TK, gw_S[safe_TK], 0)
+        if ctx.needs_input_grad[0]:
+            grad_y = g_SD.mul_(w_S.unsqueeze(1))
+        return grad_y, grad_w, None, None, None, None, None
 
 
-def combine(y_SD: torch.Tensor, plan: RoutingPlan, acc_dtype: torch.dtype) -> torch.Tensor:
-    """y[t] = sum over t's kept rows of weight * expert output, accumulated in acc_dtype."""
+def combine(y_SD: torch.Tensor, plan: RoutingPlan, acc_dtype: torch.dtype,
+            out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """y[t] = sum over t's kept rows of weight * expert output, accumulated in acc_dtype and
+    returned in out_dtype (default acc_dtype; the layer's output dtype where nothing is added
+    to the sum afterwards, which saves a float32 [T, D] round trip forward and backward)."""
+    out_dtype = acc_dtype if out_dtype is None else out_dtype
     weight_S = plan.weight_S.to(acc_dtype)
     if plan.combine_idx_TK is not None:
         # Token choice: every token has exactly k slots, so gather-and-sum needs no atomics.
         w_TK = torch.cat([weight_S, weight_S.new_zeros(1)])[plan.combine_idx_TK]
-        return _WeightedCombine.apply(y_SD, w_TK, plan.combine_idx_TK)
-    return _ScatterCombine.apply(y_SD, weight_S, plan.token_idx_S, plan.num_tokens)
+        return _WeightedCombine.apply(y_SD, w_TK, plan.combine_idx_TK, plan.token_idx_S, plan.valid_S,
+                                      plan.capacity is not None or plan.valid_T is not None, out_dtype)
+    return _ScatterCombine.apply(y_SD, weight_S, plan.token_idx_S, plan.num_tokens, out_dtype)
 
 
 class _ScatterCombine(torch.autograd.Function):
-    """Expert choice: a token may have any number of rows, so rows are scatter-added onto
-    their tokens (index_add: on CUDA the float sum order is not fixed). Saves only the
-    expert outputs in their own dtype, like _WeightedCombine."""
+    """Expert choice: a token may have any number of rows. Returned in y's dtype: one
+    weighted bag sum over rows sorted by token; in a wider out_dtype: rows scatter-added
+    onto their tokens (index_add: on CUDA the float sum order is not fixed). Saves only the
+    expert outputs in their own dtype, like _WeightedCombine. Every row is a real token's."""
 
     @staticmethod
-    def forward(ctx, y_SD, w_S, token_S, num_tokens: int):
-        acc = w_S.dtype
-        out_TD = y_SD.new_zeros(num_tokens, y_SD.shape[1], dtype=acc)
-        out_TD.index_add_(0, token_S, y_SD.to(acc) * w_S.unsqueeze(1))
+    def forward(ctx, y_SD, w_S, token_S, num_tokens: int, out_dtype):
         ctx.save_for_backward(y_SD, w_S, token_S)
+        if out_dtype == y_SD.dtype:
+            # Rows sorted by token form one bag per token (empty bags give zeros): a weighted
+            # embedding_bag sum reads each row once and accumulates in float32 inside, in a
+            # fixed order, with weights rounded to y's dtype (see _WeightedCombine).
+            order_S = torch.argsort(token_S, stable=True)
+            counts_T = torch.zeros(num_tokens, dtype=torch.int64, device=token_S.device).index_add_(
+                0, token_S, torch.ones_like(token_S))
+            offsets_T = torch.cumsum(counts_T, 0) - counts_T
+            return F.embedding_bag(order_S, y_SD, offsets_T, mode="sum",
+                                   per_sample_weights=w_S[order_S].to(y_SD.dtype))
+        out_TD = y_SD.new_zeros(num_tokens, y_SD.shape[1], dtype=out_dtype)
+        out_TD.index_add_(0, token_S, y_SD * w_S.unsqueeze(1))  # the product promotes to w's dtype
         return out_TD
 
     @staticmethod
     def backward(ctx, g_TD):
         y_SD, w_S, token_S = ctx.saved_tensors
-        g_SD = g_TD.to(w_S.dtype).index_select(0, token_S)
-        grad_y = (g_SD * w_S.unsqueeze(1)).to(y_SD.dtype) if ctx.needs_input_grad[0] else None
-        grad_w = (y_SD.to(w_S.dtype) * g_SD).sum(-1) if ctx.needs_input_grad[1] else None
-        return grad_y, grad_w, None, None
+        g_SD = _grad_rows(g_TD, token_S, None, y_SD.dtype)
+        grad_w = _row_dots(y_SD, g_SD).to(w_S.dtype) if ctx.needs_input_grad[1] else None
+        grad_y = g_SD.mul_(w_S.unsqueeze(1)) if ctx.needs_input_grad[0] else None
+        return grad_y, grad_w, None, None, None

@@ -1,0 +1,334 @@
+#!/usr/bin/env python
+"""Bytes an MoE layer moves through memory, counted exactly per aten op (issue 8).
+
+One forward + backward, bf16, EP 1, on the `meta` device (shapes and dtypes, no data, no
+GPU). A TorchDispatchMode sees every aten op after autograd and decompositions and adds
+the bytes of its tensor inputs and outputs, with these rules:
+  - views (reshape, slice, transpose, expand, detach, ...) move nothing;
+  - factory templates: `empty_like(x)` / `zeros_like(x)` do not read x; `empty*` moves
+    nothing, `zeros*` / `full*` / `fill_` write their output once;
+  - `copy_(dst, src)` reads src and writes dst (dst is not read);
+  - an in-place indexed write into a destination (index_put_, index_add_, index_copy_,
+    index_fill_, scatter*_) counts the rows it touches, not the whole destination
+    (read and written where it accumulates, written where it overwrites), plus its
+    index and source;
+  - a broadcast input (stride 0) counts its distinct elements once.
+  - `out=` arguments are written, not read.
+GEMM ops (mm, addmm, bmm, baddbmm, _grouped_mm) are reported apart from everything else,
+except matrix-vector products (an output dimension of 1: a memory-bound reduction such as
+the combine's per-row dot products), which count as `<op>_vector` outside GEMMs.
+Collectives (c10d ops, --ep2 only) are the exchange itself: their buffers are reported
+apart as `exchange_buffers_gb`. Activation memory (bytes saved for backward, parameters and the input excluded)
+comes from the same forward, with benchmarks/activation_memory.py's saved-tensors hook.
+
+Rows: `floor` (plain torch autograd ops on rows already sorted by expert: torch's grouped
+GEMM, F.silu(gate) * up, grouped GEMM; nothing from epar, so it cannot move when epar
+changes), epar for each strategy, the sort + grouped-GEMM baseline of layer_bench.py, and
+transformers' Qwen3MoeSparseMoeBlock (experts_implementation="grouped_mm") when it imports.
+
+    python benchmarks/traffic.py [--configs qwen3-like] [--tiny] [--out PATH]
+    python benchmarks/traffic.py --ep2 [--scale 16]   # EP 2 over gloo, real CPU tensors
+
+--ep2 runs the counter on real CPU tensors (float32 here, bytes scale with the element
+size) in two gloo processes, per rank, at a shape scaled down by --scale, next to EP 1
+on the same tokens per rank: the EP path's own traffic (regrouping received rows by
+local expert and restoring their order) shows as the difference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))  # sibling scripts: layer_bench (baseline, HF block), activation_memory
+
+from activation_memory import record_saved, saved_total  # noqa: E402
+
+GB = 1e9
+GIB = 2 ** 30
+aten = torch.ops.aten
+
+GEMM_OPS = {"mm", "addmm", "bmm", "baddbmm", "_grouped_mm", "addbmm"}
+NO_TRAFFIC = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "_unsafe_view",
+              "lift_fresh", "set_", "resize_", "_local_scalar_dense", "sym_size", "sym_stride",
+              "sym_numel", "sym_storage_offset", "is_same_size", "_to_copy_meta_noop"}
+WRITE_ONLY = {"zeros", "ones", "full", "zeros_like", "ones_like", "full_like", "new_zeros", "new_ones",
+              "new_full", "fill_", "zero_", "arange", "scalar_tensor", "rand_like", "randn_like",
+              "uniform_", "normal_", "randn", "rand"}
+# in-place indexed writes: name -> whether the touched rows are read as well (accumulate)
+INDEXED_WRITES = {"index_put_": None, "_index_put_impl_": None, "index_add_": True, "index_copy_": False,
+                  "index_fill_": False, "scatter_": False, "scatter_add_": True, "scatter_reduce_": True}
+
+
+def tensor_bytes(t: torch.Tensor) -> int:
+    """Distinct elements times element size: a stride-0 (broadcast) dim is read once."""
+    n = 1
+    for size, stride in zip(t.shape, t.stride()):
+        if stride != 0:
+            n *= size
+    return 0 if t.numel() == 0 else n * t.element_size()
+
+
+def _tensors(obj):
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, (list, tuple)):
+        for o in obj:
+            yield from _tensors(o)
+    elif isinstance(obj, dict):
+        for o in obj.values():
+            yield from _tensors(o)
+
+
+def _touched_elements(name: str, args, kwargs) -> int:
+    """Elements of the destination an in-place indexed write touches."""
+    dst = args[0]
+    if name in ("index_put_", "_index_put_impl_"):
+        indices = [i for i in args[1] if i is not None]
+        shapes = []
+        for i in indices:  # a bool mask counts as if every element were selected (upper bound)
+            shapes.append(i.shape if i.dtype != torch.bool else (i.numel(),))
+        n = math.prod(torch.broadcast_shapes(*shapes)) if shapes else 1
+        consumed = sum(1 if i.dtype != torch.bool else i.dim() for i in indices)
+        return n * math.prod(dst.shape[consumed:]) if n else 0
+    if name in ("index_add_", "index_copy_", "index_fill_"):
+        dim, index = args[1], args[2]
+        dim = dim % max(dst.dim(), 1)
+        return index.numel() * (dst.numel() // max(dst.shape[dim], 1) if dst.dim() else 1)
+    return args[2].numel()  # scatter*: one element per index entry
+
+
+def op_bytes(func, args, kwargs, out) -> int:
+    name = func._schema.name.split("::")[-1]
+    if func.is_view or name in NO_TRAFFIC:
+        return 0
+    outs = list(_tensors(out))
+    if name in WRITE_ONLY:
+        return sum(tensor_bytes(t) for t in outs)
+    if name == "copy_":
+        return tensor_bytes(args[1]) + tensor_bytes(args[0])
+    if name in INDEXED_WRITES:
+        dst = args[0]
+        accumulate = INDEXED_WRITES[name]
+        if accumulate is None:  # index_put_(self, indices, values, accumulate=False)
+            accumulate = bool(args[3] if len(args) > 3 else kwargs.get("accumulate", False))
+        others = [t for t in _tensors((args[1:], kwargs)) if t is not dst]
+        touched = _touched_elements(name, args, kwargs) * dst.element_size()
+        return sum(tensor_bytes(t) for t in others) + touched * (2 if accumulate else 1)
+    # `out=` (and `grad_input=`) arguments are written, not read: counted once, as outputs
+    written = {a.name for a in func._schema.arguments
+               if a.kwarg_only and a.alias_info is not None and a.alias_info.is_write}
+    ins = list(_tensors((args, {k: v for k, v in kwargs.items() if k not in written})))
+    return sum(tensor_bytes(t) for t in ins) + sum(tensor_bytes(t) for t in outs)
+
+
+class ByteCounter(TorchDispatchMode):
+    """Adds every aten op's bytes to `by_op[(phase, op name)]`; set `phase` between steps."""
+
+    def __init__(self):
+        super().__init__()
+        self.phase = "forward"
+        self.by_op: dict = defaultdict(int)
+        self.comm_bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func.namespace == "c10d":  # collectives: the exchange itself, reported apart
+            self.comm_bytes += sum(tensor_bytes(t) for t in _tensors(args[:2]))
+            return out
+        n = op_bytes(func, args, kwargs, out)
+        name = func._schema.name.split("::")[-1]
+        if name in GEMM_OPS and isinstance(out, torch.Tensor) and out.dim() >= 2 and min(out.shape[-2:]) == 1:
+            name += "_vector"  # a matrix-vector product: a memory-bound reduction, not a GEMM
+        if n:
+            self.by_op[(self.phase, name)] += n
+        return out
+
+    def totals(self) -> dict:
+        gemm = sum(v for (_, op), v in self.by_op.items() if op in GEMM_OPS)
+        other = sum(v for (_, op), v in self.by_op.items() if op not in GEMM_OPS)
+        per_phase = {p: sum(v for (ph, op), v in self.by_op.items() if ph == p and op not in GEMM_OPS)
+                     for p in ("forward", "backward")}
+        ops = defaultdict(int)
+        for (_, op), v in self.by_op.items():
+            if op not in GEMM_OPS:
+                ops[op] += v
+        top = sorted(ops.items(), key=lambda kv: -kv[1])
+        return {"outside_gemm_gb": other / GB, "gemm_gb": gemm / GB, "exchange_buffers_gb": self.comm_bytes / GB,
+                "forward_outside_gemm_gb": per_phase["forward"] / GB,
+                "backward_outside_gemm_gb": per_phase["backward"] / GB,
+                "by_op_gb": {op: v / GB for op, v in top}}
+
+
+def count(forward, exclude) -> dict:
+    """forward() -> (outputs, upstream grads). Counts its bytes, its backward's, and what it saves."""
+    counter = ByteCounter()
+    with record_saved() as seen, counter:
+        outs, grads = forward()
+    saved = saved_total(seen, exclude)
+    counter.phase = "backward"
+    with counter:
+        torch.autograd.backward(outs, grads)
+    return {**counter.totals(), "saved_gib": saved / GIB}
+
+
+# ---- rows ----------------------------------------------------------------------------
+
+def _grouped_mm(x, w, offs):
+    return F.grouped_mm(x, w, offs=offs) if hasattr(F, "grouped_mm") else torch._grouped_mm(x, w, offs=offs)
+
+
+def floor_row(shape: dict, dtype) -> dict:
+    """Expert math alone on rows already sorted and balanced, in plain torch autograd ops."""
+    d, f, e, k, t = (shape[n] for n in ("d_model", "d_ff", "num_experts", "top_k", "tokens"))
+    rows = t * k
+    w_in = torch.empty(e, d, 2 * f, dtype=dtype, requires_grad=True)
+    w_out = torch.empty(e, f, d, dtype=dtype, requires_grad=True)
+    x = torch.empty(rows, d, dtype=dtype, requires_grad=True)
+    offs = torch.cumsum(torch.full((e,), rows // e, dtype=torch.int32), 0, dtype=torch.int32)
+    gy = torch.empty(rows, d, dtype=dtype)
+
+    def forward():
+        h = _grouped_mm(x, w_in, offs)
+        a = F.silu(h[:, :f]) * h[:, f:]
+        return [_grouped_mm(a, w_out, offs)], [gy]
+
+    res = count(forward, [x, w_in, w_out])
+    res["saved_gib"] += rows * d * x.element_size() / GIB  # the sorted rows: a layer builds and keeps them
+    return res
+
+
+def epar_layer(shape: dict, dtype, strategy: str):
+    import epar
+    d, f, e, k = (shape[n] for n in ("d_model", "d_ff", "num_experts", "top_k"))
+    cfg = epar.MoEConfig(d_model=d, d_ff=f, num_experts=e, top_k=k, strategy=strategy)
+    layer = epar.MoELayer(cfg).to(dtype)
+    layer.experts.use_kernel = True  # meta tensors cannot take the host-reading loop
+    return layer
+
+
+def epar_row(shape: dict, dtype, strategy: str) -> dict:
+    layer = epar_layer(shape, dtype, strategy)
+    x = torch.empty(shape["tokens"], shape["d_model"], dtype=dtype, requires_grad=True)
+    gy = torch.empty_like(x)
+
+    def forward():
+        out = layer(x)
+        return [out.y, out.aux_loss], [gy, torch.ones_like(out.aux_loss)]
+
+    return count(forward, [x, *layer.parameters()])
+
+
+def module_row(module, shape: dict, dtype) -> dict:
+    x = torch.empty(shape["tokens"], shape["d_model"], dtype=dtype, requires_grad=True)
+    gy = torch.empty_like(x)
+    return count(lambda: ([module(x)], [gy]), [x, *module.parameters()])
+
+
+def sort_gmm_row(shape: dict, dtype) -> dict:
+    import layer_bench
+    layer = epar_layer(shape, dtype, "dropless")
+    mod = layer_bench.SortGroupedMM(layer.router.weight, layer.experts.w_in, layer.experts.w_out,
+                                    shape["top_k"], shape["d_ff"])
+    return module_row(mod, shape, dtype)
+
+
+def hf_row(shape: dict, dtype) -> dict | None:
+    import layer_bench
+    if layer_bench.transformers_version() is None:
+        return None
+    layer = epar_layer(shape, dtype, "dropless")
+    block, info = layer_bench.build_hf_block(shape, layer)
+    res = module_row(layer_bench.HFAdapter(block), shape, dtype)
+    res["hf_block"] = info
+    return res
+
+
+STRATEGIES = ("dropless", "token_drop", "expert_choice")
+
+
+def measure_shape(shape: dict, dtype=torch.bfloat16) -> dict:
+    rows = {}
+    with torch.device("meta"):
+        rows["floor"] = floor_row(shape, dtype)
+        for s in STRATEGIES:
+            rows[f"epar_{s}"] = epar_row(shape, dtype, s)
+        rows["sort_gmm"] = sort_gmm_row(shape, dtype)
+        hf = hf_row(shape, dtype)
+        if hf is not None:
+            rows["hf_qwen3"] = hf
+    return rows
+
+
+# ---- report ----------------------------------------------------------------------------
+
+def print_table(results: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"memory traffic, one forward + backward, {results['dtype']}, EP 1 (GB = 1e9 bytes)")
+    for col in ("config", "row", "outside GEMMs GB", "fwd", "bwd", "GEMM GB", "saved GiB", "x hf", "top ops (GB)"):
+        table.add_column(col, justify="left" if col in ("config", "row", "top ops (GB)") else "right")
+    for cname, rows in results["configs"].items():
+        hf = rows.get("hf_qwen3", {}).get("outside_gemm_gb")
+        for rname, r in rows.items():
+            top = ", ".join(f"{op} {v:.1f}" for op, v in list(r["by_op_gb"].items())[:4])
+            table.add_row(cname, rname, f"{r['outside_gemm_gb']:.2f}", f"{r['forward_outside_gemm_gb']:.2f}",
+                          f"{r['backward_outside_gemm_gb']:.2f}", f"{r['gemm_gb']:.2f}", f"{r['saved_gib']:.3f}",
+                          f"{r['outside_gemm_gb'] / hf:.2f}" if hf else "-", top)
+        table.add_section()
+    Console(width=220).print(table)
+
+
+def tiny(shape: dict) -> dict:
+    def shrink(n):
+        return max(8, math.ceil(n / 64 / 8) * 8)
+    return {**shape, "d_model": shrink(shape["d_model"]), "d_ff": shrink(shape["d_ff"]),
+            "tokens": shrink(shape["tokens"])}
+
+
+def main(argv=None) -> int:
+    from epar.shapes import BENCH_SHAPES
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--configs", nargs="+", default=list(BENCH_SHAPES))
+    ap.add_argument("--tiny", action="store_true", help="d_model, d_ff and tokens / 64 (smoke test)")
+    ap.add_argument("--ep2", action="store_true", help="EP 2 over gloo on real CPU tensors, per rank")
+    ap.add_argument("--scale", type=int, default=16, help="--ep2: divide d_model, d_ff, tokens by this")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+    unknown = [c for c in args.configs if c not in BENCH_SHAPES]
+    if unknown:
+        ap.error(f"unknown config(s) {unknown}; choose from {list(BENCH_SHAPES)}")
+    if args.ep2:
+        import traffic_ep
+        return traffic_ep.main(args)
+    results = {"what": "bytes moved per aten op, one forward + backward, meta device (exact)",
+               "dtype": "bfloat16", "ep_size": 1, "torch": torch.__version__,
+               "transformers": __import__("layer_bench").transformers_version(),
+               "date": datetime.date.today().isoformat(), "tiny": args.tiny, "configs": {}, "shapes": {}}
+    for name in args.configs:
+        shape = tiny(BENCH_SHAPES[name]) if args.tiny else dict(BENCH_SHAPES[name])
+        results["shapes"][name] = shape
+        results["configs"][name] = measure_shape(shape)
+    print_table(results)
+    out = args.out or HERE / "results" / ("traffic_tiny.json" if args.tiny else "traffic.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,146 @@
+"""`python benchmarks/traffic.py --ep2`: the byte counter on real CPU tensors, EP 2 over gloo.
+
+Two spawned processes, bf16, one forward + backward per strategy, at a shape scaled down
+by --scale (d_model, d_ff, tokens; experts and top_k kept). Each rank counts its own aten
+ops (the all-to-all itself goes to gloo outside the dispatcher, so it is not counted: what
+shows is the EP path's own work, chiefly regrouping received rows by local expert and
+restoring their order), then runs the single-device layer on the same tokens (EP 1) and
+counts that. Received rows per rank follow the routing, so the two ranks differ a little;
+the mean over both ranks compares like with like (together they receive what they send).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import socket
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import traffic
+
+STRATEGIES = traffic.STRATEGIES
+
+
+def scaled(shape: dict, scale: int) -> dict:
+    def shrink(n):  # a multiple of 8 keeps bf16 rows 16-byte aligned for the grouped GEMM
+        return max(8, math.ceil(n / scale / 8) * 8)
+    return {**shape, "d_model": shrink(shape["d_model"]), "d_ff": shrink(shape["d_ff"]),
+            "tokens": shrink(shape["tokens"])}
+
+
+def _count_layer(layer, x) -> dict:
+    gy = torch.randn(x.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float32).to(x.dtype)
+    xg = x.clone().requires_grad_()
+
+    def forward():
+        out = layer(xg)
+        return [out.y, out.aux_loss], [gy, torch.ones_like(out.aux_loss)]
+
+    return traffic.count(forward, [xg, *layer.parameters()])
+
+
+def _rank_main(rank: int, world: int, port: int, shapes: dict, queue) -> None:
+    import epar
+    from epar.parallel import build_groups
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=300))
+    try:
+        groups = build_groups(world)
+        res = {}
+        for name, shape in shapes.items():
+            d, f, e, k, t = (shape[n] for n in ("d_model", "d_ff", "num_experts", "top_k", "tokens"))
+            x = torch.randn(t, d, generator=torch.Generator().manual_seed(100 + rank)).to(torch.bfloat16)
+            for strategy in STRATEGIES:
+                cfg = epar.MoEConfig(d_model=d, d_ff=f, num_experts=e, top_k=k, strategy=strategy)
+                torch.manual_seed(0)  # same weights on both ranks and in the EP 1 layer
+                ref = epar.MoELayer(cfg).to(torch.bfloat16)
+                layer = epar.MoELayer(cfg, groups.ep_group).to(torch.bfloat16)
+                L = layer.num_local_experts
+                layer.load_state_dict({key: (v[rank * L:(rank + 1) * L] if key.startswith("experts.") else v)
+                                       for key, v in ref.state_dict().items()})
+                ep2, ep1 = _count_layer(layer, x), _count_layer(ref, x)
+                res[(name, strategy)] = {"ep2": ep2, "ep1": ep1}
+        queue.put((rank, res))
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def measure(shapes: dict) -> dict:
+    """{(config, strategy): [per-rank {"ep2": totals, "ep1": totals}]} from two gloo processes."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_rank_main, args=(r, 2, port, shapes, queue), daemon=True) for r in range(2)]
+    for p in procs:
+        p.start()
+    per_rank = {}
+    try:
+        for _ in procs:
+            rank, res = queue.get(timeout=600)
+            per_rank[rank] = res
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    return {key: [per_rank[r][key] for r in range(2)] for key in per_rank[0]}
+
+
+def summarize(ranks: list[dict]) -> dict:
+    ep2 = [r["ep2"]["outside_gemm_gb"] for r in ranks]
+    ep1 = [r["ep1"]["outside_gemm_gb"] for r in ranks]
+    m2, m1 = sum(ep2) / len(ep2), sum(ep1) / len(ep1)
+    ops = {}
+    for r in ranks:
+        for op in set(r["ep2"]["by_op_gb"]) | set(r["ep1"]["by_op_gb"]):
+            ops[op] = ops.get(op, 0.0) + (r["ep2"]["by_op_gb"].get(op, 0.0)
+                                          - r["ep1"]["by_op_gb"].get(op, 0.0)) / len(ranks)
+    return {"ep2_outside_gemm_gb_per_rank": ep2, "ep1_outside_gemm_gb_per_rank": ep1,
+            "ep2_mean_gb": m2, "ep1_mean_gb": m1, "extra_ratio": m2 / m1 - 1.0,
+            "extra_by_op_gb": dict(sorted(((k, v) for k, v in ops.items() if abs(v) > 1e-6),
+                                          key=lambda kv: -abs(kv[1]))),
+            "per_rank": ranks}
+
+
+def main(args) -> int:
+    from epar.shapes import BENCH_SHAPES
+    from rich.console import Console
+    from rich.table import Table
+
+    scale = 64 if args.tiny else args.scale
+    shapes = {name: scaled(BENCH_SHAPES[name], scale) for name in args.configs}
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    raw = measure(shapes)
+    results = {"what": "bytes moved per aten op per rank, one forward + backward, real CPU tensors, gloo",
+               "dtype": "bfloat16", "ep_size": 2, "scale": scale, "torch": torch.__version__,
+               "date": datetime.date.today().isoformat(), "shapes": shapes, "configs": {}}
+    table = Table(title=f"EP 2 vs EP 1 at the same tokens per rank, outside GEMMs (MB per rank, shapes / {scale})")
+    for col in ("config", "strategy", "EP 1", "EP 2", "extra", "largest differences (MB)"):
+        table.add_column(col, justify="left" if col in ("config", "strategy", "largest differences (MB)") else "right")
+    for (name, strategy), ranks in raw.items():
+        s = summarize(ranks)
+        results["configs"].setdefault(name, {})[strategy] = s
+        diff = ", ".join(f"{op} {v * 1e3:+.1f}" for op, v in list(s["extra_by_op_gb"].items())[:4])
+        table.add_row(name, strategy, f"{s['ep1_mean_gb'] * 1e3:.1f}", f"{s['ep2_mean_gb'] * 1e3:.1f}",
+                      f"{s['extra_ratio'] * 100:+.1f}%", diff)
+    Console(width=200).print(table)
+    out = args.out or traffic.HERE / "results" / ("traffic_ep2_tiny.json" if args.tiny else "traffic_ep2.json")
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(results, indent=1))
+    print(f"wrote {out}")
+    return 0

@@ -1,0 +1,32 @@
+"""The combine sums a token's rows in float32 (or wider) whatever dtype it returns, on
+both of its paths (rounded to the rows' dtype once at the end, or kept in float32)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from epar.dispatch.permute import combine
+from epar.routing.plan import RoutingPlan
+
+
+def _plan(T: int, K: int, S: int, capacity=None, token_choice=True) -> RoutingPlan:
+    rows = torch.arange(T * K).view(T, K)
+    token = torch.arange(S) // K
+    z = torch.zeros((), dtype=torch.int64)
+    return RoutingPlan(num_tokens=T, token_idx_S=token, weight_S=torch.ones(S), rows_per_expert_E=torch.tensor([S]),
+                       capacity=capacity, valid_S=None if capacity is None else torch.ones(S, dtype=torch.bool),
+                       combine_idx_TK=rows if token_choice else None, kept_per_expert_E=torch.tensor([S]),
+                       selected_per_expert_E=torch.tensor([S]), dropped_slots=z, unrouted_tokens=z)
+
+
+@pytest.mark.parametrize("capacity,token_choice", [(None, True), (8, True), (8, False)],
+                         ids=["dropless", "token_drop", "expert_choice"])
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
+def test_combine_accumulates_in_float32(out_dtype, capacity, token_choice):
+    # 256 + 1 + ... + 1 (eight terms): bf16 accumulation stays at 256 (its spacing there
+    # is 2); float32 accumulation gives 263, which rounds to 264 in bf16.
+    y = torch.tensor([[256.0]] + [[1.0]] * 7, dtype=torch.bfloat16)
+    out = combine(y, _plan(1, 8, 8, capacity, token_choice), torch.float32, out_dtype)
+    assert out.dtype == out_dtype
+    assert out.item() == (264.0 if out_dtype == torch.bfloat16 else 263.0)
