@@ -10,6 +10,7 @@ token's NaN."""
 from __future__ import annotations
 
 import torch
+from torch.fx.experimental.symbolic_shapes import guard_or_false
 import torch.nn.functional as F
 
 from ..routing.plan import RoutingPlan
@@ -104,9 +105,11 @@ class _WeightedCombine(torch.autograd.Function):
         S, D = y_SD.shape
         T, K = w_TK.shape
         # No row at all (every slot dropped or padding, e.g. an all-padding batch): there is
-        # no row to stand in for a dropped slot, so read nothing.
-        ctx.no_rows = (T, K, w_TK.dtype) if S == 0 else None
-        if S == 0:
+        # no row to stand in for a dropped slot, so read nothing. (guard_or_false: under
+        # torch.compile S may be data-dependent; the traced graph then assumes rows exist.)
+        empty = guard_or_false(S == 0)
+        ctx.no_rows = (T, K, w_TK.dtype) if empty else None
+        if empty:
             ctx.save_for_backward(y_SD)
             return y_SD.new_zeros(T, D, dtype=out_dtype)
         valid_TK = row_TK < S
