@@ -126,7 +126,8 @@ class MoELayer(nn.Module):
             "unrouted_tokens": plan.unrouted_tokens,
         }
         if rec:
-            rec.add_stats(info.layer_id, info.call_no, {**stats, "num_tokens": torch.tensor(plan.num_tokens)})
+            rec.add_stats(info.layer_id, info.call_no, {**stats, "num_tokens": torch.tensor(plan.num_tokens)},
+                          top_k=self.config.top_k, ep_size=self.ep_size)
             rec.add_span(profiling.recorder.Span(info.layer_id, info.call_no, "total", None, total, rec.mark(dev)))
         return MoEOutput(y_TD.to(x.dtype).reshape(x.shape), loss, stats)
 
