@@ -57,24 +57,38 @@ def check_documented(rep: dict, section: str) -> None:
     for key in keys:
         resolve(rep, key)
     # and the other way round: every key the report has at these levels is documented
-    for prefix, obj in [("", rep)] + ([("layers[].", rep["layers"][0]), ("layers[].load.", rep["layers"][0]["load"]),
-                                       ("layers[].ranks[].", rep["layers"][0]["ranks"][0])] if "layers" in rep else []):
+    levels = [("", rep)]
+    if "layers" in rep:
+        lay = rep["layers"][0]
+        levels += [("layers[].", lay), ("layers[].load.", lay["load"]), ("layers[].ranks[].", lay["ranks"][0]),
+                   ("layers[].backward.", lay["backward"]), ("totals.", rep["totals"])]
+        levels += [("layers[].exchanges.<x>.", x) for x in lay["exchanges"].values()]
+    for prefix, obj in levels:
         for k in obj:
             assert prefix + k in keys, f"{prefix + k} is in the JSON but not in docs/profiling.md"
 
 
 def check_bandwidth_and_times(rep: dict, ep: int) -> None:
     for lay in rep["layers"]:
+        assert lay["ep_size"] == ep
         for r in lay["ranks"]:
             assert all(ms >= 0 for ms in r["phases_ms"].values())
+            assert all(ms >= 0 for ms in r["backward_phases_ms"].values())
             assert r["compute_side_ms"] <= r["phases_ms"]["total"] + 1e-9
             assert r["unaccounted_ms"] >= -1e-9
-            for x in r["exchanges"].values():
-                assert x["exposed_ms"] >= 0 and x["hidden_ms"] >= 0
-                assert x["exposed_ms"] + x["hidden_ms"] == pytest.approx(x["ms"], **REL)
-                assert x["algbw_gbps"] == pytest.approx(x["bytes_total"] / (x["ms"] * 1e-3) / 1e9, **REL)
+            for x in list(r["exchanges"].values()) + list(r["backward_exchanges"].values()):
+                assert x["exposed_ms"] >= 0 and x["hidden_ms"] >= -1e-9
+                assert x["exposed_ms"] + x["hidden_ms"] == pytest.approx(x["in_flight_ms"], **REL)
+                assert x["transfer_ms"] > 0
+                assert x["algbw_gbps"] == pytest.approx(x["bytes_total"] / (x["transfer_ms"] * 1e-3) / 1e9, **REL)
                 assert x["busbw_gbps"] == pytest.approx(x["algbw_gbps"] * (ep - 1) / ep, **REL)
-        for s in lay["phases"].values():
+                assert x["waiting_ms"] == pytest.approx(max(x["exposed_ms"] - x["transfer_ms"], 0), **REL)
+            # a backward exchange moves the bytes of the forward one that mirrors it
+            for name, mirror in (("dispatch", "combine"), ("combine", "dispatch")):
+                if name in r["backward_exchanges"]:
+                    b, f = r["backward_exchanges"][name], r["exchanges"][mirror]
+                    assert (b["bytes_total"], b["transfer_ms"]) == (f["bytes_total"], f["transfer_ms"])
+        for s in list(lay["phases"].values()) + list(lay["backward"]["phases"].values()):
             assert 0 <= s["min"] <= s["median"] <= s["max"]
         for x in lay["exchanges"].values():
             for q in ("min", "median", "max"):
@@ -83,7 +97,8 @@ def check_bandwidth_and_times(rep: dict, ep: int) -> None:
 
 # ---- in a trainer: world 2 -------------------------------------------------------
 CASES = {  # name: (config overrides, tokens of rank 0 and rank 1, dtype)
-    "token_drop": (dict(strategy="token_drop", overlap_chunks=2, shared_expert_d_ff=8), (10, 12), torch.float32),
+    "token_drop": (dict(strategy="token_drop", capacity_factor=0.75, overlap_chunks=2, shared_expert_d_ff=8),
+                   (10, 12), torch.float32),
     "expert_choice": (dict(strategy="expert_choice"), (9, 16), torch.float64),
     "dropless": (dict(strategy="dropless", overlap_chunks=2), (11, 7), torch.float32),
 }
@@ -101,20 +116,49 @@ def _trainer_runs(rank, world):
         x = torch.randn(tokens[rank], D, dtype=dtype)
 
         assert profiling.current() is None
-        y_off = layer(x).y  # recorder off
+        x_off = x.clone().requires_grad_(True)
+        y_off = layer(x_off).y  # recorder off
+        y_off.sum().backward()
         stats = []
         with profiling.record() as rec:
             assert profiling.current() is rec
             for _ in range(2):
-                out = layer(x.clone().requires_grad_(True))
+                x_on = x.clone().requires_grad_(True)
+                out = layer(x_on)
                 out.y.sum().backward()
-                stats.append(out.stats["tokens_per_expert"].tolist())
+                rec.step()
+                stats.append({k: v.tolist() for k, v in out.stats.items()})
         assert profiling.current() is None
-        # Recording changes nothing the layer computes.
-        assert torch.equal(out.y.detach(), y_off)
-        rep = profiling.summarize(rec, ep_size=world, top_k=K)  # a collective
-        results[name] = dict(report=rep, tokens_per_expert=stats)
+        # Recording (phase marks, backward edges) changes nothing the layer computes.
+        assert torch.equal(out.y.detach(), y_off.detach()) and torch.equal(x_on.grad, x_off.grad)
+        rep = profiling.summarize(rec)  # a collective; EP size and top_k come from the records
+        results[name] = dict(report=rep, stats=stats)
+    results["two_layers"] = _two_layer_run(rank, groups)
     return results
+
+
+TWO_LAYER_STEPS = 6
+
+
+def _two_layer_run(rank, groups, steps=TWO_LAYER_STEPS):
+    """Two layers of the same shapes in a row, capacity-padded (so both exchange exactly
+    the same bytes, 1 MiB per exchange), one without overlap and one with 2 chunks."""
+    layers = []
+    for chunks in (1, 2):
+        cfg = epar.MoEConfig(d_model=256, d_ff=16, num_experts=E, top_k=K, strategy="token_drop",
+                             capacity_factor=1.0, overlap_chunks=chunks)
+        torch.manual_seed(chunks)
+        layers.append(epar.MoELayer(cfg, groups.ep_group))
+    torch.manual_seed(20 + rank)
+    x = torch.randn(512, 256)
+    with profiling.record() as rec:
+        for _ in range(steps):
+            y = layers[1](layers[0](x.clone().requires_grad_(True)).y).y
+            y.sum().backward()
+            rec.step()
+    per_rank = profiling.report.gather(rec)
+    return dict(report=profiling.report.make_report(per_rank), trace=profiling.report.trace_events(per_rank),
+                layer_ids=[lay.layer_id for lay in layers])
 
 
 @pytest.fixture(scope="module")
@@ -129,10 +173,10 @@ def _expected_bytes(name: str, runs) -> dict:
     row = D * torch.empty((), dtype=dtype).element_size()
     L = E // 2
     if name == "dropless":
-        tpe = [runs[r][name]["tokens_per_expert"][0] for r in range(2)]
+        tpe = [runs[r][name]["stats"][0]["tokens_per_expert"] for r in range(2)]
         send = [sum(tpe[r][e] for e in range(E) if e // L != r) for r in range(2)]
     else:
-        cap = [math.ceil(1.25 * t * K / E) for t in tokens]
+        cap = [math.ceil(overrides.get("capacity_factor", 1.25) * t * K / E) for t in tokens]
         if name == "expert_choice":
             cap = [min(c, t) for c, t in zip(cap, tokens)]
         send = [L * c for c in cap]  # every expert has exactly `capacity` padded rows
@@ -154,14 +198,69 @@ def test_trainer_report(trainer_runs, name):
     for ex in ("dispatch", "combine"):
         assert [r["exchanges"][ex]["bytes_to_others"] for r in lay["ranks"]] == expected[ex]
     # Load: global counts are the per-rank output stats summed over ranks and calls.
-    tpe = [sum(trainer_runs[r][name]["tokens_per_expert"][c][e] for r in range(2) for c in range(2)) for e in range(E)]
-    assert lay["load"]["tokens_per_expert"] == tpe
-    assert lay["load"]["imbalance"] == pytest.approx(max(tpe) / (sum(tpe) / E))
-    assert lay["load"]["tokens_per_rank"] == list(CASES[name][1])
+    stats = [trainer_runs[r][name]["stats"][c] for r in range(2) for c in range(2)]
+    tpe = [sum(s["tokens_per_expert"][e] for s in stats) for e in range(E)]
+    load = lay["load"]
+    assert load["tokens_per_expert"] == tpe and load["top_k"] == lay["top_k"] == K
+    assert load["imbalance"] == pytest.approx(max(tpe) / (sum(tpe) / E))
+    assert load["per_expert"] == {"min": min(tpe), "max": max(tpe), "mean": pytest.approx(sum(tpe) / E)}
+    assert load["per_ep_rank"]["slots"] == [tpe[0] + tpe[1], tpe[2] + tpe[3]]
+    assert [h["slots"] for h in load["hottest"]] == sorted(tpe, reverse=True)[:5]
+    assert [c["slots"] for c in load["coldest"]] == sorted(tpe)[:5]
+    assert sum(load["histogram"]["counts"]) == E
+    assert load["tokens_per_rank"] == list(CASES[name][1])
+    # Dropped fraction at top-2, from the layer's own stats: dropped slots / (tokens x top_k).
+    dropped = sum(s["dropped_slots"] for s in stats)
+    assert load["dropped_fraction"] == pytest.approx(dropped / (2 * sum(CASES[name][1]) * K))
+    assert rep["totals"]["dropped_fraction"] == pytest.approx(load["dropped_fraction"])
+    if name == "token_drop":
+        assert dropped > 0  # capacity factor 0.75: the check above is not 0 == 0
     if name == "dropless":
-        assert lay["load"]["dropped_fraction"] == 0
+        assert dropped == 0
     if "shared_expert_d_ff" in CASES[name][0]:
         assert "shared" in lay["phases"]
+    # The split-size exchange is its own phase; backward is timed by phase.
+    assert "wait" in lay["phases"] and "permute" in lay["phases"]
+    assert set(lay["backward"]["phases"]) == {"unpermute", "combine", "experts", "dispatch", "permute"}
+    assert set(lay["backward"]["exchanges"]) == {"dispatch", "combine"}
+    assert rep["totals"]["steps"] == 2 and rep["totals"]["layers"] == 1
+    if CASES[name][0].get("overlap_chunks", 1) == 1 and not CASES[name][0].get("shared_expert_d_ff"):
+        # One chunk, no shared expert: nothing runs beside an exchange, so nothing is hidden.
+        for r in lay["ranks"]:
+            for x in list(r["exchanges"].values()) + list(r["backward_exchanges"].values()):
+                assert x["hidden_ms"] == 0 and x["exposed_ms"] == x["in_flight_ms"]
+
+
+@pytest.mark.dist
+def test_two_layers_bandwidth_totals_and_steps(trainer_runs):
+    runs = [trainer_runs[r]["two_layers"] for r in range(2)]
+    rep = runs[0]["report"]
+    check_bandwidth_and_times(rep, ep=2)
+    one, two = rep["layers"]
+    assert [one["layer"], two["layer"]] == runs[0]["layer_ids"]
+    assert (one["exchanges"]["dispatch"]["chunks"], two["exchanges"]["dispatch"]["chunks"]) == (1, 2)
+    for ex in ("dispatch", "combine"):
+        a, b = one["exchanges"][ex], two["exchanges"][ex]
+        assert a["bytes_total"] == b["bytes_total"]  # capacity-padded: the same bytes
+        assert a["hidden_ms"]["max"] == 0  # one chunk, no shared expert
+        # Bandwidth is the transfer's own: overlap does not divide it.
+        assert 0.5 < b["algbw_gbps"]["median"] / a["algbw_gbps"]["median"] < 2
+    # Totals per step over both layers: each rank's per-call figures summed (one call per step).
+    tot = rep["totals"]
+    assert tot["layers"] == 2 and tot["steps"] == TWO_LAYER_STEPS
+    for p in ("total", "experts"):
+        for q in ("min", "max"):
+            per_rank = [one["ranks"][i]["phases_ms"][p] + two["ranks"][i]["phases_ms"][p] for i in range(2)]
+            assert tot["phases"][p][q] == pytest.approx({"min": min, "max": max}[q](per_rank), **REL)
+    assert tot["exchanges"]["forward"]["dispatch"]["bytes_total"]["median"] == 2 * one["exchanges"]["dispatch"][
+        "bytes_total"]["median"]
+    # The trace marks every step on every rank, and shows the isolated replays apart.
+    slices = [e for e in runs[0]["trace"]["traceEvents"] if e["ph"] == "X"]
+    for pid in (0, 1):
+        mine = [e for e in slices if e["pid"] == pid]
+        assert sorted(e["name"] for e in mine if e["name"].startswith("step ")) == [f"step {k}" for k in range(TWO_LAYER_STEPS)]
+        assert sum(e["name"] == "isolated dispatch" for e in mine) == TWO_LAYER_STEPS * 2  # per step, per layer
+        assert {"backward experts[0]", "backward experts[1]", "backward dispatch[1]"} <= {e["name"] for e in mine}
 
 
 # ---- the commands, under a real torchrun ----------------------------------------

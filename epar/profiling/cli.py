@@ -82,7 +82,7 @@ class _Parser(argparse.ArgumentParser):
                 except OSError:
                     pass
             if not _is_rank0():
-                time.sleep(2.0)
+                time.sleep(1.0)
         sys.exit(2)
 
 

@@ -153,7 +153,7 @@ def _pass_figures(rows: list[dict], calls: list[int], sizes: dict, transfer: dic
         bytes_total = sum(sizes.get((c, source), (0, 0))[0] for c in calls) / n
         to_others = sum(sizes.get((c, source), (0, 0))[1] for c in calls) / n
         replays = [transfer[(c, source)] for c in calls if (c, source) in transfer]
-        transfer_ms = sum(replays) / len(replays) if replays else 0.0
+        transfer_ms = statistics.median(replays) if replays else 0.0  # one stalled replay must not skew it
         algbw = _gbps(bytes_total, transfer_ms)
         phases[name] = flight / n
         exchanges[name] = {
