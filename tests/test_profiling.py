@@ -8,6 +8,7 @@ import json
 import math
 import os
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -264,20 +265,32 @@ def test_two_layers_bandwidth_totals_and_steps(trainer_runs):
 
 
 # ---- the commands, under a real torchrun ----------------------------------------
-def torchrun(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
-           "-m", "epar", *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+def torchrun(*args: str, timeout: float = 120, cwd=ROOT, check: bool = True) -> subprocess.CompletedProcess:
+    """`torchrun <args>` with a free port (args as after `torchrun`)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--master-port", str(free_port()), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc
+
+
+def epar_run(*args: str, **kw) -> subprocess.CompletedProcess:
+    return torchrun("--nproc-per-node", "2", "-m", "epar", *args, **kw)
+
+
+def readme_cpu_commands() -> list[list[str]]:
+    """The torchrun lines of the README's CPU-sized profiling block, as written."""
+    text = (ROOT / "README.md").read_text().split("## Profiling", 1)[1]
+    block = next(b for b in text.split("```bash")[1:] if b.lstrip().startswith("# CPU-sized")).split("```")[0]
+    return [shlex.split(line)[1:] for line in block.splitlines() if line.startswith("torchrun ")]
 
 
 @pytest.mark.dist
 def test_profile_command(tmp_path):
     out, trace = tmp_path / "prof.json", tmp_path / "trace.json"
     T = 16
-    proc = torchrun("profile", "--d-model", "16", "--d-ff", "16", "--experts", "4", "--top-k", "2", "--tokens", str(T),
+    proc = epar_run("profile", "--d-model", "16", "--d-ff", "16", "--experts", "4", "--top-k", "2", "--tokens", str(T),
                     "--strategy", "token_drop", "--overlap-chunks", "2", "--shared-expert-d-ff", "8",
                     "--steps", "2", "--warmup", "1", "--json", str(out), "--trace", str(trace))
     assert "busbw" in proc.stdout and "imbalance" in proc.stdout
@@ -298,33 +311,49 @@ def test_profile_command(tmp_path):
     for pid in (0, 1):
         names = {e["name"] for e in slices if e["pid"] == pid}
         assert {"route", "permute", "shared", "dispatch[0]", "dispatch[1]", "experts[0]", "experts[1]",
-                "combine[0]", "combine[1]", "unpermute", "total", "backward"} <= names
-        assert {e["tid"] for e in slices if e["pid"] == pid} == {0, 1}  # compute and comm tracks
+                "combine[0]", "combine[1]", "unpermute", "total", "backward", "wait", "backward experts[1]",
+                "backward dispatch[0]", "backward combine[1]", "backward permute[0]", "backward unpermute",
+                "isolated dispatch", "isolated combine", "step 0", "step 1"} <= names
+        # compute, comm, isolated replays, steps
+        assert {e["tid"] for e in slices if e["pid"] == pid} == {0, 1, 2, 3}
     assert all(e["dur"] >= 0 and e["ts"] >= 0 for e in slices)
 
 
 @pytest.mark.dist
-def test_sweep_command(tmp_path):
-    out = tmp_path / "sweep.json"
-    proc = torchrun("sweep", "-b", "1K", "-e", "8K", "-f", "2", "--iters", "3", "--warmup", "1",
-                    "--d-model", "64", "--experts", "8", "--top-k", "2", "--tokens", "128",
-                    "--predict-ep", "2,4,8", "--json", str(out))
+def test_readme_cpu_commands(tmp_path):
+    """The README's CPU-sized profile and sweep commands, run as written."""
+    profile_args, sweep_args = readme_cpu_commands()
+    assert "profile" in profile_args and "sweep" in sweep_args
+    proc = torchrun(*profile_args, cwd=tmp_path)
+    # Off a terminal: plain progress lines, the last one at the last step.
+    assert re.search(r"^step 10/10, [0-9.]+ s elapsed$", proc.stdout, flags=re.M), proc.stdout
+    assert "busbw" in proc.stdout and "hottest" in proc.stdout and "backward by phase" in proc.stdout
+    # Tables use their full width off a terminal: no header is cut.
+    assert "waiting ms" in proc.stdout and "…" not in proc.stdout
+    rep = json.loads((tmp_path / "prof.json").read_text())
+    check_documented(rep, "## `profile --json`: keys")
+    check_bandwidth_and_times(rep, ep=2)
+    assert rep["preset"] == "cpu-small" and rep["steps"] == 10 and rep["totals"]["steps"] == 10
+    (lay,) = rep["layers"]
+    assert len(lay["load"]["tokens_per_expert"]) == 16 and lay["top_k"] == 4
+    assert json.loads((tmp_path / "trace.json").read_text())["traceEvents"]
+
+    proc = torchrun(*sweep_args, cwd=tmp_path)
     assert "algbw" in proc.stdout and "ignores" in proc.stdout
-    rep = json.loads(out.read_text())
+    rep = json.loads((tmp_path / "sweep.json").read_text())
     check_documented(rep, "## `sweep --json`: keys")
-    assert [r["bytes"] for r in rep["rows"]] == [1024, 2048, 4096, 8192]
+    assert [r["bytes"] for r in rep["rows"]] == [1024 * 2**i for i in range(13)]  # 1K .. 4M
     assert rep["wrong"] == 0
     for r in rep["rows"]:
         assert r["wrong"] == 0 and r["time_us"] > 0
         assert r["algbw_gbps"] == pytest.approx(r["bytes"] / (r["time_us"] * 1e-6) / 1e9, **REL)
         assert r["busbw_gbps"] == pytest.approx(r["algbw_gbps"] / 2, **REL)
     pred = rep["prediction"]["rows"]
-    assert [p["ep_size"] for p in pred] == [2, 4, 8]
-    for p in pred:  # dropless: tokens * top_k rows, (n-1)/n of them leave the rank
+    assert [p["ep_size"] for p in pred] == [2, 4, 8, 16]
+    for p in pred:  # dropless: tokens * top_k rows of d_model float32, (n-1)/n of them leave the rank
         n = p["ep_size"]
-        assert p["bytes_to_others"] == pytest.approx(128 * 2 * 64 * 4 * (n - 1) / n)
+        assert p["bytes_to_others"] == pytest.approx(512 * 4 * 128 * 4 * (n - 1) / n)
         assert p["forward_ms"] == pytest.approx(p["dispatch_ms"] + p["combine_ms"])
-        assert p["beyond_sweep"]  # 32 KiB and more against a largest sweep of 4 KiB to others
     assert rep["model_ignores"]
 
 
@@ -361,7 +390,22 @@ def test_bad_option_exit_code_subprocess():
     proc = subprocess.run([sys.executable, "-m", "epar", "profile", "--tokens", "-5"], cwd=ROOT,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
-    assert "--tokens must be >= 1, got -5" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == "python -m epar profile: error: --tokens must be >= 1, got -5 (see --help)"
+
+
+@pytest.mark.dist
+def test_bad_option_under_torchrun(tmp_path):
+    """Under torchrun the message comes first and once, torchrun's report repeats it
+    (not a link to its docs), and the exit code is torchrun's 1, as the docs say."""
+    proc = epar_run("profile", "--experts", "3", cwd=tmp_path, check=False, timeout=60)
+    assert proc.returncode == 1
+    line = "python -m epar profile: error: --experts 3 must be divisible by the EP size 2 (see --help)"
+    err = proc.stderr
+    assert err.count(line) >= 2  # printed by rank 0, then in torchrun's summary
+    first = err.index(line)
+    assert "Traceback" not in err[:first] and "exitcode  : 2" in err
+    assert "To enable traceback" not in err
+    assert "exit code 1" in DOC and "torchrun" in DOC
 
 
 # ---- pure pieces ---------------------------------------------------------------
@@ -374,3 +418,33 @@ def test_fit_recovers_latency_and_bandwidth():
 def test_union_counts_overlapping_chunks_once():
     assert report._union_ms([(0, 2), (1, 3), (5, 6)]) == 4
     assert report._union_ms([]) == 0
+
+
+def test_exposed_is_in_flight_minus_other_work():
+    row = lambda phase, a, b, chunk=None, exposed=None: dict(phase=phase, start_ms=a, end_ms=b, chunk=chunk,  # noqa: E731
+                                                           exposed_from_ms=exposed)
+    # nothing beside the exchange (issue time included): all of it exposed
+    flight, exposed = report.exchange_intervals([row("dispatch", 1, 4, 0, 3), row("total", 0, 9)], "dispatch")
+    assert flight == exposed == [(1, 4)]
+    # two chunks, experts of chunk 0 beside chunk 1, the shared expert beside both
+    rows = [row("dispatch", 1, 3, 0, 2.5), row("dispatch", 1.5, 6, 1, 5), row("shared", 1.2, 2),
+            row("experts", 3, 5, 0), row("combine", 5, 8, 0, 7)]
+    flight, exposed = report.exchange_intervals(rows, "dispatch")
+    assert flight == [(1, 6)] and exposed == [(1, 1.2), (2, 3), (5, 6)]
+    # the combine in flight while the compute side was blocked on dispatch: hidden by it
+    assert report.exchange_intervals(rows, "combine")[1] == [(6, 8)]
+
+
+def test_histogram_and_load_lines():
+    h = report.histogram([0, 1, 2, 3, 10])
+    assert h["edges"][0] == 0 and h["edges"][-1] == 10 and len(h["edges"]) == len(h["counts"]) + 1
+    assert h["counts"] == [2, 2, 0, 0, 1]  # 5 bins of width 2 over 0..10
+    assert report.histogram([4, 4]) == {"edges": [4, 4], "counts": [2]}
+    tpe = [5, 0, 7, 7, 1, 2, 9, 3]
+    load = report._load([dict(tokens_per_expert=tpe, tokens_total=17, dropped_slots=2, unrouted_tokens=0, tokens=17)],
+                        top_k=2, ep_size=4)
+    assert load["per_ep_rank"]["slots"] == [5, 14, 3, 12] and load["dropped_fraction"] == 2 / 34
+    assert [h["expert"] for h in load["hottest"]] == [6, 2, 3, 0, 7]
+    assert [c["expert"] for c in load["coldest"]] == [1, 4, 5, 7, 0]
+    text = report.load_lines(load)
+    assert "hottest (expert:slots) 6:9, 2:7, 3:7, 0:5, 7:3" in text and len(text.splitlines()) <= 8
