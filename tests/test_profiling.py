@@ -448,3 +448,23 @@ def test_histogram_and_load_lines():
     assert [c["expert"] for c in load["coldest"]] == [1, 4, 5, 7, 0]
     text = report.load_lines(load)
     assert "hottest (expert:slots) 6:9, 2:7, 3:7, 0:5, 7:3" in text and len(text.splitlines()) <= 8
+
+
+def test_single_device_backward_by_phase_and_records():
+    """EP size 1 (no process group): backward timed by phase, EP size and top_k taken
+    from the records, dropped fraction at top-2 from the layer's own stats."""
+    cfg = epar.MoEConfig(d_model=8, d_ff=8, num_experts=4, top_k=2, strategy="token_drop", capacity_factor=0.5)
+    torch.manual_seed(0)
+    layer = epar.MoELayer(cfg)
+    dropped = 0
+    with profiling.record() as rec:
+        for _ in range(3):
+            out = layer(torch.randn(12, 8, requires_grad=True))
+            out.y.sum().backward()
+            rec.step()
+            dropped += int(out.stats["dropped_slots"])
+    rep = profiling.summarize(rec)
+    (lay,) = rep["layers"]
+    assert (lay["ep_size"], lay["top_k"], rep["totals"]["steps"]) == (1, 2, 3)
+    assert set(lay["backward"]["phases"]) == {"unpermute", "experts", "permute"} and not lay["exchanges"]
+    assert dropped > 0 and lay["load"]["dropped_fraction"] == pytest.approx(dropped / (3 * 12 * 2))
