@@ -72,8 +72,7 @@ class _Replay:
     row_shape: tuple
     dtype: torch.dtype
     device: torch.device
-    start: object = None
-    end: object = None
+    times: list = field(default_factory=list)  # (start, end) markers of each repeat
 
 
 class _Edge(torch.autograd.Function):
@@ -91,7 +90,10 @@ class _Edge(torch.autograd.Function):
 
 
 class PhaseRecorder:
-    def __init__(self):
+    def __init__(self, repeats: int = 3):
+        if repeats < 1:
+            raise ValueError(f"repeats={repeats} is invalid: an exchange is replayed at least once")
+        self.repeats = repeats  # isolated replays of each exchange per call
         self.spans: list[Span] = []
         self.exchanges: list[Exchange] = []
         self.stats: list[tuple[int, int, dict]] = []  # (layer, call, stats tensors)
@@ -201,7 +203,7 @@ class PhaseRecorder:
     def step(self) -> None:
         """Mark a step boundary (call it on every rank, after backward), then replay
         this step's exchanges in isolation. The replay is collective over each layer's
-        EP group and synchronises the device: one barrier and one all_to_all_single
+        EP group and synchronises the device: `repeats` barriers and all_to_all_singles
         per exchange per layer call, outside every timed phase."""
         device = self._device or torch.device("cpu")
         end = self.mark(device)
@@ -211,18 +213,21 @@ class PhaseRecorder:
         self.mark(device)  # the next step starts here
 
     def replay(self) -> None:
-        """Time every exchange recorded since the last replay, alone: barrier, then one
-        all_to_all_single of the same split sizes (chunks summed) on the same group."""
+        """Time every exchange recorded since the last replay, alone, `repeats` times:
+        barrier, then one all_to_all_single of the same split sizes (chunks summed) on
+        the same group. The report keeps each call's fastest repeat (a stall of this
+        process only ever adds time) and the median over calls."""
         pending, self._replays = list(self._replays.values()), {}
         for r in pending:
             inp = torch.zeros((sum(r.in_splits),) + r.row_shape, dtype=r.dtype, device=r.device)
             out = torch.empty((sum(r.out_splits),) + r.row_shape, dtype=r.dtype, device=r.device)
-            dist.barrier(group=r.group)
-            if r.device.type == "cuda":
-                torch.cuda.synchronize(r.device)
-            r.start = self._raw_mark(r.device)
-            dist.all_to_all_single(out, inp, r.out_splits, r.in_splits, group=r.group)
-            r.end = self._raw_mark(r.device)
+            for _ in range(self.repeats):
+                dist.barrier(group=r.group)
+                if r.device.type == "cuda":
+                    torch.cuda.synchronize(r.device)
+                start = self._raw_mark(r.device)
+                dist.all_to_all_single(out, inp, r.out_splits, r.in_splits, group=r.group)
+                r.times.append((start, self._raw_mark(r.device)))
             r.group = None  # nothing else needs it
             self.replayed.append(r)
 
@@ -251,9 +256,9 @@ class PhaseRecorder:
                              direction=s.direction, start_ms=start_ms, end_ms=end_ms,
                              ms=max(end_ms - start_ms - inner, 0.0),
                              exposed_from_ms=to_ms(s.exposed) if s.exposed is not None else None))
-        self.isolated_rows = [dict(layer=r.layer, call=r.call, phase=r.phase, start_ms=to_ms(r.start),
-                                   end_ms=to_ms(r.end), ms=max(to_ms(r.end) - to_ms(r.start), 0.0))
-                              for r in self.replayed]
+        self.isolated_rows = [dict(layer=r.layer, call=r.call, phase=r.phase, repeat=i, start_ms=to_ms(a),
+                                   end_ms=to_ms(b), ms=max(to_ms(b) - to_ms(a), 0.0))
+                              for r in self.replayed for i, (a, b) in enumerate(r.times)]
         self.step_rows = [dict(step=k, start_ms=to_ms(a), end_ms=to_ms(b)) for k, (a, b) in enumerate(self.steps)]
         return rows
 
@@ -275,12 +280,13 @@ def phase(rec: PhaseRecorder | None, layer: int, call: int, name: str, device: t
 
 
 @contextlib.contextmanager
-def record():
+def record(repeats: int = 3):
     """Collect per-phase times, exchange sizes and load stats of every MoE layer call
     inside the block: `with epar.profiling.record() as rec: ...; rows = rec.finish()`.
-    Call `rec.step()` on every rank at the end of each training step to mark it."""
+    Call `rec.step()` on every rank at the end of each training step to mark it.
+    `repeats`: isolated replays of each exchange per call (bandwidth; see step())."""
     global _current
-    previous, _current = _current, PhaseRecorder()
+    previous, _current = _current, PhaseRecorder(repeats)
     try:
         yield _current
     finally:

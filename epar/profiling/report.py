@@ -15,8 +15,9 @@ Conventions
               the compute side blocked on the other exchange); exposed = in flight - hidden.
               Nothing beside the exchange: hidden is exactly 0.
               transfer = the same exchange replayed alone (barrier, then one synchronous
-              all_to_all_single of the same split sizes, chunks summed): the transfer's
-              own time, which bandwidth is computed from
+              all_to_all_single of the same split sizes, chunks summed; the fastest of
+              a few repeats per call, median over calls): the transfer's own time,
+              which bandwidth is computed from
   bandwidth   nccl-tests all-to-all convention, so figures compare with alltoall_perf:
               algbw = bytes_total / transfer time (the whole send buffer, self block
               included), busbw = algbw * (n-1)/n, n = EP group size; GB = 1e9 bytes
@@ -187,7 +188,11 @@ def rank_figures(summary: dict, layer: int, ep_size: int) -> dict:
         if e["layer"] == layer:
             b = sizes.get((e["call"], e["phase"]), (0, 0))
             sizes[(e["call"], e["phase"])] = (b[0] + e["bytes_total"], b[1] + e["bytes_to_others"])
-    transfer = {(i["call"], i["phase"]): i["ms"] for i in summary.get("isolated", []) if i["layer"] == layer}
+    transfer: dict = {}  # (call, exchange) -> fastest isolated repeat
+    for i in summary.get("isolated", []):
+        if i["layer"] == layer:
+            key = (i["call"], i["phase"])
+            transfer[key] = min(transfer.get(key, i["ms"]), i["ms"])
     forward = _pass_figures(fwd, calls, sizes, transfer, ep_size, PHASES + EXTRA_PHASES, mirror=False)
     backward = _pass_figures(bwd, calls, sizes, transfer, ep_size, BACKWARD_PHASES, mirror=True)
     stats = [s for s in summary["stats"] if s["layer"] == layer]
@@ -395,16 +400,16 @@ def trace_events(per_rank: list[dict]) -> dict:
                 label = "backward " + label
             args = {"layer": r["layer"], "call": r["call"], "chunk": r["chunk"]}
             events.append(slice_(label, r["stream"], r["start_ms"], r["end_ms"], args))
-        calls = sorted({(r["layer"], r["call"], r.get("direction", "forward")) for r in rows})
-        for layer, call, direction in calls:
-            mine = [r for r in rows if (r["layer"], r["call"], r.get("direction", "forward")) == (layer, call, direction)]
+        key = lambda r: (r["layer"], r["call"], r.get("direction", "forward"))  # noqa: E731
+        for layer, call, direction in sorted({key(r) for r in rows}):
+            mine = [r for r in rows if key(r) == (layer, call, direction)]
             for name in EXCHANGE_PHASES:
                 prefix = "backward " if direction == "backward" else ""
                 for lo, hi in exchange_intervals(mine, name)[1]:
                     events.append(slice_(f"{prefix}wait {name}", "compute", lo, hi, {"layer": layer, "call": call}))
         for x in s.get("isolated", []):
             events.append(slice_(f"isolated {x['phase']}", "isolated", x["start_ms"], x["end_ms"],
-                                 {"layer": x["layer"], "call": x["call"]}))
+                                 {"layer": x["layer"], "call": x["call"], "repeat": x.get("repeat", 0)}))
         for st in s.get("steps", []):
             events.append(slice_(f"step {st['step']}", "steps", st["start_ms"], st["end_ms"], {"step": st["step"]}))
     return {"traceEvents": events, "displayTimeUnit": "ms"}
@@ -464,8 +469,10 @@ def load_lines(load: dict) -> str:
     fmt = lambda xs: ", ".join(f"{x['expert']}:{x['slots']}" for x in xs)  # noqa: E731
     lines = [
         f"load ({len(load['tokens_per_expert'])} experts, slots summed over ranks and calls; full vector in the JSON)",
-        f"  per expert   min {pe['min']}  mean {pe['mean']:.1f}  max {pe['max']}  imbalance max/mean {load['imbalance']:.3f}",
-        f"  per EP rank  min {pr['min']}  mean {pr['mean']:.1f}  max {pr['max']}  imbalance max/mean {pr['imbalance']:.3f}",
+        f"  per expert   min {pe['min']}  mean {pe['mean']:.1f}  max {pe['max']}  "
+        f"imbalance max/mean {load['imbalance']:.3f}",
+        f"  per EP rank  min {pr['min']}  mean {pr['mean']:.1f}  max {pr['max']}  "
+        f"imbalance max/mean {pr['imbalance']:.3f}",
         f"  hottest (expert:slots) {fmt(load['hottest'])}",
         f"  coldest (expert:slots) {fmt(load['coldest'])}",
     ]
