@@ -7,7 +7,8 @@ sweep    all_to_all_single bandwidth over message sizes (like nccl-tests alltoal
          and predicts a layer's exchange time at larger EP sizes.
 
 Every option is validated before the process group exists, on every rank alike, so a
-bad option exits with code 2 and a message instead of leaving peers in a collective.
+bad option exits with code 2 and a one-line message instead of leaving peers in a
+collective (under torchrun, torchrun's own report follows and its exit code is 1).
 """
 
 from __future__ import annotations
