@@ -471,3 +471,19 @@ def test_single_device_backward_by_phase_and_records():
     assert (lay["ep_size"], lay["top_k"], rep["totals"]["steps"]) == (1, 2, 3)
     assert set(lay["backward"]["phases"]) == {"unpermute", "experts", "permute"} and not lay["exchanges"]
     assert dropped > 0 and lay["load"]["dropped_fraction"] == pytest.approx(dropped / (3 * 12 * 2))
+
+
+def test_plain_progress_lines_during_a_long_step(capsys):
+    """Off a terminal: a line per finished step (rate-limited, always the last) and a
+    heartbeat line while one step runs longer than the interval."""
+    import time
+
+    with cli._Lines(every=0.2) as bar:
+        bar.start("step", 2)
+        bar.advance()
+        time.sleep(0.9)  # a long step: the heartbeat speaks
+        bar.advance()
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("step 0/2, ") and lines[-1].startswith("step 2/2, ")
+    assert any(line.endswith("(step 2 running)") for line in lines)
+    assert all(re.fullmatch(r"step \d/2, [0-9.]+ s elapsed( \(step \d running\))?", line) for line in lines)
