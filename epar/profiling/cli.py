@@ -83,7 +83,7 @@ class _Parser(argparse.ArgumentParser):
                 except OSError:
                     pass
             if not _is_rank0():
-                time.sleep(1.0)
+                time.sleep(5.0)  # torchrun ends it as soon as rank 0 has exited
         sys.exit(2)
 
 
