@@ -177,7 +177,8 @@ class MoELayer(nn.Module):
         }
         if rec:
             real = plan.num_tokens if num_real is None else num_real
-            rec.add_stats(info.layer_id, info.call_no, {**stats, "num_tokens": torch.tensor(real)})
+            rec.add_stats(info.layer_id, info.call_no, {**stats, "num_tokens": torch.tensor(real)},
+                          top_k=self.config.top_k, ep_size=self.ep_size)
             rec.add_span(profiling.recorder.Span(info.layer_id, info.call_no, "total", None, total, rec.mark(dev)))
         return MoEOutput(y_TD.to(x.dtype).reshape(x.shape), loss, stats, RoutingInfo(plan, tuple(x.shape[:-1])))
 

@@ -8,6 +8,7 @@ import json
 import math
 import os
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -57,24 +58,38 @@ def check_documented(rep: dict, section: str) -> None:
     for key in keys:
         resolve(rep, key)
     # and the other way round: every key the report has at these levels is documented
-    for prefix, obj in [("", rep)] + ([("layers[].", rep["layers"][0]), ("layers[].load.", rep["layers"][0]["load"]),
-                                       ("layers[].ranks[].", rep["layers"][0]["ranks"][0])] if "layers" in rep else []):
+    levels = [("", rep)]
+    if "layers" in rep:
+        lay = rep["layers"][0]
+        levels += [("layers[].", lay), ("layers[].load.", lay["load"]), ("layers[].ranks[].", lay["ranks"][0]),
+                   ("layers[].backward.", lay["backward"]), ("totals.", rep["totals"])]
+        levels += [("layers[].exchanges.<x>.", x) for x in lay["exchanges"].values()]
+    for prefix, obj in levels:
         for k in obj:
             assert prefix + k in keys, f"{prefix + k} is in the JSON but not in docs/profiling.md"
 
 
 def check_bandwidth_and_times(rep: dict, ep: int) -> None:
     for lay in rep["layers"]:
+        assert lay["ep_size"] == ep
         for r in lay["ranks"]:
             assert all(ms >= 0 for ms in r["phases_ms"].values())
+            assert all(ms >= 0 for ms in r["backward_phases_ms"].values())
             assert r["compute_side_ms"] <= r["phases_ms"]["total"] + 1e-9
             assert r["unaccounted_ms"] >= -1e-9
-            for x in r["exchanges"].values():
-                assert x["exposed_ms"] >= 0 and x["hidden_ms"] >= 0
-                assert x["exposed_ms"] + x["hidden_ms"] == pytest.approx(x["ms"], **REL)
-                assert x["algbw_gbps"] == pytest.approx(x["bytes_total"] / (x["ms"] * 1e-3) / 1e9, **REL)
+            for x in list(r["exchanges"].values()) + list(r["backward_exchanges"].values()):
+                assert x["exposed_ms"] >= 0 and x["hidden_ms"] >= -1e-9
+                assert x["exposed_ms"] + x["hidden_ms"] == pytest.approx(x["in_flight_ms"], **REL)
+                assert x["transfer_ms"] > 0
+                assert x["algbw_gbps"] == pytest.approx(x["bytes_total"] / (x["transfer_ms"] * 1e-3) / 1e9, **REL)
                 assert x["busbw_gbps"] == pytest.approx(x["algbw_gbps"] * (ep - 1) / ep, **REL)
-        for s in lay["phases"].values():
+                assert x["waiting_ms"] == pytest.approx(max(x["exposed_ms"] - x["transfer_ms"], 0), **REL)
+            # a backward exchange moves the bytes of the forward one that mirrors it
+            for name, mirror in (("dispatch", "combine"), ("combine", "dispatch")):
+                if name in r["backward_exchanges"]:
+                    b, f = r["backward_exchanges"][name], r["exchanges"][mirror]
+                    assert (b["bytes_total"], b["transfer_ms"]) == (f["bytes_total"], f["transfer_ms"])
+        for s in list(lay["phases"].values()) + list(lay["backward"]["phases"].values()):
             assert 0 <= s["min"] <= s["median"] <= s["max"]
         for x in lay["exchanges"].values():
             for q in ("min", "median", "max"):
@@ -83,7 +98,8 @@ def check_bandwidth_and_times(rep: dict, ep: int) -> None:
 
 # ---- in a trainer: world 2 -------------------------------------------------------
 CASES = {  # name: (config overrides, tokens of rank 0 and rank 1, dtype)
-    "token_drop": (dict(strategy="token_drop", overlap_chunks=2, shared_expert_d_ff=8), (10, 12), torch.float32),
+    "token_drop": (dict(strategy="token_drop", capacity_factor=0.75, overlap_chunks=2, shared_expert_d_ff=8),
+                   (10, 12), torch.float32),
     "expert_choice": (dict(strategy="expert_choice"), (9, 16), torch.float64),
     "dropless": (dict(strategy="dropless", overlap_chunks=2), (11, 7), torch.float32),
 }
@@ -101,20 +117,49 @@ def _trainer_runs(rank, world):
         x = torch.randn(tokens[rank], D, dtype=dtype)
 
         assert profiling.current() is None
-        y_off = layer(x).y  # recorder off
+        x_off = x.clone().requires_grad_(True)
+        y_off = layer(x_off).y  # recorder off
+        y_off.sum().backward()
         stats = []
         with profiling.record() as rec:
             assert profiling.current() is rec
             for _ in range(2):
-                out = layer(x.clone().requires_grad_(True))
+                x_on = x.clone().requires_grad_(True)
+                out = layer(x_on)
                 out.y.sum().backward()
-                stats.append(out.stats["tokens_per_expert"].tolist())
+                rec.step()
+                stats.append({k: v.tolist() for k, v in out.stats.items()})
         assert profiling.current() is None
-        # Recording changes nothing the layer computes.
-        assert torch.equal(out.y.detach(), y_off)
-        rep = profiling.summarize(rec, ep_size=world, top_k=K)  # a collective
-        results[name] = dict(report=rep, tokens_per_expert=stats)
+        # Recording (phase marks, backward edges) changes nothing the layer computes.
+        assert torch.equal(out.y.detach(), y_off.detach()) and torch.equal(x_on.grad, x_off.grad)
+        rep = profiling.summarize(rec)  # a collective; EP size and top_k come from the records
+        results[name] = dict(report=rep, stats=stats)
+    results["two_layers"] = _two_layer_run(rank, groups)
     return results
+
+
+TWO_LAYER_STEPS = 6
+
+
+def _two_layer_run(rank, groups, steps=TWO_LAYER_STEPS):
+    """Two layers of the same shapes in a row, capacity-padded (so both exchange exactly
+    the same bytes, 1 MiB per exchange), one without overlap and one with 2 chunks."""
+    layers = []
+    for chunks in (1, 2):
+        cfg = epar.MoEConfig(d_model=256, d_ff=16, num_experts=E, top_k=K, strategy="token_drop",
+                             capacity_factor=1.0, overlap_chunks=chunks)
+        torch.manual_seed(chunks)
+        layers.append(epar.MoELayer(cfg, groups.ep_group))
+    torch.manual_seed(20 + rank)
+    x = torch.randn(512, 256)
+    with profiling.record() as rec:
+        for _ in range(steps):
+            y = layers[1](layers[0](x.clone().requires_grad_(True)).y).y
+            y.sum().backward()
+            rec.step()
+    per_rank = profiling.report.gather(rec)
+    return dict(report=profiling.report.make_report(per_rank), trace=profiling.report.trace_events(per_rank),
+                layer_ids=[lay.layer_id for lay in layers])
 
 
 @pytest.fixture(scope="module")
@@ -129,10 +174,10 @@ def _expected_bytes(name: str, runs) -> dict:
     row = D * torch.empty((), dtype=dtype).element_size()
     L = E // 2
     if name == "dropless":
-        tpe = [runs[r][name]["tokens_per_expert"][0] for r in range(2)]
+        tpe = [runs[r][name]["stats"][0]["tokens_per_expert"] for r in range(2)]
         send = [sum(tpe[r][e] for e in range(E) if e // L != r) for r in range(2)]
     else:
-        cap = [math.ceil(1.25 * t * K / E) for t in tokens]
+        cap = [math.ceil(overrides.get("capacity_factor", 1.25) * t * K / E) for t in tokens]
         if name == "expert_choice":
             cap = [min(c, t) for c, t in zip(cap, tokens)]
         send = [L * c for c in cap]  # every expert has exactly `capacity` padded rows
@@ -154,31 +199,100 @@ def test_trainer_report(trainer_runs, name):
     for ex in ("dispatch", "combine"):
         assert [r["exchanges"][ex]["bytes_to_others"] for r in lay["ranks"]] == expected[ex]
     # Load: global counts are the per-rank output stats summed over ranks and calls.
-    tpe = [sum(trainer_runs[r][name]["tokens_per_expert"][c][e] for r in range(2) for c in range(2)) for e in range(E)]
-    assert lay["load"]["tokens_per_expert"] == tpe
-    assert lay["load"]["imbalance"] == pytest.approx(max(tpe) / (sum(tpe) / E))
-    assert lay["load"]["tokens_per_rank"] == list(CASES[name][1])
+    stats = [trainer_runs[r][name]["stats"][c] for r in range(2) for c in range(2)]
+    tpe = [sum(s["tokens_per_expert"][e] for s in stats) for e in range(E)]
+    load = lay["load"]
+    assert load["tokens_per_expert"] == tpe and load["top_k"] == lay["top_k"] == K
+    assert load["imbalance"] == pytest.approx(max(tpe) / (sum(tpe) / E))
+    assert load["per_expert"] == {"min": min(tpe), "max": max(tpe), "mean": pytest.approx(sum(tpe) / E)}
+    assert load["per_ep_rank"]["slots"] == [tpe[0] + tpe[1], tpe[2] + tpe[3]]
+    assert [h["slots"] for h in load["hottest"]] == sorted(tpe, reverse=True)[:5]
+    assert [c["slots"] for c in load["coldest"]] == sorted(tpe)[:5]
+    assert sum(load["histogram"]["counts"]) == E
+    assert load["tokens_per_rank"] == list(CASES[name][1])
+    # Dropped fraction at top-2, from the layer's own stats: dropped slots / (tokens x top_k).
+    dropped = sum(s["dropped_slots"] for s in stats)
+    assert load["dropped_fraction"] == pytest.approx(dropped / (2 * sum(CASES[name][1]) * K))
+    assert rep["totals"]["dropped_fraction"] == pytest.approx(load["dropped_fraction"])
+    if name == "token_drop":
+        assert dropped > 0  # capacity factor 0.75: the check above is not 0 == 0
     if name == "dropless":
-        assert lay["load"]["dropped_fraction"] == 0
+        assert dropped == 0
     if "shared_expert_d_ff" in CASES[name][0]:
         assert "shared" in lay["phases"]
+    # The split-size exchange is its own phase; backward is timed by phase.
+    assert "wait" in lay["phases"] and "permute" in lay["phases"]
+    assert set(lay["backward"]["phases"]) == {"unpermute", "combine", "experts", "dispatch", "permute"}
+    assert set(lay["backward"]["exchanges"]) == {"dispatch", "combine"}
+    assert rep["totals"]["steps"] == 2 and rep["totals"]["layers"] == 1
+    if CASES[name][0].get("overlap_chunks", 1) == 1 and not CASES[name][0].get("shared_expert_d_ff"):
+        # One chunk, no shared expert: nothing runs beside an exchange, so nothing is hidden.
+        for r in lay["ranks"]:
+            for x in list(r["exchanges"].values()) + list(r["backward_exchanges"].values()):
+                assert x["hidden_ms"] == 0 and x["exposed_ms"] == x["in_flight_ms"]
+
+
+@pytest.mark.dist
+def test_two_layers_bandwidth_totals_and_steps(trainer_runs):
+    runs = [trainer_runs[r]["two_layers"] for r in range(2)]
+    rep = runs[0]["report"]
+    check_bandwidth_and_times(rep, ep=2)
+    one, two = rep["layers"]
+    assert [one["layer"], two["layer"]] == runs[0]["layer_ids"]
+    assert (one["exchanges"]["dispatch"]["chunks"], two["exchanges"]["dispatch"]["chunks"]) == (1, 2)
+    for ex in ("dispatch", "combine"):
+        a, b = one["exchanges"][ex], two["exchanges"][ex]
+        assert a["bytes_total"] == b["bytes_total"]  # capacity-padded: the same bytes
+        assert a["hidden_ms"]["max"] == 0  # one chunk, no shared expert
+        # Bandwidth is the transfer's own: overlap does not divide it.
+        assert 0.5 < b["algbw_gbps"]["median"] / a["algbw_gbps"]["median"] < 2
+    # Totals per step over both layers: each rank's per-call figures summed (one call per step).
+    tot = rep["totals"]
+    assert tot["layers"] == 2 and tot["steps"] == TWO_LAYER_STEPS
+    for p in ("total", "experts"):
+        for q in ("min", "max"):
+            per_rank = [one["ranks"][i]["phases_ms"][p] + two["ranks"][i]["phases_ms"][p] for i in range(2)]
+            assert tot["phases"][p][q] == pytest.approx({"min": min, "max": max}[q](per_rank), **REL)
+    assert tot["exchanges"]["forward"]["dispatch"]["bytes_total"]["median"] == 2 * one["exchanges"]["dispatch"][
+        "bytes_total"]["median"]
+    # The trace marks every step on every rank, and shows the isolated replays apart.
+    slices = [e for e in runs[0]["trace"]["traceEvents"] if e["ph"] == "X"]
+    for pid in (0, 1):
+        mine = [e for e in slices if e["pid"] == pid]
+        steps = sorted(e["name"] for e in mine if e["name"].startswith("step "))
+        assert steps == [f"step {k}" for k in range(TWO_LAYER_STEPS)]
+        # per step, per layer, 3 repeats
+        assert sum(e["name"] == "isolated dispatch" for e in mine) == TWO_LAYER_STEPS * 2 * 3
+        assert {"backward experts[0]", "backward experts[1]", "backward dispatch[1]"} <= {e["name"] for e in mine}
 
 
 # ---- the commands, under a real torchrun ----------------------------------------
-def torchrun(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
-           "-m", "epar", *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+def torchrun(*args: str, timeout: float = 120, cwd=ROOT, check: bool = True) -> subprocess.CompletedProcess:
+    """`torchrun <args>` with a free port (args as after `torchrun`)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--master-port", str(free_port()), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc
+
+
+def epar_run(*args: str, **kw) -> subprocess.CompletedProcess:
+    return torchrun("--nproc-per-node", "2", "-m", "epar", *args, **kw)
+
+
+def readme_cpu_commands() -> list[list[str]]:
+    """The torchrun lines of the README's CPU-sized profiling block, as written."""
+    text = (ROOT / "README.md").read_text().split("## Profiling", 1)[1]
+    block = next(b for b in text.split("```bash")[1:] if b.lstrip().startswith("# CPU-sized")).split("```")[0]
+    return [shlex.split(line)[1:] for line in block.splitlines() if line.startswith("torchrun ")]
 
 
 @pytest.mark.dist
 def test_profile_command(tmp_path):
     out, trace = tmp_path / "prof.json", tmp_path / "trace.json"
     T = 16
-    proc = torchrun("profile", "--d-model", "16", "--d-ff", "16", "--experts", "4", "--top-k", "2", "--tokens", str(T),
+    proc = epar_run("profile", "--d-model", "16", "--d-ff", "16", "--experts", "4", "--top-k", "2", "--tokens", str(T),
                     "--strategy", "token_drop", "--overlap-chunks", "2", "--shared-expert-d-ff", "8",
                     "--steps", "2", "--warmup", "1", "--json", str(out), "--trace", str(trace))
     assert "busbw" in proc.stdout and "imbalance" in proc.stdout
@@ -199,33 +313,49 @@ def test_profile_command(tmp_path):
     for pid in (0, 1):
         names = {e["name"] for e in slices if e["pid"] == pid}
         assert {"route", "permute", "shared", "dispatch[0]", "dispatch[1]", "experts[0]", "experts[1]",
-                "combine[0]", "combine[1]", "unpermute", "total", "backward"} <= names
-        assert {e["tid"] for e in slices if e["pid"] == pid} == {0, 1}  # compute and comm tracks
+                "combine[0]", "combine[1]", "unpermute", "total", "backward", "wait", "backward experts[1]",
+                "backward dispatch[0]", "backward combine[1]", "backward permute[0]", "backward unpermute",
+                "isolated dispatch", "isolated combine", "step 0", "step 1"} <= names
+        # compute, comm, isolated replays, steps
+        assert {e["tid"] for e in slices if e["pid"] == pid} == {0, 1, 2, 3}
     assert all(e["dur"] >= 0 and e["ts"] >= 0 for e in slices)
 
 
 @pytest.mark.dist
-def test_sweep_command(tmp_path):
-    out = tmp_path / "sweep.json"
-    proc = torchrun("sweep", "-b", "1K", "-e", "8K", "-f", "2", "--iters", "3", "--warmup", "1",
-                    "--d-model", "64", "--experts", "8", "--top-k", "2", "--tokens", "128",
-                    "--predict-ep", "2,4,8", "--json", str(out))
+def test_readme_cpu_commands(tmp_path):
+    """The README's CPU-sized profile and sweep commands, run as written."""
+    profile_args, sweep_args = readme_cpu_commands()
+    assert "profile" in profile_args and "sweep" in sweep_args
+    proc = torchrun(*profile_args, cwd=tmp_path)
+    # Off a terminal: plain progress lines, the last one at the last step.
+    assert re.search(r"^step 10/10, [0-9.]+ s elapsed$", proc.stdout, flags=re.M), proc.stdout
+    assert "busbw" in proc.stdout and "hottest" in proc.stdout and "backward by phase" in proc.stdout
+    # Tables use their full width off a terminal: no header is cut.
+    assert "waiting ms" in proc.stdout and "…" not in proc.stdout
+    rep = json.loads((tmp_path / "prof.json").read_text())
+    check_documented(rep, "## `profile --json`: keys")
+    check_bandwidth_and_times(rep, ep=2)
+    assert rep["preset"] == "cpu-small" and rep["steps"] == 10 and rep["totals"]["steps"] == 10
+    (lay,) = rep["layers"]
+    assert len(lay["load"]["tokens_per_expert"]) == 16 and lay["top_k"] == 4
+    assert json.loads((tmp_path / "trace.json").read_text())["traceEvents"]
+
+    proc = torchrun(*sweep_args, cwd=tmp_path)
     assert "algbw" in proc.stdout and "ignores" in proc.stdout
-    rep = json.loads(out.read_text())
+    rep = json.loads((tmp_path / "sweep.json").read_text())
     check_documented(rep, "## `sweep --json`: keys")
-    assert [r["bytes"] for r in rep["rows"]] == [1024, 2048, 4096, 8192]
+    assert [r["bytes"] for r in rep["rows"]] == [1024 * 2**i for i in range(13)]  # 1K .. 4M
     assert rep["wrong"] == 0
     for r in rep["rows"]:
         assert r["wrong"] == 0 and r["time_us"] > 0
         assert r["algbw_gbps"] == pytest.approx(r["bytes"] / (r["time_us"] * 1e-6) / 1e9, **REL)
         assert r["busbw_gbps"] == pytest.approx(r["algbw_gbps"] / 2, **REL)
     pred = rep["prediction"]["rows"]
-    assert [p["ep_size"] for p in pred] == [2, 4, 8]
-    for p in pred:  # dropless: tokens * top_k rows, (n-1)/n of them leave the rank
+    assert [p["ep_size"] for p in pred] == [2, 4, 8, 16]
+    for p in pred:  # dropless: tokens * top_k rows of d_model float32, (n-1)/n of them leave the rank
         n = p["ep_size"]
-        assert p["bytes_to_others"] == pytest.approx(128 * 2 * 64 * 4 * (n - 1) / n)
+        assert p["bytes_to_others"] == pytest.approx(512 * 4 * 128 * 4 * (n - 1) / n)
         assert p["forward_ms"] == pytest.approx(p["dispatch_ms"] + p["combine_ms"])
-        assert p["beyond_sweep"]  # 32 KiB and more against a largest sweep of 4 KiB to others
     assert rep["model_ignores"]
 
 
@@ -262,7 +392,22 @@ def test_bad_option_exit_code_subprocess():
     proc = subprocess.run([sys.executable, "-m", "epar", "profile", "--tokens", "-5"], cwd=ROOT,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
-    assert "--tokens must be >= 1, got -5" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == "python -m epar profile: error: --tokens must be >= 1, got -5 (see --help)"
+
+
+@pytest.mark.dist
+def test_bad_option_under_torchrun(tmp_path):
+    """Under torchrun the message comes first and once, torchrun's report repeats it
+    (not a link to its docs), and the exit code is torchrun's 1, as the docs say."""
+    proc = epar_run("profile", "--experts", "3", cwd=tmp_path, check=False, timeout=60)
+    assert proc.returncode == 1
+    line = "python -m epar profile: error: --experts 3 must be divisible by the EP size 2 (see --help)"
+    err = proc.stderr
+    assert err.count(line) >= 2  # printed by rank 0, then in torchrun's summary
+    first = err.index(line)
+    assert "Traceback" not in err[:first] and "exitcode  : 2" in err
+    assert "To enable traceback" not in err
+    assert "exit code 1" in DOC and "torchrun" in DOC
 
 
 # ---- pure pieces ---------------------------------------------------------------
@@ -275,3 +420,70 @@ def test_fit_recovers_latency_and_bandwidth():
 def test_union_counts_overlapping_chunks_once():
     assert report._union_ms([(0, 2), (1, 3), (5, 6)]) == 4
     assert report._union_ms([]) == 0
+
+
+def test_exposed_is_in_flight_minus_other_work():
+    def row(phase, a, b, chunk=None, exposed=None):
+        return dict(phase=phase, start_ms=a, end_ms=b, chunk=chunk, exposed_from_ms=exposed)
+
+    # nothing beside the exchange (issue time included): all of it exposed
+    flight, exposed = report.exchange_intervals([row("dispatch", 1, 4, 0, 3), row("total", 0, 9)], "dispatch")
+    assert flight == exposed == [(1, 4)]
+    # two chunks, experts of chunk 0 beside chunk 1, the shared expert beside both
+    rows = [row("dispatch", 1, 3, 0, 2.5), row("dispatch", 1.5, 6, 1, 5), row("shared", 1.2, 2),
+            row("experts", 3, 5, 0), row("combine", 5, 8, 0, 7)]
+    flight, exposed = report.exchange_intervals(rows, "dispatch")
+    assert flight == [(1, 6)] and exposed == [(1, 1.2), (2, 3), (5, 6)]
+    # the combine in flight while the compute side was blocked on dispatch: hidden by it
+    assert report.exchange_intervals(rows, "combine")[1] == [(6, 8)]
+
+
+def test_histogram_and_load_lines():
+    h = report.histogram([0, 1, 2, 3, 10])
+    assert h["edges"][0] == 0 and h["edges"][-1] == 10 and len(h["edges"]) == len(h["counts"]) + 1
+    assert h["counts"] == [2, 2, 0, 0, 1]  # 5 bins of width 2 over 0..10
+    assert report.histogram([4, 4]) == {"edges": [4, 4], "counts": [2]}
+    tpe = [5, 0, 7, 7, 1, 2, 9, 3]
+    load = report._load([dict(tokens_per_expert=tpe, tokens_total=17, dropped_slots=2, unrouted_tokens=0, tokens=17)],
+                        top_k=2, ep_size=4)
+    assert load["per_ep_rank"]["slots"] == [5, 14, 3, 12] and load["dropped_fraction"] == 2 / 34
+    assert [h["expert"] for h in load["hottest"]] == [6, 2, 3, 0, 7]
+    assert [c["expert"] for c in load["coldest"]] == [1, 4, 5, 7, 0]
+    text = report.load_lines(load)
+    assert "hottest (expert:slots) 6:9, 2:7, 3:7, 0:5, 7:3" in text and len(text.splitlines()) <= 8
+
+
+def test_single_device_backward_by_phase_and_records():
+    """EP size 1 (no process group): backward timed by phase, EP size and top_k taken
+    from the records, dropped fraction at top-2 from the layer's own stats."""
+    cfg = epar.MoEConfig(d_model=8, d_ff=8, num_experts=4, top_k=2, strategy="token_drop", capacity_factor=0.5)
+    torch.manual_seed(0)
+    layer = epar.MoELayer(cfg)
+    dropped = 0
+    with profiling.record() as rec:
+        for _ in range(3):
+            out = layer(torch.randn(12, 8, requires_grad=True))
+            out.y.sum().backward()
+            rec.step()
+            dropped += int(out.stats["dropped_slots"])
+    rep = profiling.summarize(rec)
+    (lay,) = rep["layers"]
+    assert (lay["ep_size"], lay["top_k"], rep["totals"]["steps"]) == (1, 2, 3)
+    assert set(lay["backward"]["phases"]) == {"unpermute", "experts", "permute"} and not lay["exchanges"]
+    assert dropped > 0 and lay["load"]["dropped_fraction"] == pytest.approx(dropped / (3 * 12 * 2))
+
+
+def test_plain_progress_lines_during_a_long_step(capsys):
+    """Off a terminal: a line per finished step (rate-limited, always the last) and a
+    heartbeat line while one step runs longer than the interval."""
+    import time
+
+    with cli._Lines(every=0.2) as bar:
+        bar.start("step", 2)
+        bar.advance()
+        time.sleep(0.9)  # a long step: the heartbeat speaks
+        bar.advance()
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("step 0/2, ") and lines[-1].startswith("step 2/2, ")
+    assert any(line.endswith("(step 2 running)") for line in lines)
+    assert all(re.fullmatch(r"step \d/2, [0-9.]+ s elapsed( \(step \d running\))?", line) for line in lines)

@@ -92,18 +92,29 @@ def run_on_side_stream(fn: Callable[[], torch.Tensor], device: torch.device, tim
         return fn()
 
 
+def _backward_edges(rec: PhaseRecorder | None, info: CallInfo, dev):
+    """`edge(t, ends, starts)`: t, with backward phase marks when recording (see
+    PhaseRecorder.backward_edge); t itself otherwise."""
+    if rec is None:
+        return lambda t, ends=(), starts=(): t
+    return lambda t, ends=(), starts=(): rec.backward_edge(t, info.layer_id, info.call_no, dev, ends, starts)
+
+
 class LocalDispatcher:
     """All experts on this device: permute, one grouped GEMM call, combine."""
 
     def __call__(self, x_TD, plan: RoutingPlan, experts: ExpertFn, acc_dtype, info: CallInfo,
                  out_dtype=None):
         rec, dev = info.recorder, x_TD.device
+        edge = _backward_edges(rec, info, dev)
         with phase(rec, info.layer_id, info.call_no, "permute", dev):
-            rows_SD = gather_rows(x_TD, plan)
+            rows_SD = edge(gather_rows(edge(x_TD, ends=[("permute", 0)]), plan),
+                           ends=[("experts", 0)], starts=[("permute", 0)])
         with phase(rec, info.layer_id, info.call_no, "experts", dev):
-            out_SD = experts(rows_SD, plan.rows_per_expert_E)
+            out_SD = edge(experts(rows_SD, plan.rows_per_expert_E), ends=[("unpermute", None)],
+                          starts=[("experts", 0)])
         with phase(rec, info.layer_id, info.call_no, "unpermute", dev):
-            return combine(out_SD, plan, acc_dtype, out_dtype)
+            return edge(combine(out_SD, plan, acc_dtype, out_dtype), starts=[("unpermute", None)])
 
 
 class AllToAllDispatcher:
@@ -222,10 +233,11 @@ class AllToAllDispatcher:
         rec, dev, lid, call = info.recorder, x_TD.device, info.layer_id, info.call_no
         row_bytes = x_TD.shape[1] * x_TD.element_size()
 
-        def record_exchange(name: str, j: int, splits: list[int]) -> None:
+        def record_exchange(name: str, j: int, splits: list[int], recv_splits: list[int]) -> None:
             if rec:
                 total = row_bytes * sum(splits)
-                rec.add_exchange(Exchange(lid, call, name, j, total - row_bytes * splits[self.rank], total))
+                rec.add_exchange(Exchange(lid, call, name, j, total - row_bytes * splits[self.rank], total),
+                                 self.group, splits, recv_splits, x_TD)
 
         def finish_exchange(name: str, j: int, started) -> torch.Tensor:
             t0, buf, pend = started
@@ -235,15 +247,20 @@ class AllToAllDispatcher:
                 rec.add_span(Span(lid, call, name, j, t0, rec.mark(dev), "comm", t_wait))
             return out
 
+        edge = _backward_edges(rec, info, dev)
         with phase(rec, lid, call, "permute", dev):
+            # The split-size exchange is where a rank waits for its slowest peer: "wait".
             if self.config.overlap_chunks == 1:
                 # Queue the gather first: the device works on it while the host waits for
                 # dropless split sizes (the one device-to-host read, as late as possible).
-                sends = [gather_rows(x_TD, plan)]
-                chunks = self._chunks(plan, info, x_TD.dtype)
+                sends = [gather_rows(edge(x_TD, ends=[("permute", 0)]), plan)]
+                with phase(rec, lid, call, "wait", dev):
+                    chunks = self._chunks(plan, info, x_TD.dtype)
             else:  # chunk rows are indexed with sizes from the host
-                chunks = self._chunks(plan, info, x_TD.dtype)
-                sends = [gather_rows(x_TD, plan, ch.rows) for ch in chunks]
+                with phase(rec, lid, call, "wait", dev):
+                    chunks = self._chunks(plan, info, x_TD.dtype)
+                sends = [gather_rows(edge(x_TD, ends=[("permute", j)]), plan, ch.rows) for j, ch in enumerate(chunks)]
+            sends = [edge(t, ends=[("dispatch", j)], starts=[("permute", j)]) for j, t in enumerate(sends)]
 
         # Every chunk's dispatch goes out at once: chunk j+1 is in flight while j computes.
         dispatches = []
@@ -251,7 +268,7 @@ class AllToAllDispatcher:
             t0 = rec.mark(dev) if rec else None
             dispatches.append((t0,) + comm.start(sends[j], self.group, ch.out_splits, ch.in_splits,
                                                  "dispatch all_to_all_single"))
-            record_exchange("dispatch", j, ch.in_splits)
+            record_exchange("dispatch", j, ch.in_splits, ch.out_splits)
 
         shared_out = None
         if shared_fn is not None:
@@ -261,14 +278,17 @@ class AllToAllDispatcher:
 
         combines = []
         for j, ch in enumerate(chunks):
-            recv_RD = finish_exchange("dispatch", j, dispatches[j])
+            recv_RD = edge(finish_exchange("dispatch", j, dispatches[j]), ends=[("experts", j)],
+                           starts=[("dispatch", j)])
             with phase(rec, lid, call, "experts", dev, j):
-                out_RD = self._run_experts(recv_RD, ch, experts)
+                out_RD = edge(self._run_experts(recv_RD, ch, experts), ends=[("combine", j)],
+                              starts=[("experts", j)])
             t0 = rec.mark(dev) if rec else None
             combines.append((t0,) + comm.start(out_RD, self.group, ch.in_splits, ch.out_splits,
                                                "combine all_to_all_single"))
-            record_exchange("combine", j, ch.out_splits)
-        backs = [finish_exchange("combine", j, started) for j, started in enumerate(combines)]
+            record_exchange("combine", j, ch.out_splits, ch.in_splits)
+        backs = [edge(finish_exchange("combine", j, started), ends=[("unpermute", None)], starts=[("combine", j)])
+                 for j, started in enumerate(combines)]
 
         if shared_out is not None and dev.type == "cuda":
             torch.cuda.current_stream(dev).wait_stream(_side_stream(dev))
@@ -278,5 +298,5 @@ class AllToAllDispatcher:
             else:
                 rows = torch.cat([ch.rows for ch in chunks])
                 y_SD = permute_rows(torch.cat(backs), inverse_permutation(rows), rows)
-            y_TD = combine(y_SD, plan, acc_dtype, out_dtype)
+            y_TD = edge(combine(y_SD, plan, acc_dtype, out_dtype), starts=[("unpermute", None)])
         return y_TD, shared_out

@@ -1,5 +1,5 @@
 from . import report
-from .recorder import PHASES, PhaseRecorder, current, phase, record
+from .recorder import BACKWARD_PHASES, PHASES, PhaseRecorder, current, phase, record
 from .report import summarize
 
-__all__ = ["PHASES", "PhaseRecorder", "current", "phase", "record", "report", "summarize"]
+__all__ = ["BACKWARD_PHASES", "PHASES", "PhaseRecorder", "current", "phase", "record", "report", "summarize"]

@@ -7,17 +7,20 @@ sweep    all_to_all_single bandwidth over message sizes (like nccl-tests alltoal
          and predicts a layer's exchange time at larger EP sizes.
 
 Every option is validated before the process group exists, on every rank alike, so a
-bad option exits with code 2 and a message instead of leaving peers in a collective.
+bad option exits with code 2 and a one-line message instead of leaving peers in a
+collective (under torchrun, torchrun's own report follows and its exit code is 1).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import re
 import socket
 import sys
+import threading
 import time
 
 import torch
@@ -32,9 +35,13 @@ from ..layer import MoELayer
 from ..shapes import BENCH_SHAPES
 from . import recorder, report
 
-# Preset shapes (tokens per rank) under this CLI's option names.
+# Preset shapes (tokens per rank) under this CLI's option names. The benchmark shapes
+# are GPU-sized (one profile step of qwen3-like takes minutes on a CPU); cpu-small keeps
+# the many-experts, top-k > 2 routing at a size two CPU ranks profile in seconds.
 PRESETS = {name: dict(d_model=s["d_model"], d_ff=s["d_ff"], experts=s["num_experts"], top_k=s["top_k"],
                       tokens=s["tokens"]) for name, s in BENCH_SHAPES.items()}
+PRESETS["cpu-small"] = dict(d_model=128, d_ff=256, experts=16, top_k=4, tokens=512)
+CPU_PRESETS = ("cpu-small",)
 DEFAULTS = dict(d_model=256, d_ff=512, experts=8, top_k=2, tokens=1024)  # small: runs on CPU
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "float64": torch.float64}
@@ -53,12 +60,30 @@ def _is_rank0() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+def _under_torchrun() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):
-        # Every torchrun worker parses the same argv: one copy of the message is enough.
+        """One line on stderr, exit code 2. Every torchrun worker parses the same argv and
+        finds the same error: rank 0 prints it; the others wait a moment, so that rank 0
+        prints and exits first and is the failure torchrun names. Each worker also
+        leaves the message in torchrun's error file, so torchrun's own report (printed
+        after it, exit code 1) repeats it instead of a link to its docs."""
+        line = f"{self.prog}: error: {message} (see --help)"
         if _is_rank0():
-            self.print_usage(sys.stderr)
-            print(f"{self.prog}: error: {message}", file=sys.stderr)
+            print(line, file=sys.stderr, flush=True)
+        if _under_torchrun():
+            error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+            if error_file:
+                try:
+                    with open(error_file, "w") as f:
+                        json.dump({"message": line, "timestamp": int(time.time())}, f)
+                except OSError:
+                    pass
+            if not _is_rank0():
+                time.sleep(5.0)  # torchrun ends it as soon as rank 0 has exited
         sys.exit(2)
 
 
@@ -79,7 +104,9 @@ def _ep_list(text: str) -> list[int]:
 
 def _layer_options(p: argparse.ArgumentParser, title: str) -> None:
     g = p.add_argument_group(f"{title} (a preset sets the shapes; explicit options override it)")
-    g.add_argument("--preset", choices=sorted(PRESETS))
+    g.add_argument("--preset", choices=sorted(PRESETS),
+                   help=f"{', '.join(CPU_PRESETS)}: CPU-sized (seconds on 2 CPU ranks); "
+                        f"{', '.join(sorted(set(PRESETS) - set(CPU_PRESETS)))}: GPU-sized")
     g.add_argument("--d-model", type=int)
     g.add_argument("--d-ff", type=int)
     g.add_argument("--experts", type=int)
@@ -203,23 +230,23 @@ def profile(args, parser) -> dict:
             layer.zero_grad(set_to_none=True)
             x.grad = None
 
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      disable=env.rank != 0, transient=False) as bar:
-            task = bar.add_task("warmup", total=args.warmup)
+        with _progress(env.rank == 0) as bar:
+            bar.start("warmup", args.warmup)
             for _ in range(args.warmup):
                 step(None)
-                bar.advance(task)
-            task = bar.add_task("profile", total=args.steps)
+                bar.advance()
+            bar.start("step", args.steps)
             with recorder.record() as rec:
                 for _ in range(args.steps):
                     step(rec)
-                    bar.advance(task)
+                    rec.step()  # step boundary; replays this step's exchanges alone (bandwidth)
+                    bar.advance()
         per_rank = report.gather(rec)
         meta = {"command": "profile", "preset": args.preset, "backend": env.backend, "device": env.device.type,
                 "timer": "cuda_event" if env.device.type == "cuda" else "perf_counter",
                 "dtype": str(dtype).removeprefix("torch."), "tokens_per_rank": args.tokens,
                 "steps": args.steps, "warmup": args.warmup, "config": cfg.to_dict()}
-        rep = report.make_report(per_rank, ep, cfg.top_k, meta)
+        rep = report.make_report(per_rank, meta=meta)
         if env.rank == 0:
             report.print_report(rep, _console())
             if args.json:
@@ -233,7 +260,90 @@ def profile(args, parser) -> dict:
 
 
 def _console() -> Console:
-    return Console(width=None if sys.stdout.isatty() else 132)
+    # Off a terminal rich would assume 80 columns and cut the tables: let them be as
+    # wide as they need (a log file has no width).
+    return Console(width=None if sys.stdout.isatty() else 1000)
+
+
+class _Lines:
+    """Progress as plain lines, for logs: `step k/N, t s elapsed` when a step ends (at
+    most one line per `every` s, always the last), and from a heartbeat thread when a
+    single step runs longer than `every` s."""
+
+    def __init__(self, every: float = 5.0):
+        self.every, self.t0 = every, time.perf_counter()
+        self.label, self.k, self.n, self.last = "", 0, 0, self.t0
+        self._lock, self._stop = threading.Lock(), threading.Event()
+        self._beat = threading.Thread(target=self._heartbeat, daemon=True)
+
+    def _line(self, note: str = "") -> None:
+        with self._lock:
+            self.last = time.perf_counter()
+            print(f"{self.label} {self.k}/{self.n}, {self.last - self.t0:.1f} s elapsed{note}", flush=True)
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(0.5):
+            if self.label and time.perf_counter() - self.last >= self.every:
+                self._line(f" (step {self.k + 1} running)")
+
+    def start(self, label: str, total: int) -> None:
+        self.label, self.k, self.n = label, 0, total
+        if total:
+            self._line()
+
+    def advance(self) -> None:
+        self.k += 1
+        if self.k == self.n or time.perf_counter() - self.last >= self.every:
+            self._line()
+
+    def __enter__(self):
+        self._beat.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._beat.join()
+
+
+class _Bar:
+    """Progress as a rich bar, on a terminal."""
+
+    def __init__(self):
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        self.task = None
+
+    def start(self, label: str, total: int) -> None:
+        self.task = self.bar.add_task(label, total=total)
+
+    def advance(self) -> None:
+        self.bar.advance(self.task)
+
+    def __enter__(self):
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.bar.__exit__(*exc)
+
+
+class _Silent:
+    def start(self, label, total):
+        pass
+
+    def advance(self):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+
+def _progress(shown: bool):
+    if not shown:
+        return _Silent()
+    return _Bar() if sys.stdout.isatty() else _Lines()
 
 
 # ---- sweep -----------------------------------------------------------------------

@@ -1,19 +1,30 @@
-"""Recorder rows of every rank -> one report: per-phase spread across ranks, exchange
-bandwidth, load stats; printed as rich tables, written as JSON and as a trace.
+"""Recorder rows of every rank -> one report: per-phase spread across ranks, forward and
+backward, exchange time and bandwidth, load stats, totals over layers; printed as rich
+tables, written as JSON and as a trace.
 
 Flow: `gather(rec)` (a collective: every rank calls it) -> per-rank summaries, plain
-Python -> `make_report(per_rank, ep_size)` (pure, rank-independent) -> `print_report`,
+Python -> `make_report(per_rank)` (pure, rank-independent) -> `print_report`,
 `write_json`, `write_trace` on whichever rank writes. JSON keys: docs/profiling.md.
 
 Conventions
   times       ms per layer call, mean over the recorded calls of each rank; the spread
               (min / median / max) is across ranks
-  exchanges   time = from issuing the first chunk to the last chunk having arrived, as
-              seen by the compute side (union of the chunks' intervals); exposed = the
-              part the compute side spent waiting; hidden = time - exposed
+  exchanges   in flight = from issuing the first chunk to the last chunk having arrived,
+              as seen by the compute side (union of the chunks' intervals); hidden = the
+              part of it during which other timed work ran (other phases of the call, or
+              the compute side blocked on the other exchange); exposed = in flight - hidden.
+              Nothing beside the exchange: hidden is exactly 0.
+              transfer = the same exchange replayed alone (barrier, then one synchronous
+              all_to_all_single of the same split sizes, chunks summed; the fastest of
+              a few repeats per call, median over calls): the transfer's own time,
+              which bandwidth is computed from
   bandwidth   nccl-tests all-to-all convention, so figures compare with alltoall_perf:
-              algbw = bytes_total / time (the whole send buffer, self block included),
-              busbw = algbw * (n-1)/n, n = EP group size; GB = 1e9 bytes
+              algbw = bytes_total / transfer time (the whole send buffer, self block
+              included), busbw = algbw * (n-1)/n, n = EP group size; GB = 1e9 bytes
+  backward    phases timed between identity autograd nodes; a backward exchange moves
+              the bytes of the forward exchange that mirrors it (backward dispatch sends
+              what forward dispatch received, i.e. the forward combine's buffers), so its
+              transfer time is that exchange's isolated replay
 """
 
 from __future__ import annotations
@@ -24,28 +35,35 @@ import statistics
 
 import torch.distributed as dist
 
-from .recorder import PHASES, PhaseRecorder
+from .recorder import BACKWARD_PHASES, PHASES, PhaseRecorder
 
-SCHEMA = "epar.profile/1"
+SCHEMA = "epar.profile/2"
 EXCHANGE_PHASES = ("dispatch", "combine")
+MIRROR = {"dispatch": "combine", "combine": "dispatch"}
 # Phases that, when timed on the compute stream, never overlap each other: with the
-# exposed part of each exchange they add up to no more than "total" (the rest is
+# exposed part of the exchanges they add up to no more than "total" (the rest is
 # unaccounted). Work on another stream (the shared expert on a CUDA side stream)
 # overlaps them and is left out of that sum.
-COMPUTE_PHASES = ("route", "permute", "experts", "unpermute", "shared")
+COMPUTE_PHASES = ("route", "permute", "wait", "experts", "unpermute", "shared")
 EXTRA_PHASES = ("backward",)  # recorded by the profile command around loss.backward()
+NOT_WORK = EXCHANGE_PHASES + ("total",) + EXTRA_PHASES  # spans that are not work beside an exchange
 
 
 # ---- per rank -------------------------------------------------------------------
 def local_summary(rec: PhaseRecorder, rank: int | None = None) -> dict:
     """This rank's raw figures as plain Python (picklable for all_gather_object).
-    Reads every marker and stats tensor back: call it after the recorded steps."""
+    Replays the exchanges not yet replayed (a collective over each layer's EP group)
+    and reads every marker and stats tensor back: call it after the recorded steps."""
     if rank is None:
         rank = dist.get_rank() if dist.is_initialized() else 0
+    rows = rec.finish()
     return {
         "rank": rank,
-        "rows": rec.finish(),
+        "rows": rows,
         "exchanges": [dataclasses.asdict(e) for e in rec.exchanges],
+        "isolated": rec.isolated_rows,
+        "steps": rec.step_rows,
+        "layers": {layer: dict(meta) for layer, meta in rec.layers.items()},
         "stats": [{"layer": layer, "call": call, **{k: v.tolist() for k, v in s.items()}}
                   for layer, call, s in rec.stats],
     }
@@ -61,61 +79,133 @@ def gather(rec: PhaseRecorder, group=None) -> list[dict]:
     return everyone
 
 
-def _union_ms(intervals: list[tuple[float, float]]) -> float:
-    """Length of a union of intervals: chunks of one exchange are in flight together."""
-    total, end = 0.0, float("-inf")
+# ---- interval arithmetic (ms) ----------------------------------------------------
+def _merge(intervals) -> list[tuple[float, float]]:
+    """Sorted, disjoint union of intervals."""
+    out = []
     for lo, hi in sorted(intervals):
-        if hi > end:
-            total += hi - max(lo, end)
-            end = hi
-    return total
+        if hi <= lo:
+            continue
+        if out and lo <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], hi))
+        else:
+            out.append((lo, hi))
+    return out
+
+
+def _length(intervals) -> float:
+    return sum(hi - lo for lo, hi in _merge(intervals))
+
+
+def _union_ms(intervals) -> float:
+    """Length of a union of intervals: chunks of one exchange are in flight together."""
+    return _length(intervals)
+
+
+def _subtract(a, b) -> list[tuple[float, float]]:
+    """Parts of the union of `a` not covered by the union of `b`."""
+    out, b = [], _merge(b)
+    for lo, hi in _merge(a):
+        cur = lo
+        for blo, bhi in b:
+            if bhi <= cur or blo >= hi:
+                continue
+            if blo > cur:
+                out.append((cur, blo))
+            cur = max(cur, bhi)
+        if cur < hi:
+            out.append((cur, hi))
+    return out
+
+
+def exchange_intervals(rows: list[dict], name: str) -> tuple[list, list]:
+    """(in flight, exposed) intervals of exchange `name` among the rows of one call and
+    one direction. Hidden = in flight covered by other work: any other timed phase, or
+    the compute side blocked on the other exchange."""
+    flight = _merge((r["start_ms"], r["end_ms"]) for r in rows if r["phase"] == name)
+    busy = [(r["start_ms"], r["end_ms"]) for r in rows if r["phase"] not in NOT_WORK]
+    busy += [(r["exposed_from_ms"], r["end_ms"]) for r in rows
+             if r["phase"] in EXCHANGE_PHASES and r["phase"] != name and r["exposed_from_ms"] is not None]
+    return flight, _subtract(flight, busy)
 
 
 def _gbps(nbytes: float, ms: float) -> float:
     return nbytes / (ms * 1e-3) / 1e9 if ms > 0 else 0.0
 
 
-def rank_figures(summary: dict, layer: int, ep_size: int) -> dict:
-    """One rank's figures for one layer, per call (mean over its recorded calls)."""
-    rows = [r for r in summary["rows"] if r["layer"] == layer]
-    calls = sorted({r["call"] for r in rows if r["phase"] == "total"})
-    n_calls = max(len(calls), 1)
-    phases, exchanges = {}, {}
-    for name in PHASES + EXTRA_PHASES:
+def _pass_figures(rows: list[dict], calls: list[int], sizes: dict, transfer: dict, ep_size: int,
+                  names: tuple, mirror: bool) -> dict:
+    """Per-call means of one direction (forward or backward) of one layer on one rank."""
+    n = max(len(calls), 1)
+    by_call = {c: [r for r in rows if r["call"] == c] for c in calls}
+    phases, exchanges, exposed_all = {}, {}, 0.0
+    for name in names:
         mine = [r for r in rows if r["phase"] == name]
-        if not mine:
+        if mine and name not in EXCHANGE_PHASES:
+            phases[name] = sum(r["ms"] for r in mine) / n
+    for name in EXCHANGE_PHASES:
+        if not any(r["phase"] == name for r in rows):
             continue
-        if name not in EXCHANGE_PHASES:
-            phases[name] = sum(r["ms"] for r in mine) / n_calls
-            continue
-        span = sum(_union_ms([(r["start_ms"], r["end_ms"]) for r in mine if r["call"] == c]) for c in calls)
-        exposed = sum(r["end_ms"] - r["exposed_from_ms"] for r in mine if r["exposed_from_ms"] is not None)
-        recs = [e for e in summary["exchanges"] if e["layer"] == layer and e["phase"] == name]
-        ms, exposed = span / n_calls, max(exposed / n_calls, 0.0)
-        bytes_total = sum(e["bytes_total"] for e in recs) / n_calls
-        algbw = _gbps(bytes_total, ms)
-        phases[name] = ms
+        flight = exposed = 0.0
+        for c in calls:
+            f, e = exchange_intervals(by_call[c], name)
+            flight, exposed = flight + _length(f), exposed + _length(e)
+        source = MIRROR[name] if mirror else name  # whose bytes and replay this exchange mirrors
+        bytes_total = sum(sizes.get((c, source), (0, 0))[0] for c in calls) / n
+        to_others = sum(sizes.get((c, source), (0, 0))[1] for c in calls) / n
+        replays = [transfer[(c, source)] for c in calls if (c, source) in transfer]
+        transfer_ms = statistics.median(replays) if replays else 0.0  # one stalled replay must not skew it
+        algbw = _gbps(bytes_total, transfer_ms)
+        phases[name] = flight / n
         exchanges[name] = {
-            "chunks": len({r["chunk"] for r in mine}),
-            "bytes_to_others": sum(e["bytes_to_others"] for e in recs) / n_calls,
+            "chunks": len({r["chunk"] for r in rows if r["phase"] == name}),
+            "bytes_to_others": to_others,
             "bytes_total": bytes_total,
-            "ms": ms,
-            "exposed_ms": min(exposed, ms),
-            "hidden_ms": max(ms - exposed, 0.0),
+            "in_flight_ms": flight / n,
+            "exposed_ms": exposed / n,
+            "hidden_ms": (flight - exposed) / n,
+            "transfer_ms": transfer_ms,
+            # exposed beyond what the transfer alone takes: waiting for a slower peer
+            # to join the exchange (or contention), not moving bytes
+            "waiting_ms": max(exposed / n - transfer_ms, 0.0),
             "algbw_gbps": algbw,
             "busbw_gbps": algbw * (ep_size - 1) / ep_size,
         }
-    compute = sum(r["ms"] for r in rows if r["phase"] in COMPUTE_PHASES and r["stream"] == "compute") / n_calls
-    compute += sum(x["exposed_ms"] for x in exchanges.values())
+    for c in calls:  # exposed time of both exchanges together (they can overlap in time)
+        exposed_all += _length([iv for name in EXCHANGE_PHASES for iv in exchange_intervals(by_call[c], name)[1]])
+    compute = sum(r["ms"] for r in rows if r["phase"] in COMPUTE_PHASES and r["stream"] == "compute") / n
+    return {"phases_ms": phases, "exchanges": exchanges, "compute_side_ms": compute + exposed_all / n}
+
+
+def rank_figures(summary: dict, layer: int, ep_size: int) -> dict:
+    """One rank's figures for one layer, per call (mean over its recorded calls)."""
+    rows = [r for r in summary["rows"] if r["layer"] == layer]
+    fwd = [r for r in rows if r.get("direction", "forward") == "forward"]
+    bwd = [r for r in rows if r.get("direction") == "backward"]
+    calls = sorted({r["call"] for r in fwd if r["phase"] == "total"})
+    sizes: dict = {}
+    for e in summary["exchanges"]:
+        if e["layer"] == layer:
+            b = sizes.get((e["call"], e["phase"]), (0, 0))
+            sizes[(e["call"], e["phase"])] = (b[0] + e["bytes_total"], b[1] + e["bytes_to_others"])
+    transfer: dict = {}  # (call, exchange) -> fastest isolated repeat
+    for i in summary.get("isolated", []):
+        if i["layer"] == layer:
+            key = (i["call"], i["phase"])
+            transfer[key] = min(transfer.get(key, i["ms"]), i["ms"])
+    forward = _pass_figures(fwd, calls, sizes, transfer, ep_size, PHASES + EXTRA_PHASES, mirror=False)
+    backward = _pass_figures(bwd, calls, sizes, transfer, ep_size, BACKWARD_PHASES, mirror=True)
     stats = [s for s in summary["stats"] if s["layer"] == layer]
     tokens_per_expert = [sum(col) for col in zip(*(s["tokens_per_expert"] for s in stats))]
     return {
         "rank": summary["rank"],
         "calls": len(calls),
-        "phases_ms": phases,
-        "compute_side_ms": compute,
-        "unaccounted_ms": phases.get("total", 0.0) - compute,
-        "exchanges": exchanges,
+        "phases_ms": forward["phases_ms"],
+        "compute_side_ms": forward["compute_side_ms"],
+        "unaccounted_ms": forward["phases_ms"].get("total", 0.0) - forward["compute_side_ms"],
+        "exchanges": forward["exchanges"],
+        "backward_phases_ms": backward["phases_ms"],
+        "backward_exchanges": backward["exchanges"],
         "tokens": sum(s["num_tokens"] for s in stats) / max(len(stats), 1),
         "tokens_per_expert": tokens_per_expert,
         "dropped_slots": sum(s["dropped_slots"] for s in stats),
@@ -129,49 +219,149 @@ def spread(values: list[float]) -> dict:
     return {"min": min(values), "median": statistics.median(values), "max": max(values)}
 
 
-def _load(ranks: list[dict], top_k: int) -> dict:
+def _stat(values: list[float]) -> dict:
+    mean = sum(values) / len(values) if values else 0.0
+    return {"min": min(values, default=0), "max": max(values, default=0), "mean": mean,
+            "imbalance": max(values) / mean if mean > 0 else 0.0}
+
+
+def histogram(values: list[float], bins: int = 8) -> dict:
+    """Equal-width bins from min to max; `edges` has one more entry than `counts`."""
+    lo, hi = min(values), max(values)
+    bins = 1 if hi == lo else min(bins, len(values))
+    width = (hi - lo) / bins or 1
+    counts = [0] * bins
+    for v in values:
+        counts[min(int((v - lo) / width), bins - 1)] += 1
+    return {"edges": [lo + i * width for i in range(bins)] + [hi], "counts": counts}
+
+
+def _load(ranks: list[dict], top_k: int, ep_size: int) -> dict:
     tpe = [sum(col) for col in zip(*(r["tokens_per_expert"] for r in ranks if r["tokens_per_expert"]))]
-    mean = sum(tpe) / len(tpe) if tpe else 0.0
     tokens = sum(r["tokens_total"] for r in ranks)
     slots = tokens * top_k
+    dropped = sum(r["dropped_slots"] for r in ranks)
+    E = len(tpe)
+    per_expert = _stat(tpe)
+    L = E // ep_size if E and E % ep_size == 0 else E  # experts per EP rank (contiguous blocks)
+    per_rank = [sum(tpe[i:i + L]) for i in range(0, E, L)] if E else []
+    by_count = sorted(range(E), key=lambda e: (-tpe[e], e))
     return {
         "tokens_per_expert": tpe,
-        "imbalance": max(tpe) / mean if mean > 0 else 0.0,
-        "dropped_fraction": sum(r["dropped_slots"] for r in ranks) / slots if slots else 0.0,
+        "imbalance": per_expert["imbalance"],
+        "per_expert": {k: per_expert[k] for k in ("min", "max", "mean")},
+        "per_ep_rank": {"slots": per_rank, **_stat(per_rank)},
+        "hottest": [{"expert": e, "slots": tpe[e]} for e in by_count[:5]],
+        "coldest": [{"expert": e, "slots": tpe[e]} for e in sorted(range(E), key=lambda e: (tpe[e], e))[:5]],
+        "histogram": histogram(tpe) if tpe else {"edges": [], "counts": []},
+        "top_k": top_k,
+        "slots": slots,
+        "dropped_slots": dropped,
+        "dropped_fraction": dropped / slots if slots else 0.0,
         "unrouted_fraction": sum(r["unrouted_tokens"] for r in ranks) / tokens if tokens else 0.0,
         "tokens_per_rank": [r["tokens"] for r in ranks],
     }
 
 
-def make_report(per_rank: list[dict], ep_size: int | None = None, top_k: int = 1, meta: dict | None = None) -> dict:
-    """The cross-rank report. `ep_size` (default: number of summaries) sets busbw's
-    (n-1)/n; `top_k` the slot count behind dropped_fraction."""
-    ep_size = ep_size or len(per_rank)
+def _exchange_spread(ranks: list[dict], key: str) -> dict:
+    names = [p for p in EXCHANGE_PHASES if any(p in r[key] for r in ranks)]
+    out = {}
+    for name in names:
+        mine = [r[key][name] for r in ranks if name in r[key]]
+        out[name] = {"chunks": max(m["chunks"] for m in mine),
+                     **{k: spread([m[k] for m in mine]) for k in mine[0] if k != "chunks"}}
+    return out
+
+
+def _layer_meta(per_rank: list[dict], layer: int) -> dict:
+    meta: dict = {}
+    for s in per_rank:
+        meta.update(s.get("layers", {}).get(layer, {}))
+    return meta
+
+
+def make_report(per_rank: list[dict], ep_size: int | None = None, top_k: int | None = None,
+                meta: dict | None = None) -> dict:
+    """The cross-rank report. Each layer's EP size (busbw's (n-1)/n) and top_k (the
+    slot count behind dropped_fraction) come from the records; `ep_size` and `top_k`
+    override them (needed only for summaries recorded without them)."""
     layer_ids = sorted({r["layer"] for s in per_rank for r in s["rows"]})
     layers = []
     for layer in layer_ids:
-        ranks = [rank_figures(s, layer, ep_size) for s in per_rank]
+        lm = _layer_meta(per_rank, layer)
+        n = ep_size or lm.get("ep_size") or len(per_rank)
+        k = top_k or lm.get("top_k") or 1
+        ranks = [rank_figures(s, layer, n) for s in per_rank]
         names = [p for p in PHASES + EXTRA_PHASES if any(p in r["phases_ms"] for r in ranks)]
-        ex_names = [p for p in EXCHANGE_PHASES if any(p in r["exchanges"] for r in ranks)]
-        exchanges = {}
-        for name in ex_names:
-            mine = [r["exchanges"].get(name) for r in ranks if name in r["exchanges"]]
-            exchanges[name] = {"chunks": max(m["chunks"] for m in mine),
-                               **{k: spread([m[k] for m in mine]) for k in mine[0] if k != "chunks"}}
+        bnames = [p for p in BACKWARD_PHASES if any(p in r["backward_phases_ms"] for r in ranks)]
         layers.append({
             "layer": layer,
+            "ep_size": n,
+            "top_k": k,
             "calls": max(r["calls"] for r in ranks),
             "phases": {p: spread([r["phases_ms"].get(p, 0.0) for r in ranks]) for p in names},
-            "exchanges": exchanges,
-            "load": _load(ranks, top_k),
+            "exchanges": _exchange_spread(ranks, "exchanges"),
+            "backward": {"phases": {p: spread([r["backward_phases_ms"].get(p, 0.0) for r in ranks]) for p in bnames},
+                         "exchanges": _exchange_spread(ranks, "backward_exchanges")},
+            "load": _load(ranks, k, n),
             "ranks": ranks,
         })
-    return {"schema": SCHEMA, **(meta or {}), "ep_size": ep_size, "world_size": len(per_rank), "layers": layers}
+    ep_sizes = {lay["ep_size"] for lay in layers}
+    return {"schema": SCHEMA, **(meta or {}),
+            "ep_size": ep_size or (ep_sizes.pop() if len(ep_sizes) == 1 else len(per_rank)),
+            "world_size": len(per_rank), "layers": layers, "totals": _totals(per_rank, layers)}
 
 
-def summarize(rec: PhaseRecorder, ep_size: int | None = None, top_k: int = 1, group=None,
+def _totals(per_rank: list[dict], layers: list[dict]) -> dict:
+    """All layers together, per step: each rank's per-call figures x calls, summed over
+    layers, divided by its steps (`rec.step()` calls; without any, the most calls of
+    one layer, i.e. one call per layer per step)."""
+    steps = [len(s.get("steps", [])) or max((lay["ranks"][i]["calls"] for lay in layers), default=1)
+             for i, s in enumerate(per_rank)]
+    steps = [max(s, 1) for s in steps]
+
+    def per_step(get) -> dict:  # rank i -> sum over layers of get(rank figures) * calls / steps
+        return spread([sum(get(lay["ranks"][i]) * lay["ranks"][i]["calls"] for lay in layers) / steps[i]
+                       for i in range(len(per_rank))])
+
+    phases = {p: per_step(lambda r, p=p: r["phases_ms"].get(p, 0.0))
+              for p in PHASES + EXTRA_PHASES if any(p in lay["phases"] for lay in layers)}
+    backward = {p: per_step(lambda r, p=p: r["backward_phases_ms"].get(p, 0.0))
+                for p in BACKWARD_PHASES if any(p in lay["backward"]["phases"] for lay in layers)}
+    exchanges = {}
+    for key, out_key in (("exchanges", "forward"), ("backward_exchanges", "backward")):
+        for name in EXCHANGE_PHASES:
+            if not any(name in lay["ranks"][0][key] for lay in layers):
+                continue
+            fig = {f: per_step(lambda r, f=f: r[key].get(name, {}).get(f, 0.0))
+                   for f in ("bytes_total", "in_flight_ms", "exposed_ms", "hidden_ms", "transfer_ms")}
+            # bandwidth over all layers: total bytes / total transfer time, per rank
+            bw = []
+            for i in range(len(per_rank)):
+                b = sum(lay["ranks"][i][key].get(name, {}).get("bytes_total", 0.0) * lay["ranks"][i]["calls"]
+                        for lay in layers)
+                t = sum(lay["ranks"][i][key].get(name, {}).get("transfer_ms", 0.0) * lay["ranks"][i]["calls"]
+                        for lay in layers)
+                bw.append(_gbps(b, t))
+            exchanges.setdefault(out_key, {})[name] = {**fig, "algbw_gbps": spread(bw)}
+    slots = sum(lay["load"]["slots"] for lay in layers)
+    tokens = sum(r["tokens_total"] for lay in layers for r in lay["ranks"])
+    return {
+        "steps": max(steps, default=0),
+        "layers": len(layers),
+        "phases": phases,
+        "backward_phases": backward,
+        "exchanges": exchanges,
+        "dropped_fraction": sum(lay["load"]["dropped_slots"] for lay in layers) / slots if slots else 0.0,
+        "unrouted_fraction": (sum(r["unrouted_tokens"] for lay in layers for r in lay["ranks"]) / tokens
+                              if tokens else 0.0),
+    }
+
+
+def summarize(rec: PhaseRecorder, ep_size: int | None = None, top_k: int | None = None, group=None,
               meta: dict | None = None) -> dict:
-    """gather + make_report: the trainer's one call (a collective; every rank gets the report)."""
+    """gather + make_report: the trainer's one call (a collective; every rank gets the
+    report). EP size and top_k come from the records; the arguments only override."""
     return make_report(gather(rec, group), ep_size, top_k, meta)
 
 
@@ -184,18 +374,21 @@ def write_json(report: dict, path: str) -> None:
 
 def trace_events(per_rank: list[dict]) -> dict:
     """Chrome / Perfetto trace-event JSON: process = rank, thread = stream, one complete
-    ("X") slice per phase and chunk. Each rank's clock starts at its own first marker
-    (clocks of different hosts or GPUs are not comparable). Exposed exchange time also
-    shows as a "wait <exchange>" slice on the compute track."""
+    ("X") slice per phase and chunk, forward and backward ("backward experts[0]").
+    Each rank's clock starts at its own first marker (clocks of different hosts or GPUs
+    are not comparable). Exposed exchange time shows as "wait <exchange>" slices on the
+    compute track; step boundaries as "step k" slices on a "steps" track; the isolated
+    replays of the exchanges as "isolated <exchange>" slices on a track of their own."""
     events = []
     for s in per_rank:
         pid, rows = s["rank"], s["rows"]
-        streams = ["compute"] + sorted({r["stream"] for r in rows} - {"compute"})
+        streams = ["compute"] + sorted({r["stream"] for r in rows} - {"compute"}) + ["isolated", "steps"]
         tid = {name: i for i, name in enumerate(streams)}
         events.append({"ph": "M", "name": "process_name", "pid": pid, "tid": 0, "args": {"name": f"rank {pid}"}})
         events += [{"ph": "M", "name": "thread_name", "pid": pid, "tid": i, "args": {"name": name}}
                    for name, i in tid.items()]
-        t0 = min((r["start_ms"] for r in rows), default=0.0)
+        starts = [r["start_ms"] for r in rows] + [x["start_ms"] for x in s.get("steps", []) + s.get("isolated", [])]
+        t0 = min(starts, default=0.0)
 
         def slice_(name, stream, start, end, args):
             return {"ph": "X", "name": name, "cat": stream, "pid": pid, "tid": tid[stream],
@@ -203,10 +396,22 @@ def trace_events(per_rank: list[dict]) -> dict:
 
         for r in rows:
             label = r["phase"] if r["chunk"] is None else f"{r['phase']}[{r['chunk']}]"
+            if r.get("direction") == "backward":
+                label = "backward " + label
             args = {"layer": r["layer"], "call": r["call"], "chunk": r["chunk"]}
             events.append(slice_(label, r["stream"], r["start_ms"], r["end_ms"], args))
-            if r["exposed_from_ms"] is not None:
-                events.append(slice_(f"wait {label}", "compute", r["exposed_from_ms"], r["end_ms"], args))
+        key = lambda r: (r["layer"], r["call"], r.get("direction", "forward"))  # noqa: E731
+        for layer, call, direction in sorted({key(r) for r in rows}):
+            mine = [r for r in rows if key(r) == (layer, call, direction)]
+            for name in EXCHANGE_PHASES:
+                prefix = "backward " if direction == "backward" else ""
+                for lo, hi in exchange_intervals(mine, name)[1]:
+                    events.append(slice_(f"{prefix}wait {name}", "compute", lo, hi, {"layer": layer, "call": call}))
+        for x in s.get("isolated", []):
+            events.append(slice_(f"isolated {x['phase']}", "isolated", x["start_ms"], x["end_ms"],
+                                 {"layer": x["layer"], "call": x["call"], "repeat": x.get("repeat", 0)}))
+        for st in s.get("steps", []):
+            events.append(slice_(f"step {st['step']}", "steps", st["start_ms"], st["end_ms"], {"step": st["step"]}))
     return {"traceEvents": events, "displayTimeUnit": "ms"}
 
 
@@ -222,33 +427,86 @@ def _fmt_bytes(n: float) -> str:
         n /= 1024
 
 
+_BARS = " ▁▂▃▄▅▆▇█"
+
+
+def _sparkline(counts: list[int]) -> str:
+    top = max(counts, default=0) or 1
+    return "".join(_BARS[round(c / top * (len(_BARS) - 1))] if c else "·" for c in counts)
+
+
+def _phase_table(title: str, phases: dict):
+    from rich.table import Table
+
+    t = Table(title=title)
+    for col in ("phase", "min", "median", "max"):
+        t.add_column(col, justify="left" if col == "phase" else "right")
+    for name, s in phases.items():
+        label = name + (" (in flight)" if name in EXCHANGE_PHASES else "")
+        t.add_row(label, *(f"{s[k]:.3f}" for k in ("min", "median", "max")))
+    return t
+
+
+def _exchange_table(title: str, exchanges: dict):
+    from rich.table import Table
+
+    t = Table(title=title)
+    for col in ("exchange", "chunks", "to others", "in flight ms", "exposed ms", "hidden ms", "transfer ms",
+                "waiting ms", "algbw GB/s", "busbw GB/s"):
+        t.add_column(col, justify="right")
+    for name, x in exchanges.items():
+        bw = lambda k: " / ".join(f"{x[k][q]:.3g}" for q in ("min", "median", "max"))  # noqa: E731
+        t.add_row(name, str(x["chunks"]), _fmt_bytes(x["bytes_to_others"]["median"]),
+                  *(f"{x[k]['median']:.3f}" for k in ("in_flight_ms", "exposed_ms", "hidden_ms", "transfer_ms",
+                                                      "waiting_ms")),
+                  bw("algbw_gbps"), bw("busbw_gbps"))
+    return t
+
+
+def load_lines(load: dict) -> str:
+    """The load in a few lines: spread per expert and per EP rank, the extremes, a histogram."""
+    pe, pr, h = load["per_expert"], load["per_ep_rank"], load["histogram"]
+    fmt = lambda xs: ", ".join(f"{x['expert']}:{x['slots']}" for x in xs)  # noqa: E731
+    lines = [
+        f"load ({len(load['tokens_per_expert'])} experts, slots summed over ranks and calls; full vector in the JSON)",
+        f"  per expert   min {pe['min']}  mean {pe['mean']:.1f}  max {pe['max']}  "
+        f"imbalance max/mean {load['imbalance']:.3f}",
+        f"  per EP rank  min {pr['min']}  mean {pr['mean']:.1f}  max {pr['max']}  "
+        f"imbalance max/mean {pr['imbalance']:.3f}",
+        f"  hottest (expert:slots) {fmt(load['hottest'])}",
+        f"  coldest (expert:slots) {fmt(load['coldest'])}",
+    ]
+    if h["counts"]:
+        lines.append(f"  histogram    {h['edges'][0]:.0f} |{_sparkline(h['counts'])}| {h['edges'][-1]:.0f}   "
+                     f"experts per bin {h['counts']}")
+    lines.append(f"  dropped slots {100 * load['dropped_fraction']:.2f}% (top-{load['top_k']}), unrouted tokens "
+                 f"{100 * load['unrouted_fraction']:.2f}%, tokens per rank per call "
+                 f"{[round(t) for t in load['tokens_per_rank']]}")
+    return "\n".join(lines)
+
+
 def print_report(report: dict, console=None) -> None:
     from rich.console import Console  # imported here: epar itself need not load rich
-    from rich.table import Table
 
     console = console or Console()
     n = report["world_size"]
     for lay in report["layers"]:
-        t = Table(title=f"layer {lay['layer']}: ms per call over {lay['calls']} calls, across {n} ranks")
-        for col in ("phase", "min", "median", "max"):
-            t.add_column(col, justify="left" if col == "phase" else "right")
-        for name, s in lay["phases"].items():
-            label = name + (" (in flight)" if name in EXCHANGE_PHASES else "")
-            t.add_row(label, *(f"{s[k]:.3f}" for k in ("min", "median", "max")))
-        console.print(t)
+        console.print(_phase_table(f"layer {lay['layer']}: forward, ms per call over {lay['calls']} calls, "
+                                   f"across {n} ranks", lay["phases"]))
         if lay["exchanges"]:
-            t = Table(title=f"exchanges (median across ranks; bandwidth min / median / max, EP size {report['ep_size']})")
-            for col in ("exchange", "chunks", "to others", "ms", "exposed ms", "hidden ms", "algbw GB/s", "busbw GB/s"):
-                t.add_column(col, justify="right")
-            for name, x in lay["exchanges"].items():
-                bw = lambda k: " / ".join(f"{x[k][q]:.3g}" for q in ("min", "median", "max"))  # noqa: E731
-                t.add_row(name, str(x["chunks"]), _fmt_bytes(x["bytes_to_others"]["median"]),
-                          f"{x['ms']['median']:.3f}", f"{x['exposed_ms']['median']:.3f}",
-                          f"{x['hidden_ms']['median']:.3f}", bw("algbw_gbps"), bw("busbw_gbps"))
-            console.print(t)
-        load = lay["load"]
-        console.print(
-            f"load: tokens per expert (all ranks, all calls) {load['tokens_per_expert']}\n"
-            f"      imbalance max/mean {load['imbalance']:.3f}, dropped slots {100 * load['dropped_fraction']:.2f}%, "
-            f"unrouted tokens {100 * load['unrouted_fraction']:.2f}%, tokens per rank per call "
-            f"{[round(t) for t in load['tokens_per_rank']]}")
+            console.print(_exchange_table(
+                f"exchanges, forward (median across ranks; bandwidth from the isolated transfer, "
+                f"min / median / max, EP size {lay['ep_size']})", lay["exchanges"]))
+        if lay["backward"]["phases"]:
+            console.print(_phase_table(f"layer {lay['layer']}: backward by phase, ms per call",
+                                       lay["backward"]["phases"]))
+        if lay["backward"]["exchanges"]:
+            console.print(_exchange_table("exchanges, backward (bytes and transfer of the mirroring forward "
+                                          "exchange)", lay["backward"]["exchanges"]))
+        console.print(load_lines(lay["load"]))
+    tot = report.get("totals")
+    if tot and tot["layers"] > 1:
+        phases = {**tot["phases"], **{f"backward {p}": s for p, s in tot["backward_phases"].items()}}
+        console.print(_phase_table(f"all {tot['layers']} layers: ms per step over {tot['steps']} steps", phases))
+        console.print(f"all layers: dropped slots {100 * tot['dropped_fraction']:.2f}%, "
+                      f"unrouted tokens {100 * tot['unrouted_fraction']:.2f}%")
