@@ -485,3 +485,23 @@ def test_unaligned_hidden_size_takes_a_working_path_per_projection():
     out64.square().sum().backward()
     torch.testing.assert_close(layer(x).y.double(), out64, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(x32.grad.double(), x64.grad, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("strategy", ["dropless", "token_drop", "expert_choice"])
+def test_layer_trains_under_cpu_autocast(strategy):
+    # The router stays float32 under autocast: same routing as without it, and backward
+    # works (it used to meet a bf16 gradient beside float32 router weights).
+    cfg = epar.MoEConfig(d_model=16, d_ff=16, num_experts=4, strategy=strategy, shared_expert_d_ff=16)
+    torch.manual_seed(0)
+    layer = epar.MoELayer(cfg)
+    x = torch.randn(2, 8, 16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+        (out.y.float().square().mean() + out.aux_loss).backward()
+    ref = layer(x.detach())
+    for key in ref.stats:
+        assert torch.equal(out.stats[key], ref.stats[key]), key
+    assert ((out.y.float() - ref.y).norm() / ref.y.norm()).item() < 3e-2
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    for name, p in layer.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name

@@ -28,18 +28,24 @@ class RouterOutput:
 
 class _WideLinear(torch.autograd.Function):
     """x @ w.T computed in `dtype` (float32 for bf16 inputs), saving x and w as they are:
-    autograd through `x.float() @ w.float().T` would keep a float32 copy of x alive."""
+    autograd through `x.float() @ w.float().T` would keep a float32 copy of x alive.
+    Autocast is off inside: it would run the matmul in bf16, against the point of a wide
+    router (and hand backward a bf16 gradient beside float32 weights)."""
 
     @staticmethod
     def forward(ctx, x_TD, w_ED, dtype: torch.dtype):
         ctx.save_for_backward(x_TD, w_ED)
         ctx.dtype = dtype
-        return x_TD.to(dtype) @ w_ED.to(dtype).t()
+        with torch.autocast(x_TD.device.type, enabled=False):
+            return x_TD.to(dtype) @ w_ED.to(dtype).t()
 
     @staticmethod
+    @torch.autocast("cuda", enabled=False)
+    @torch.autocast("cpu", enabled=False)
     def backward(ctx, g_TE):
         x_TD, w_ED = ctx.saved_tensors
         dt = ctx.dtype
+        g_TE = g_TE.to(dt)
         grad_x = (g_TE @ w_ED.to(dt)).to(x_TD.dtype) if ctx.needs_input_grad[0] else None
         grad_w = (g_TE.t() @ x_TD.to(dt)).to(w_ED.dtype) if ctx.needs_input_grad[1] else None
         return grad_x, grad_w, None
