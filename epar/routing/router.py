@@ -6,6 +6,7 @@ K top_k, S dispatch rows, L local experts, F expert hidden size.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +27,14 @@ class RouterOutput:
     select_TE: torch.Tensor  # what top-k selection ranks: scores of noisy logits + expert_bias
 
 
+def _autocast_off(device_type: str):
+    """Autocast disabled for this device; a no-op on devices autocast does not know (meta,
+    used by benchmarks/traffic.py), where torch.autocast itself would raise."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 class _WideLinear(torch.autograd.Function):
     """x @ w.T computed in `dtype` (float32 for bf16 inputs), saving x and w as they are:
     autograd through `x.float() @ w.float().T` would keep a float32 copy of x alive.
@@ -36,18 +45,17 @@ class _WideLinear(torch.autograd.Function):
     def forward(ctx, x_TD, w_ED, dtype: torch.dtype):
         ctx.save_for_backward(x_TD, w_ED)
         ctx.dtype = dtype
-        with torch.autocast(x_TD.device.type, enabled=False):
+        with _autocast_off(x_TD.device.type):
             return x_TD.to(dtype) @ w_ED.to(dtype).t()
 
     @staticmethod
-    @torch.autocast("cuda", enabled=False)
-    @torch.autocast("cpu", enabled=False)
     def backward(ctx, g_TE):
         x_TD, w_ED = ctx.saved_tensors
         dt = ctx.dtype
-        g_TE = g_TE.to(dt)
-        grad_x = (g_TE @ w_ED.to(dt)).to(x_TD.dtype) if ctx.needs_input_grad[0] else None
-        grad_w = (g_TE.t() @ x_TD.to(dt)).to(w_ED.dtype) if ctx.needs_input_grad[1] else None
+        with _autocast_off(g_TE.device.type):
+            g_TE = g_TE.to(dt)
+            grad_x = (g_TE @ w_ED.to(dt)).to(x_TD.dtype) if ctx.needs_input_grad[0] else None
+            grad_w = (g_TE.t() @ x_TD.to(dt)).to(w_ED.dtype) if ctx.needs_input_grad[1] else None
         return grad_x, grad_w, None
 
 
