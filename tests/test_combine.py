@@ -30,3 +30,27 @@ def test_combine_accumulates_in_float32(out_dtype, capacity, token_choice):
     out = combine(y, _plan(1, 8, 8, capacity, token_choice), torch.float32, out_dtype)
     assert out.dtype == out_dtype
     assert out.item() == (264.0 if out_dtype == torch.bfloat16 else 263.0)
+
+
+@pytest.mark.parametrize("B,K", [(5, 3), (1, 1), (7, 1), (0, 2)])
+def test_packed_bags_equal_a_loop_over_kept_entries(B, K):
+    # Each bag sums exactly its kept rows (weighted); a bag with none kept is an exact
+    # zero even where the rows it would have read hold NaN.
+    from epar.dispatch.permute import packed_bags
+
+    g = torch.Generator().manual_seed(B * 10 + K)
+    table = torch.randn(6, 4, generator=g, dtype=torch.float64)
+    table[0] = float("nan")  # index 0 is also what the padding entries hold
+    entries = torch.randint(1, 6, (B, K), generator=g)
+    keep = torch.rand(B, K, generator=g) < 0.6
+    if B:
+        keep[0] = False  # at least one empty bag
+    weights = torch.randn(B, K, generator=g, dtype=torch.float64)
+    inp, offsets, w = packed_bags(entries, keep, weights)
+    got = torch.nn.functional.embedding_bag(inp, table, offsets, mode="sum", per_sample_weights=w)[:B]
+    want = torch.zeros(B, 4, dtype=torch.float64)
+    for b in range(B):
+        for j in range(K):
+            if keep[b, j]:
+                want[b] += weights[b, j] * table[entries[b, j]]
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)

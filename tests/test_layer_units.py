@@ -505,3 +505,47 @@ def test_layer_trains_under_cpu_autocast(strategy):
     assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
     for name, p in layer.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_router_16bit_gemm_path_matches_the_widened_one(monkeypatch, dtype):
+    # On CUDA the router's GEMMs read 16-bit x and w as they are and write float32. CPU has
+    # no out_dtype GEMM, so this runs that path with an emulated one (16-bit operands,
+    # float32 result) against the default path that widens x and w first.
+    from epar.routing import router as router_mod
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 32).to(dtype)
+    w = torch.randn(8, 32).to(dtype)
+    g = torch.randn(64, 8)
+
+    def run():
+        xi, wi = x.clone().requires_grad_(), w.clone().requires_grad_()
+        logits = router_mod._WideLinear.apply(xi, wi, torch.float32)
+        logits.backward(g)
+        return logits, xi.grad, wi.grad
+
+    wide = run()
+    calls = []
+
+    def emulated(a, b):
+        assert a.dtype == b.dtype == dtype  # the operands stay 16-bit
+        calls.append(1)
+        return a.float() @ b.float()
+
+    monkeypatch.setattr(router_mod, "_WIDE_OUT_DEVICES", ("cpu",))
+    monkeypatch.setattr(router_mod, "_mm_f32", emulated)
+    narrow = run()
+    assert len(calls) == 3  # forward, and grad_w's two halves
+    assert narrow[0].dtype == torch.float32
+    torch.testing.assert_close(narrow[0], wide[0], rtol=0, atol=0)  # same products, same sums
+    assert narrow[1].dtype == narrow[2].dtype == dtype
+    # grad_w: the split gradient is float32 to ~2^-17, far below the 16-bit result's rounding
+    torch.testing.assert_close(narrow[2].float(), wide[2].float(), rtol=2 ** -7, atol=1e-3)
+    # grad_x: the gradient is rounded once to the 16-bit dtype before the GEMM
+    err = (narrow[1].float() - wide[1].float()).norm() / wide[1].float().norm()
+    assert err.item() < 2 ** -7
+    # the split itself: hi + lo is t to about 16 mantissa bits (hi alone to 8)
+    hi, lo = router_mod._split16(g, dtype)
+    assert ((hi.float() + lo.float() - g).abs() <= g.abs() * 2 ** -14).all()
+    assert ((hi.float() - g).abs() > g.abs() * 2 ** -14).any()

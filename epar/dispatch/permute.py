@@ -50,32 +50,73 @@ def segment_arange(starts: torch.Tensor, lengths: torch.Tensor, total: int) -> t
     return base + torch.arange(total, device=starts.device)
 
 
+def packed_bags(entries_BK: torch.Tensor, keep_BK: torch.Tensor, weights_BK: torch.Tensor | None = None):
+    """embedding_bag arguments for B bags that take the kept entries of their row of K:
+    (input, offsets, per_sample_weights). A bag with nothing kept sums nothing (an exact
+    zero: no row read, no zero weight times a row that may hold another token's NaN).
+    Shapes stay static (no device-to-host read): the kept entries are packed to the front
+    of N = B*K slots and the rest fall into a spare last bag, which the caller slices off
+    (CUDA's last bag runs to the end of input, include_last_offset or not)."""
+    B, K = keep_BK.shape
+    keep_N = keep_BK.reshape(-1).to(torch.int64)
+    N = keep_N.shape[0]
+    pos_N = torch.cumsum(keep_N, 0) - keep_N
+    dest_N = torch.where(keep_BK.reshape(-1), pos_N, N)  # dropped entries land on slot N
+
+    def pack(values_BK):
+        return values_BK.new_zeros(N + 1).index_put_((dest_N,), values_BK.reshape(-1))[:N]
+
+    counts_B = keep_N.view(B, K).sum(1)
+    offsets = torch.cat([counts_B.new_zeros(1), torch.cumsum(counts_B, 0)])  # B + 1: the spare bag last
+    return pack(entries_BK), offsets, None if weights_BK is None else pack(weights_BK)
+
+
+def _rows_or_zero(table_TD: torch.Tensor, token_S: torch.Tensor, valid_S: torch.Tensor) -> torch.Tensor:
+    """table[token_S] where valid_S, an exact zero row elsewhere, read in one pass: bags of
+    one or no entry (never a zero weight times a row, which is NaN for a NaN row)."""
+    inp, offsets, _ = packed_bags(token_S.unsqueeze(1), valid_S.unsqueeze(1))
+    return F.embedding_bag(inp, table_TD, offsets, mode="sum")[: token_S.shape[0]]
+
+
+class _GatherRows(torch.autograd.Function):
+    """x[token_S] with capacity padding rows (valid_S False) exact zeros, so they add
+    nothing to any gradient. The backward adds each real row's gradient onto its token."""
+
+    @staticmethod
+    def forward(ctx, x_TD, token_S, valid_S):
+        ctx.save_for_backward(token_S, valid_S)
+        ctx.num_tokens = x_TD.shape[0]
+        return _rows_or_zero(x_TD, token_S, valid_S)
+
+    @staticmethod
+    def backward(ctx, g_SD):
+        token_S, valid_S = ctx.saved_tensors
+        T = ctx.num_tokens
+        # What autograd does for index_select (zeros, then index_add), with one spare row T
+        # that takes the padding rows' gradients.
+        grad = torch.index_add(g_SD.new_zeros(T + 1, g_SD.shape[1]), 0, torch.where(valid_S, token_S, T), g_SD)
+        return grad[:T], None, None
+
+
 def gather_rows(x_TD: torch.Tensor, plan: RoutingPlan, rows: torch.Tensor | None = None) -> torch.Tensor:
-    """Dispatch rows (all of them, or the subset `rows`) read from the tokens.
-    Capacity padding rows are exact zeros, so they add nothing to any gradient. They read
-    a zero row appended to the tokens rather than being multiplied by 0: a NaN or Inf
-    token must not leak into padding rows (0 x NaN = NaN), and the append copies T rows
-    where masking the gathered rows would pass over S > T rows."""
+    """Dispatch rows (all of them, or the subset `rows`) read from the tokens; capacity
+    padding rows are exact zeros (see _GatherRows)."""
     token_idx = plan.token_idx_S if rows is None else plan.token_idx_S[rows]
     if plan.valid_S is None:
         return x_TD.index_select(0, token_idx)
     valid = plan.valid_S if rows is None else plan.valid_S[rows]
-    x_pad = torch.cat([x_TD, x_TD.new_zeros(1, x_TD.shape[1])])
-    return x_pad.index_select(0, torch.where(valid, token_idx, x_TD.shape[0]))
+    return _GatherRows.apply(x_TD, token_idx, valid)
 
 
 def _grad_rows(g_TD: torch.Tensor, token_S: torch.Tensor, valid_S: torch.Tensor | None, dtype) -> torch.Tensor:
     """g[token of each dispatch row] in the expert outputs' dtype; padding rows get exact
-    zeros from an appended zero row (never g[0] x 0, which is NaN where g[0] is not finite).
-    The upstream gradient holds values of the layer's output dtype (the layer's output is
-    in x's dtype), so a cast from float32 loses nothing."""
-    T, D = g_TD.shape
+    zeros (never g[0] x 0, which is NaN where g[0] is not finite). The upstream gradient
+    holds values of the layer's output dtype (the layer's output is in x's dtype), so a
+    cast from float32 loses nothing."""
+    g_TD = g_TD.to(dtype)
     if valid_S is None:
-        return g_TD.to(dtype).index_select(0, token_S)
-    g_pad = g_TD.new_empty(T + 1, D, dtype=dtype)
-    g_pad[:T].copy_(g_TD)
-    g_pad[T].zero_()
-    return g_pad.index_select(0, torch.where(valid_S, token_S, T))
+        return g_TD.index_select(0, token_S)
+    return _rows_or_zero(g_TD, token_S, valid_S)
 
 
 def _row_dots(a_SD: torch.Tensor, b_SD: torch.Tensor) -> torch.Tensor:
@@ -121,17 +162,11 @@ class _WeightedCombine(torch.autograd.Function):
             # A weighted bag sum reads each row once and writes only [T, D] (its kernels
             # accumulate bf16/fp16 in float32); the weights are rounded to y's dtype, an
             # error the size of the per-product rounding of the path below.
-            idx_TK = row_TK
-            if may_drop:
-                # A dropped slot (weight 0) reads its own token's first kept row, finite
-                # unless that token itself is bad; a token with no kept row reads row 0 and
-                # is zeroed afterwards with a mask (never by a zero weight).
-                routed_T = valid_TK.any(1)
-                own_T1 = row_TK.gather(1, valid_TK.to(torch.int64).argmax(1, keepdim=True))
-                idx_TK = torch.where(valid_TK, row_TK, torch.where(routed_T.unsqueeze(1), own_T1, 0))
-            out_TD = F.embedding_bag(idx_TK, y_SD, mode="sum", per_sample_weights=w_TK.to(y_SD.dtype))
-            if may_drop:
-                out_TD.masked_fill_(~routed_T.unsqueeze(1), 0)
+            if may_drop:  # dropped slots are left out of their token's bag
+                inp, offsets, w = packed_bags(row_TK, valid_TK, w_TK.to(y_SD.dtype))
+                out_TD = F.embedding_bag(inp, y_SD, offsets, mode="sum", per_sample_weights=w)[:T]
+            else:
+                out_TD = F.embedding_bag(row_TK, y_SD, mode="sum", per_sample_weights=w_TK.to(y_SD.dtype))
             return out_TD
         g_TKD = y_SD.index_select(0, safe_TK.reshape(-1)).view(T, K, D)
         if may_drop:

@@ -35,27 +35,71 @@ def _autocast_off(device_type: str):
     return contextlib.nullcontext()
 
 
+# Devices whose GEMMs take bf16/fp16 operands and write float32 (torch.mm's out_dtype):
+# CUDA, and meta (benchmarks/traffic.py counts the CUDA path's bytes there).
+_WIDE_OUT_DEVICES = ("cuda", "meta")
+
+
+def _narrow_operands(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether the GEMMs can read x and w as they are and still write float32: both in
+    the same 16-bit dtype, on a device with out_dtype GEMMs. The result equals the
+    widened product (16-bit products are exact in float32, sums accumulate in float32)
+    without writing a float32 copy of x, forward and backward."""
+    return (x.dtype == w.dtype and x.dtype in (torch.bfloat16, torch.float16)
+            and x.device.type in _WIDE_OUT_DEVICES)
+
+
+def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b with 16-bit operands, written in float32 (see _narrow_operands)."""
+    return torch.mm(a, b, out_dtype=torch.float32)
+
+
+def _split16(t: torch.Tensor, dtype: torch.dtype):
+    """A float32 t as hi + lo in a 16-bit dtype: t to about 16 mantissa bits, enough for
+    the router's float32 gradient to stay float32-like through 16-bit GEMM operands."""
+    hi = t.to(dtype)
+    return hi, (t - hi.to(t.dtype)).to(dtype)
+
+
 class _WideLinear(torch.autograd.Function):
     """x @ w.T computed in `dtype` (float32 for bf16 inputs), saving x and w as they are:
     autograd through `x.float() @ w.float().T` would keep a float32 copy of x alive.
     Autocast is off inside: it would run the matmul in bf16, against the point of a wide
-    router (and hand backward a bf16 gradient beside float32 weights)."""
+    router (and hand backward a bf16 gradient beside float32 weights).
+
+    With 16-bit x and w on CUDA the GEMMs read them as they are and write float32 (no
+    [T, D] dtype copy): forward exactly; grad_w from the gradient split into two 16-bit
+    halves (float32-like); grad_x, which leaves in x's 16-bit dtype anyway, from the
+    gradient rounded once to that dtype."""
 
     @staticmethod
     def forward(ctx, x_TD, w_ED, dtype: torch.dtype):
         ctx.save_for_backward(x_TD, w_ED)
         ctx.dtype = dtype
         with _autocast_off(x_TD.device.type):
+            if _narrow_operands(x_TD, w_ED):
+                return _mm_f32(x_TD, w_ED.t())
             return x_TD.to(dtype) @ w_ED.to(dtype).t()
 
     @staticmethod
     def backward(ctx, g_TE):
         x_TD, w_ED = ctx.saved_tensors
         dt = ctx.dtype
+        need_x, need_w = ctx.needs_input_grad[:2]
+        grad_x = grad_w = None
         with _autocast_off(g_TE.device.type):
             g_TE = g_TE.to(dt)
-            grad_x = (g_TE @ w_ED.to(dt)).to(x_TD.dtype) if ctx.needs_input_grad[0] else None
-            grad_w = (g_TE.t() @ x_TD.to(dt)).to(w_ED.dtype) if ctx.needs_input_grad[1] else None
+            if _narrow_operands(x_TD, w_ED):
+                if need_x:
+                    grad_x = g_TE.to(x_TD.dtype) @ w_ED
+                if need_w:
+                    hi, lo = _split16(g_TE.t(), x_TD.dtype)
+                    grad_w = (_mm_f32(hi, x_TD) + _mm_f32(lo, x_TD)).to(w_ED.dtype)
+                return grad_x, grad_w, None
+            if need_x:
+                grad_x = (g_TE @ w_ED.to(dt)).to(x_TD.dtype)
+            if need_w:
+                grad_w = (g_TE.t() @ x_TD.to(dt)).to(w_ED.dtype)
         return grad_x, grad_w, None
 
 
