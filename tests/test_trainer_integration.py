@@ -116,10 +116,11 @@ def _bias_checks(rank, groups):
 
 def _fsdp_step(rank, groups):
     """One SGD step of the FSDP2-wrapped dp2 x ep2 model equals one single-device step on
-    the four ranks' batches (loss: the mean of the per-batch losses)."""
+    the four ranks' batches (loss: the mean of the per-batch losses). overlap_chunks=2 calls
+    the FSDP-wrapped experts twice per forward."""
     from torch.distributed.tensor import DTensor
 
-    cfg = _cfg(aux_loss_coef=0.1)
+    cfg = _cfg(aux_loss_coef=0.1, overlap_chunks=2)
     torch.manual_seed(0)
     ref = TinyModel(cfg).double()
     model = TinyModel(cfg, groups.ep_group, groups.world_group).double()
