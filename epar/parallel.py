@@ -4,7 +4,7 @@ Layout of a world of W = dp * ep ranks (ep fastest): rank = dp_rank * ep + ep_ra
   EP group        the ep consecutive ranks that share one copy of all experts
   expert-DP group the dp ranks holding the same experts (same ep_rank), strided by ep
 Dense parameters are replicated on all W ranks; expert parameters on the dp ranks of
-their expert-DP group.
+their expert-DP group. build_groups also returns this grid as a DeviceMesh ("dp", "ep").
 """
 
 from __future__ import annotations
@@ -200,7 +200,7 @@ def _state_tensors(model: torch.nn.Module):
 
 
 def _reject_sharded(name: str, t: torch.Tensor, what: str) -> None:
-    if not isinstance(t, torch.Tensor) or type(t).__name__ == "DTensor":
+    if type(t).__name__ == "DTensor":  # by name: no DTensor import for plain models
         raise TypeError(f"epar.parallel.{what}: {name} is a DTensor (already sharded by FSDP2?); "
                         f"call {what} before fully_shard / fully_shard_moe")
 

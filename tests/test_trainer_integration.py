@@ -12,7 +12,7 @@ from torch import nn
 
 import epar
 from dist_harness import run_distributed
-from ep_checks import D, FF, run_and_compare, tagged_batch
+from ep_checks import D, FF, make_pair, run_and_compare, tagged_batch
 from epar.parallel import broadcast_parameters, build_groups, check_replicas, fully_shard_moe
 
 T = 6  # tokens per rank
@@ -55,11 +55,7 @@ def _mesh_checks(rank, groups):
     with pytest.raises(ValueError, match="must be 1-D"):
         epar.MoELayer(_cfg(), ep_group=mesh)
     # A layer on a 1-D mesh is the layer on its group: equal to one device.
-    from ep_checks import make_pair
-
-    cfg = _cfg()
-    torch.manual_seed(0)
-    layer, ref = make_pair(cfg, mesh["ep"])
+    layer, ref = make_pair(_cfg(), mesh["ep"])
     assert dist.get_process_group_ranks(layer.ep_group) == dist.get_process_group_ranks(groups.ep_group)
     run_and_compare(layer, ref, tagged_batch(rank, T), groups.ep_group)
 
@@ -116,10 +112,11 @@ def _bias_checks(rank, groups):
 
 def _fsdp_step(rank, groups):
     """One SGD step of the FSDP2-wrapped dp2 x ep2 model equals one single-device step on
-    the four ranks' batches (loss: the mean of the per-batch losses)."""
+    the four ranks' batches (loss: the mean of the per-batch losses). overlap_chunks=2 calls
+    the FSDP-wrapped experts twice per forward."""
     from torch.distributed.tensor import DTensor
 
-    cfg = _cfg(aux_loss_coef=0.1)
+    cfg = _cfg(aux_loss_coef=0.1, overlap_chunks=2)
     torch.manual_seed(0)
     ref = TinyModel(cfg).double()
     model = TinyModel(cfg, groups.ep_group, groups.world_group).double()
