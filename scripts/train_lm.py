@@ -137,8 +137,9 @@ class Block(nn.Module):
         dev = h_BSD.device.type
         if torch.is_autocast_enabled(dev):
             # The MoE layer does its own mixed precision from its input's dtype (router in
-            # float32, expert GEMMs in bf16, float32 combine); under autocast its custom
-            # autograd functions would get bf16 gradients for float32 weights.
+            # float32, expert GEMMs in bf16, float32 combine): it is handed bf16 input
+            # with autocast off, so that plan applies rather than autocast's per-op casts.
+            # (It also trains under autocast; tests/test_layer_units.py checks that on CPU.)
             with torch.autocast(dev, enabled=False):
                 out = self.moe(h_BSD.to(torch.get_autocast_dtype(dev)))
         else:

@@ -145,8 +145,9 @@ class _WeightedCombine(torch.autograd.Function):
     def forward(ctx, y_SD, w_TK, row_TK, token_S, valid_S, may_drop: bool, out_dtype):
         S, D = y_SD.shape
         T, K = w_TK.shape
-        # No row at all (every slot dropped or padding, e.g. an all-padding batch): there is
-        # no row to stand in for a dropped slot, so read nothing. (guard_or_false: under
+        # No row at all (every slot dropped or padding, e.g. an all-padding batch): read
+        # nothing, since both paths below index row 0 for dropped slots (the bag path's
+        # spare entries, the gather path before its mask). (guard_or_false: under
         # torch.compile S may be data-dependent; the traced graph then assumes rows exist.)
         empty = guard_or_false(S == 0)
         ctx.no_rows = (T, K, w_TK.dtype) if empty else None
