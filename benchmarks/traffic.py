@@ -18,7 +18,7 @@ GEMM ops (mm, addmm, bmm, baddbmm, _grouped_mm) are reported apart from everythi
 except matrix-vector products (an output dimension of 1: a memory-bound reduction such as
 the combine's per-row dot products), which count as `<op>_vector` outside GEMMs.
 Collectives (c10d ops, --ep2 only) are the exchange itself: their buffers are reported
-apart as `exchange_buffers_gb`. Activation memory (bytes saved for backward, parameters and the input excluded)
+apart as `exchange_buffers_gb`, and their number as `collectives`. Activation memory (bytes saved for backward, parameters and the input excluded)
 comes from the same forward, with benchmarks/activation_memory.py's saved-tensors hook.
 
 Rows: `floor` (plain torch autograd ops on rows already sorted by expert: torch's grouped
@@ -29,10 +29,9 @@ transformers' Qwen3MoeSparseMoeBlock (experts_implementation="grouped_mm") when 
     python benchmarks/traffic.py [--configs qwen3-like] [--tiny] [--out PATH]
     python benchmarks/traffic.py --ep2 [--scale 16]   # EP 2 over gloo, real CPU tensors
 
---ep2 runs the counter on real CPU tensors (float32 here, bytes scale with the element
-size) in two gloo processes, per rank, at a shape scaled down by --scale, next to EP 1
-on the same tokens per rank: the EP path's own traffic (regrouping received rows by
-local expert and restoring their order) shows as the difference.
+--ep2 runs the counter on real CPU tensors (bf16) in two gloo processes, per rank, at a
+shape scaled down by --scale, next to EP 1 on the same tokens per rank: the EP path's own
+traffic shows as the difference, for both `ep_exchange` choices (see traffic_ep.py).
 """
 
 from __future__ import annotations
@@ -140,12 +139,14 @@ class ByteCounter(TorchDispatchMode):
         self.phase = "forward"
         self.by_op: dict = defaultdict(int)
         self.comm_bytes = 0
+        self.collectives = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         if func.namespace == "c10d":  # collectives: the exchange itself, reported apart
             self.comm_bytes += sum(tensor_bytes(t) for t in _tensors(args[:2]))
+            self.collectives += 1
             return out
         n = op_bytes(func, args, kwargs, out)
         name = func._schema.name.split("::")[-1]
@@ -166,6 +167,7 @@ class ByteCounter(TorchDispatchMode):
                 ops[op] += v
         top = sorted(ops.items(), key=lambda kv: -kv[1])
         return {"outside_gemm_gb": other / GB, "gemm_gb": gemm / GB, "exchange_buffers_gb": self.comm_bytes / GB,
+                "collectives": self.collectives,
                 "forward_outside_gemm_gb": per_phase["forward"] / GB,
                 "backward_outside_gemm_gb": per_phase["backward"] / GB,
                 "by_op_gb": {op: v / GB for op, v in top}}

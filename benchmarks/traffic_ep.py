@@ -2,11 +2,13 @@
 
 Two spawned processes, bf16, one forward + backward per strategy, at a shape scaled down
 by --scale (d_model, d_ff, tokens; experts and top_k kept). Each rank counts its own aten
-ops (the all-to-all itself goes to gloo outside the dispatcher, so it is not counted: what
-shows is the EP path's own work, chiefly regrouping received rows by local expert and
-restoring their order), then runs the single-device layer on the same tokens (EP 1) and
-counts that. Received rows per rank follow the routing, so the two ranks differ a little;
-the mean over both ranks compares like with like (together they receive what they send).
+ops (the all-to-alls go to gloo and are reported apart: their buffers and their number),
+then runs the single-device layer on the same tokens (EP 1) and counts that; what differs
+is the EP path's own work. EP 2 runs with both `ep_exchange` choices: "per_expert" (the
+default: one all-to-all per local expert, rows land grouped by expert) and "regroup" (one
+all-to-all, received rows permuted by local expert and back: four row gathers). Received
+rows per rank follow the routing, so the two ranks differ a little; the mean over both
+ranks compares like with like (together they receive what they send).
 """
 
 from __future__ import annotations
@@ -60,15 +62,19 @@ def _rank_main(rank: int, world: int, port: int, shapes: dict, queue) -> None:
             d, f, e, k, t = (shape[n] for n in ("d_model", "d_ff", "num_experts", "top_k", "tokens"))
             x = torch.randn(t, d, generator=torch.Generator().manual_seed(100 + rank)).to(torch.bfloat16)
             for strategy in STRATEGIES:
-                cfg = epar.MoEConfig(d_model=d, d_ff=f, num_experts=e, top_k=k, strategy=strategy)
-                torch.manual_seed(0)  # same weights on both ranks and in the EP 1 layer
-                ref = epar.MoELayer(cfg).to(torch.bfloat16)
-                layer = epar.MoELayer(cfg, groups.ep_group).to(torch.bfloat16)
-                L = layer.num_local_experts
-                layer.load_state_dict({key: (v[rank * L:(rank + 1) * L] if key.startswith("experts.") else v)
-                                       for key, v in ref.state_dict().items()})
-                ep2, ep1 = _count_layer(layer, x), _count_layer(ref, x)
-                res[(name, strategy)] = {"ep2": ep2, "ep1": ep1}
+                counts = {}
+                for key, exchange in (("ep2", "per_expert"), ("ep2_regroup", "regroup")):
+                    cfg = epar.MoEConfig(d_model=d, d_ff=f, num_experts=e, top_k=k, strategy=strategy,
+                                         ep_exchange=exchange)
+                    torch.manual_seed(0)  # same weights on both ranks and in the EP 1 layer
+                    ref = epar.MoELayer(cfg).to(torch.bfloat16)
+                    layer = epar.MoELayer(cfg, groups.ep_group).to(torch.bfloat16)
+                    L = layer.num_local_experts
+                    layer.load_state_dict({k_: (v[rank * L:(rank + 1) * L] if k_.startswith("experts.") else v)
+                                           for k_, v in ref.state_dict().items()})
+                    counts[key] = _count_layer(layer, x)
+                counts["ep1"] = _count_layer(ref, x)
+                res[(name, strategy)] = counts
         queue.put((rank, res))
     finally:
         dist.destroy_process_group()
@@ -101,20 +107,26 @@ def measure(shapes: dict) -> dict:
     return {key: [per_rank[r][key] for r in range(2)] for key in per_rank[0]}
 
 
-def summarize(ranks: list[dict]) -> dict:
-    ep2 = [r["ep2"]["outside_gemm_gb"] for r in ranks]
+def _extra(ranks: list[dict], key: str) -> dict:
+    """EP 2 (counts under `key`) against EP 1: totals, ratio, and the difference per op."""
+    ep2 = [r[key]["outside_gemm_gb"] for r in ranks]
     ep1 = [r["ep1"]["outside_gemm_gb"] for r in ranks]
     m2, m1 = sum(ep2) / len(ep2), sum(ep1) / len(ep1)
     ops = {}
     for r in ranks:
-        for op in set(r["ep2"]["by_op_gb"]) | set(r["ep1"]["by_op_gb"]):
-            ops[op] = ops.get(op, 0.0) + (r["ep2"]["by_op_gb"].get(op, 0.0)
+        for op in set(r[key]["by_op_gb"]) | set(r["ep1"]["by_op_gb"]):
+            ops[op] = ops.get(op, 0.0) + (r[key]["by_op_gb"].get(op, 0.0)
                                           - r["ep1"]["by_op_gb"].get(op, 0.0)) / len(ranks)
     return {"ep2_outside_gemm_gb_per_rank": ep2, "ep1_outside_gemm_gb_per_rank": ep1,
             "ep2_mean_gb": m2, "ep1_mean_gb": m1, "extra_ratio": m2 / m1 - 1.0,
+            "collectives_per_rank": [r[key]["collectives"] for r in ranks],
             "extra_by_op_gb": dict(sorted(((k, v) for k, v in ops.items() if abs(v) > 1e-6),
-                                          key=lambda kv: -abs(kv[1]))),
-            "per_rank": ranks}
+                                          key=lambda kv: -abs(kv[1])))}
+
+
+def summarize(ranks: list[dict]) -> dict:
+    """The default exchange (per_expert) at the top level, "regroup" beside it."""
+    return {**_extra(ranks, "ep2"), "regroup": _extra(ranks, "ep2_regroup"), "per_rank": ranks}
 
 
 def main(args) -> int:
@@ -129,15 +141,20 @@ def main(args) -> int:
     results = {"what": "bytes moved per aten op per rank, one forward + backward, real CPU tensors, gloo",
                "dtype": "bfloat16", "ep_size": 2, "scale": scale, "torch": torch.__version__,
                "date": datetime.date.today().isoformat(), "shapes": shapes, "configs": {}}
-    table = Table(title=f"EP 2 vs EP 1 at the same tokens per rank, outside GEMMs (MB per rank, shapes / {scale})")
-    for col in ("config", "strategy", "EP 1", "EP 2", "extra", "largest differences (MB)"):
-        table.add_column(col, justify="left" if col in ("config", "strategy", "largest differences (MB)") else "right")
+    table = Table(title=f"EP 2 vs EP 1 at the same tokens per rank, outside GEMMs (MB per rank, shapes / {scale}); "
+                        "EP 2 with ep_exchange per_expert (default) and regroup; collectives per rank, fwd + bwd")
+    text = ("config", "strategy", "largest differences, per_expert (MB)")
+    for col in ("config", "strategy", "EP 1", "EP 2", "extra", "collectives", "regroup: extra",
+                "collectives", "largest differences, per_expert (MB)"):
+        table.add_column(col, justify="left" if col in text else "right")
     for (name, strategy), ranks in raw.items():
         s = summarize(ranks)
         results["configs"].setdefault(name, {})[strategy] = s
         diff = ", ".join(f"{op} {v * 1e3:+.1f}" for op, v in list(s["extra_by_op_gb"].items())[:4])
         table.add_row(name, strategy, f"{s['ep1_mean_gb'] * 1e3:.1f}", f"{s['ep2_mean_gb'] * 1e3:.1f}",
-                      f"{s['extra_ratio'] * 100:+.1f}%", diff)
+                      f"{s['extra_ratio'] * 100:+.1f}%", str(s["collectives_per_rank"][0]),
+                      f"{s['regroup']['extra_ratio'] * 100:+.1f}%", str(s["regroup"]["collectives_per_rank"][0]),
+                      diff)
     Console(width=200).print(table)
     out = args.out or traffic.HERE / "results" / ("traffic_ep2_tiny.json" if args.tiny else "traffic_ep2.json")
     Path(out).parent.mkdir(parents=True, exist_ok=True)

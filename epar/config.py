@@ -16,6 +16,7 @@ DROP_POLICIES = ("probs", "position")
 SCORE_FUNCS = ("softmax", "sigmoid")
 ACTIVATIONS = ("swiglu", "gelu", "relu")
 AUX_LOSS_SCOPES = ("micro_batch", "global", "sequence")
+EP_EXCHANGES = ("per_expert", "regroup")
 
 
 def _fail(field: str, value, allowed: str) -> None:
@@ -59,6 +60,10 @@ class MoEConfig:
     z_loss_coef: float = 0.0
     expert_bias_rate: float = 0.0
     overlap_chunks: int = 1  # pipeline the exchange in this many chunks
+    # How received rows get grouped by local expert (EP > 1): "per_expert" sends one
+    # all_to_all_single per local expert, so they land grouped; "regroup" sends one per
+    # chunk and permutes the received rows (and back). See the dispatcher.
+    ep_exchange: str = "per_expert"
     # Group-limited routing (DeepSeek-V3): experts in num_expert_groups equal groups of
     # consecutive ids; each token picks top_k only inside its topk_groups best groups.
     num_expert_groups: int = 1
@@ -90,6 +95,7 @@ class MoEConfig:
         for field in ("router_noise_std", "aux_loss_coef", "z_loss_coef", "expert_bias_rate"):
             _check_float(field, getattr(self, field), 0.0, strict=False)
         _check_int("overlap_chunks", self.overlap_chunks, 1)
+        _check_choice("ep_exchange", self.ep_exchange, EP_EXCHANGES)
         # top_k=1 with normalize_topk is allowed (Qwen3 with one expert per token): the
         # routed weight is then exactly 1 and the router learns only from the aux loss.
         self._check_routing_groups()

@@ -54,3 +54,36 @@ def test_packed_bags_equal_a_loop_over_kept_entries(B, K):
             if keep[b, j]:
                 want[b] += weights[b, j] * table[entries[b, j]]
     torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("capacity,token_choice", [(None, True), (8, True), (8, False)],
+                         ids=["dropless", "token_drop", "expert_choice"])
+@pytest.mark.parametrize("out_dtype", [torch.float64, torch.bfloat16])
+def test_combine_reads_rows_where_they_are(capacity, token_choice, out_dtype):
+    # rows=perm (y's row i holds dispatch row perm[i], as the EP exchange returns them):
+    # the same output and gradients as the rows in dispatch order (token_drop: with a
+    # dropped slot).
+    from dataclasses import replace
+
+    T, K = 5, 3
+    S = T * K
+    g = torch.Generator().manual_seed(3)
+    plan = _plan(T, K, S, capacity, token_choice)
+    if token_choice and capacity is not None:
+        idx = plan.combine_idx_TK.clone()
+        idx[2, 1] = S  # a dropped slot
+        plan = replace(plan, combine_idx_TK=idx)
+    weight = torch.rand(S, generator=g, dtype=torch.float64).requires_grad_()
+    plan = replace(plan, weight_S=weight)
+    dtype = torch.float64 if out_dtype == torch.float64 else torch.bfloat16
+    y = torch.randn(S, 4, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+    perm = torch.randperm(S, generator=g)
+    gy = torch.randn(T, 4, generator=g, dtype=torch.float64)
+    got, want = [], []
+    for rows, out in ((perm, got), (None, want)):
+        y_in = y[perm] if rows is not None else y
+        res = combine(y_in, plan, torch.float64, out_dtype, rows)
+        gw, gy_ = torch.autograd.grad((res.double() * gy).sum(), (weight, y))
+        out.extend([res.double(), gw, gy_.double()])
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12 if dtype == torch.float64 else 1e-2)

@@ -73,6 +73,29 @@ def test_all_tokens_on_one_expert():
     assert all(run_distributed(_skewed_routing, 2, timeout=120))
 
 
+def _both_exchanges(rank, world):
+    """ep_exchange per_expert and regroup, 3 local experts, uneven batches (one rank with
+    none): each equal to one device, forward and backward. 1 and 2 chunks at world 2; 2 at
+    world 4 (test_equal_to_one_device covers one chunk there, with the default exchange)."""
+    groups = build_groups(world)
+    checked = 0
+    for strategy in STRATEGIES:
+        for exchange in ("per_expert", "regroup"):
+            for chunks in ((1, 2) if world == 2 else (2,)):
+                cfg = epar.MoEConfig(d_model=D, d_ff=FF, num_experts=3 * world, top_k=2, strategy=strategy,
+                                     ep_exchange=exchange, overlap_chunks=chunks)
+                layer, ref = make_pair(cfg, groups.ep_group, seed=checked)
+                T = [7, 0, 5, 3][rank]
+                run_and_compare(layer, ref, tagged_batch(rank, T, seed=checked), groups.ep_group)
+                checked += 1
+    return checked
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_both_exchanges_equal_to_one_device(world):
+    assert run_distributed(_both_exchanges, world, timeout=180) == [12 if world == 2 else 6] * world
+
+
 def _overlap_chunks_equal(rank, world):
     """overlap_chunks 1, 2, 4 give the same result to 1e-12 for every strategy."""
     groups = build_groups(world)

@@ -247,6 +247,7 @@ BAD_CONFIGS = [
     ("topk_groups", 0), ("topk_groups", 2), ("topk_groups", 1.5),
     ("routed_scaling_factor", 0.0), ("routed_scaling_factor", -2.5), ("routed_scaling_factor", "2"),
     ("aux_loss_scope", "batch"),
+    ("ep_exchange", "p2p"), ("ep_exchange", None),
 ]
 
 
@@ -266,6 +267,7 @@ def test_bad_config_raises_naming_field(field, value):
     ("score_func", "x", ["softmax", "sigmoid"]),
     ("activation", "x", ["swiglu", "gelu", "relu"]),
     ("top_k", 9, ["1", "4"]),
+    ("ep_exchange", "x", ["per_expert", "regroup"]),
 ])
 def test_bad_choice_lists_allowed_values(field, value, allowed):
     with pytest.raises(ValueError) as info:

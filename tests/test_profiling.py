@@ -356,6 +356,11 @@ def test_readme_cpu_commands(tmp_path):
         n = p["ep_size"]
         assert p["bytes_to_others"] == pytest.approx(512 * 4 * 128 * 4 * (n - 1) / n)
         assert p["forward_ms"] == pytest.approx(p["dispatch_ms"] + p["combine_ms"])
+        # per_expert (the default): one all-to-all per local expert, where there are several
+        assert p["collectives"] == 16 // n
+        fit = rep["fit"]
+        assert p["dispatch_ms"] == pytest.approx((p["collectives"] * fit["latency_us"] * 1e-6
+                                                  + p["bytes_to_others"] / (fit["bandwidth_gbps"] * 1e9)) * 1e3, **REL)
     assert rep["model_ignores"]
 
 

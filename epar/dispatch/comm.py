@@ -1,6 +1,9 @@
 """Autograd-aware, asynchronous all_to_all_single, and clear errors instead of hangs.
 
-An exchange is two autograd nodes: `start` issues the collective and returns the
+An exchange moves a tensor's rows in one or more parts: part i is an all_to_all_single
+of the next sum(in_parts[i]) input rows into the next sum(out_parts[i]) output rows (the
+dispatcher sends one part per local expert, so rows land grouped by expert). All parts
+are issued at once and complete together. An exchange is two autograd nodes: `start` issues the collective and returns the
 (not yet filled) output buffer, `wait` blocks until it has arrived. Work placed
 between the two overlaps the exchange. Backward mirrors it: the backward of `wait`
 issues the reverse exchange of the gradient, the backward of `start` waits for it,
@@ -33,26 +36,38 @@ class Pending:
     """One exchange in flight in each direction; holds every tensor the collective
     reads or writes until it has completed (no record_stream needed)."""
 
-    __slots__ = ("group", "what", "out_splits", "in_splits", "work", "tensors", "bwd_work", "bwd_tensors")
+    __slots__ = ("group", "what", "out_parts", "in_parts", "work", "tensors", "bwd_work", "bwd_tensors")
 
-    def __init__(self, group, what: str, out_splits: list[int], in_splits: list[int]):
+    def __init__(self, group, what: str, out_parts: list[list[int]], in_parts: list[list[int]]):
         self.group, self.what = group, what
-        self.out_splits, self.in_splits = out_splits, in_splits
+        self.out_parts, self.in_parts = out_parts, in_parts
         self.work = self.bwd_work = None
         self.tensors = self.bwd_tensors = None
 
 
-def _issue(group, out_splits, in_splits, x: torch.Tensor):
+def _issue(group, out_parts, in_parts, x: torch.Tensor):
+    """One all_to_all_single per part, each between contiguous row ranges of x and out
+    (every rank issues the same number of parts, empty ones included: each is a collective)."""
     x = x.contiguous()
-    out = x.new_empty((sum(out_splits),) + tuple(x.shape[1:]))
-    work = dist.all_to_all_single(out, x, out_splits, in_splits, group=group, async_op=True)
-    return work, out, x
+    out = x.new_empty((sum(map(sum, out_parts)),) + tuple(x.shape[1:]))
+    works, o, i = [], 0, 0
+    for out_splits, in_splits in zip(out_parts, in_parts):
+        no, ni = sum(out_splits), sum(in_splits)
+        works.append(dist.all_to_all_single(out[o : o + no], x[i : i + ni], out_splits, in_splits,
+                                            group=group, async_op=True))
+        o, i = o + no, i + ni
+    return works, out, x
+
+
+def _wait_all(works, what: str, group) -> None:
+    for work in works:
+        wait_work(work, what, group)
 
 
 class _Start(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, pending: Pending):
-        pending.work, out, src = _issue(pending.group, pending.out_splits, pending.in_splits, x)
+        pending.work, out, src = _issue(pending.group, pending.out_parts, pending.in_parts, x)
         pending.tensors = (out, src)
         ctx.pending = pending
         return out
@@ -60,7 +75,7 @@ class _Start(torch.autograd.Function):
     @staticmethod
     def backward(ctx, _grad_out_unused):
         pending = ctx.pending
-        wait_work(pending.bwd_work, f"{pending.what} (backward)", pending.group)
+        _wait_all(pending.bwd_work, f"{pending.what} (backward)", pending.group)
         grad_in = pending.bwd_tensors[0]
         pending.bwd_work = pending.bwd_tensors = None
         return grad_in, None
@@ -69,7 +84,7 @@ class _Start(torch.autograd.Function):
 class _Wait(torch.autograd.Function):
     @staticmethod
     def forward(ctx, out, pending: Pending):
-        wait_work(pending.work, pending.what, pending.group)
+        _wait_all(pending.work, pending.what, pending.group)
         pending.work = pending.tensors = None
         ctx.pending = pending
         return out.view_as(out)
@@ -78,21 +93,18 @@ class _Wait(torch.autograd.Function):
     def backward(ctx, grad):
         pending = ctx.pending
         # The reverse exchange: what we received from rank s goes back to rank s.
-        pending.bwd_work, grad_in, g = _issue(pending.group, pending.in_splits, pending.out_splits, grad)
+        pending.bwd_work, grad_in, g = _issue(pending.group, pending.in_parts, pending.out_parts, grad)
         pending.bwd_tensors = (grad_in, g)
         return grad, None
 
 
-def start(x: torch.Tensor, group, out_splits: list[int], in_splits: list[int], what: str):
-    """Issue an all_to_all_single of x's rows; returns (buffer, pending) for `wait`."""
-    pending = Pending(group, what, out_splits, in_splits)
+def start(x: torch.Tensor, group, out_parts: list[list[int]], in_parts: list[list[int]], what: str):
+    """Issue the exchange of x's rows in parts (out_parts[i][r]: rows part i receives from
+    rank r; in_parts[i][r]: rows it sends to rank r); returns (buffer, pending) for `wait`."""
+    pending = Pending(group, what, out_parts, in_parts)
     return _Start.apply(x, pending), pending
 
 
 def wait(buffer: torch.Tensor, pending: Pending) -> torch.Tensor:
     return _Wait.apply(buffer, pending)
 
-
-def exchange(x: torch.Tensor, group, out_splits: list[int], in_splits: list[int], what: str):
-    """Blocking all-to-all with autograd."""
-    return wait(*start(x, group, out_splits, in_splits, what))

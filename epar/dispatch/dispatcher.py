@@ -4,10 +4,16 @@ LocalDispatcher: EP size 1, no collective at all.
 AllToAllDispatcher: experts sharded over an EP group. Per call:
   metadata   host split sizes (capacity modes: every rank's capacity, host only;
              dropless: one all-to-all of per-expert counts, one device-to-host read)
-  per chunk  permute -> dispatch all-to-all -> regroup by local expert -> experts
-             -> combine all-to-all; chunk j+1's dispatch is in flight while chunk j
-             computes, and chunk j's combine while chunk j+1 computes
-  finally    unpermute and weighted sum per token (float32 or wider accumulation)
+  per chunk  permute -> dispatch all-to-all -> experts -> combine all-to-all; chunk
+             j+1's dispatch is in flight while chunk j computes, and chunk j's combine
+             while chunk j+1 computes
+  finally    weighted sum per token (float32 or wider accumulation)
+Received rows must be grouped by local expert for the grouped GEMM. ep_exchange="per_expert"
+sends them that way: the sender orders its rows by (local expert, destination) and each
+exchange is one all_to_all_single per local expert, so rows land in expert order.
+"regroup" sends one all_to_all_single per chunk (rows land by source rank) and regroups
+them by local expert on arrival and back before the combine: four passes over the
+received rows per layer (forward and backward) instead of L-1 more collectives per exchange.
 The shared expert runs while the first dispatch exchange is in flight.
 """
 
@@ -50,7 +56,11 @@ ExpertFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 class _Chunk:
     in_splits: list[int]  # rows this rank sends to each rank
     out_splits: list[int]  # rows it receives from each rank
-    rows: torch.Tensor | None  # dispatch rows of this chunk (None: all, in order)
+    # The exchange in parts (comm.start): [in_splits] and [out_splits] in one part, or one
+    # part per local expert l: in_parts[l][d] rows to rank d, out_parts[l][s] from rank s.
+    in_parts: list[list[int]]
+    out_parts: list[list[int]]
+    rows: torch.Tensor | None  # dispatch rows of this chunk, in send order (None: all, in order)
     recv_counts_SL: torch.Tensor  # int64 [source rank, local expert] rows received
 
 
@@ -125,6 +135,9 @@ class AllToAllDispatcher:
         self.rank = dist.get_rank(group)
         self.local_experts = config.num_experts // self.world
         self.host_group = parallel.host_group_for(group)
+        # Rows need sending in expert order only where a rank has several sources and
+        # several local experts.
+        self.expert_major = config.ep_exchange == "per_expert" and self.world > 1 and self.local_experts > 1
 
     # ---- metadata: host-side split sizes for every chunk -----------------------
     @staticmethod
@@ -196,8 +209,25 @@ class AllToAllDispatcher:
         return send, recv, recv_dev, bounds
 
     # ---- one call --------------------------------------------------------------
-    def _chunks(self, plan: RoutingPlan, info: CallInfo, dtype) -> list[_Chunk]:
-        """Split sizes (host) and rows of every chunk; the call's only metadata exchange."""
+    def _send_order(self, dev) -> torch.Tensor | None:
+        """Send order of the experts' row blocks: global expert order (= by destination
+        rank, then local expert; None), or by local expert, then destination (per_expert)."""
+        if not self.expert_major:
+            return None
+        n, L = self.world, self.local_experts
+        return _host_to_device([d * L + l for l in range(L) for d in range(n)], dev)
+
+    def _all_rows(self, plan: RoutingPlan) -> torch.Tensor | None:
+        """Every dispatch row in send order (None: dispatch order); needs no host sizes."""
+        order = self._send_order(plan.token_idx_S.device)
+        if order is None:
+            return None
+        starts_E = torch.cumsum(plan.rows_per_expert_E, 0) - plan.rows_per_expert_E
+        return segment_arange(starts_E[order], plan.rows_per_expert_E[order], plan.num_rows)
+
+    def _chunks(self, plan: RoutingPlan, info: CallInfo, dtype, all_rows=None) -> list[_Chunk]:
+        """Split sizes (host) and rows of every chunk; the call's only metadata exchange.
+        With one chunk its rows are `all_rows` (from _all_rows)."""
         n, L, c = self.world, self.local_experts, self.config.overlap_chunks
         ident = self._identity(info, dtype)
         dev = plan.token_idx_S.device
@@ -207,19 +237,32 @@ class AllToAllDispatcher:
         else:
             send, recv, recv_dev, bounds = self._dropless_counts(plan, ident, c)
         starts_E = torch.cumsum(plan.rows_per_expert_E, 0) - plan.rows_per_expert_E
+        order = self._send_order(dev) if c > 1 else None
         chunks = []
         for j in range(c):
             in_splits = [sum(send[j][d * L : (d + 1) * L]) for d in range(n)]
-            rows = None  # one chunk: every dispatch row, in order
-            if c > 1:  # chunk j of every expert's block of rows
-                rows = segment_arange(starts_E + bounds[j], bounds[j + 1] - bounds[j], sum(in_splits))
-            chunks.append(_Chunk(in_splits, [sum(recv[j][s]) for s in range(n)], rows, recv_dev[j]))
+            out_splits = [sum(recv[j][s]) for s in range(n)]
+            if self.expert_major:
+                in_parts = [[send[j][d * L + l] for d in range(n)] for l in range(L)]
+                out_parts = [[recv[j][s][l] for s in range(n)] for l in range(L)]
+            else:
+                in_parts, out_parts = [in_splits], [out_splits]
+            rows = all_rows
+            if c > 1:  # chunk j of every expert's block, in send order
+                starts, lengths = starts_E + bounds[j], bounds[j + 1] - bounds[j]
+                if order is not None:
+                    starts, lengths = starts[order], lengths[order]
+                rows = segment_arange(starts, lengths, sum(in_splits))
+            chunks.append(_Chunk(in_splits, out_splits, in_parts, out_parts, rows, recv_dev[j]))
         return chunks
 
     def _run_experts(self, recv_RD: torch.Tensor, chunk: _Chunk, experts: ExpertFn) -> torch.Tensor:
-        """Rows arrive grouped by source rank, then local expert: regroup them by local
-        expert for one grouped GEMM call, and restore the arrival order afterwards."""
+        """Rows arrive grouped by local expert (per_expert, or one source or one local
+        expert): one grouped GEMM call. Otherwise they arrive grouped by source rank, then
+        local expert: regroup them by local expert for the call, and back afterwards."""
         n, L = self.world, self.local_experts
+        if self.expert_major or n == 1 or L == 1:
+            return experts(recv_RD, chunk.recv_counts_SL.sum(0))
         local_of_row = torch.arange(L, device=recv_RD.device).repeat(n)
         expert_of_row = torch.repeat_interleave(local_of_row, chunk.recv_counts_SL.reshape(-1),
                                                 output_size=sum(chunk.out_splits))
@@ -253,9 +296,10 @@ class AllToAllDispatcher:
             if self.config.overlap_chunks == 1:
                 # Queue the gather first: the device works on it while the host waits for
                 # dropless split sizes (the one device-to-host read, as late as possible).
-                sends = [gather_rows(edge(x_TD, ends=[("permute", 0)]), plan)]
+                all_rows = self._all_rows(plan)
+                sends = [gather_rows(edge(x_TD, ends=[("permute", 0)]), plan, all_rows)]
                 with phase(rec, lid, call, "wait", dev):
-                    chunks = self._chunks(plan, info, x_TD.dtype)
+                    chunks = self._chunks(plan, info, x_TD.dtype, all_rows)
             else:  # chunk rows are indexed with sizes from the host
                 with phase(rec, lid, call, "wait", dev):
                     chunks = self._chunks(plan, info, x_TD.dtype)
@@ -266,7 +310,7 @@ class AllToAllDispatcher:
         dispatches = []
         for j, ch in enumerate(chunks):
             t0 = rec.mark(dev) if rec else None
-            dispatches.append((t0,) + comm.start(sends[j], self.group, ch.out_splits, ch.in_splits,
+            dispatches.append((t0,) + comm.start(sends[j], self.group, ch.out_parts, ch.in_parts,
                                                  "dispatch all_to_all_single"))
             record_exchange("dispatch", j, ch.in_splits, ch.out_splits)
 
@@ -284,7 +328,7 @@ class AllToAllDispatcher:
                 out_RD = edge(self._run_experts(recv_RD, ch, experts), ends=[("combine", j)],
                               starts=[("experts", j)])
             t0 = rec.mark(dev) if rec else None
-            combines.append((t0,) + comm.start(out_RD, self.group, ch.in_splits, ch.out_splits,
+            combines.append((t0,) + comm.start(out_RD, self.group, ch.in_parts, ch.out_parts,
                                                "combine all_to_all_single"))
             record_exchange("combine", j, ch.out_splits, ch.in_splits)
         backs = [edge(finish_exchange("combine", j, started), ends=[("unpermute", None)], starts=[("combine", j)])
@@ -293,10 +337,10 @@ class AllToAllDispatcher:
         if shared_out is not None and dev.type == "cuda":
             torch.cuda.current_stream(dev).wait_stream(_side_stream(dev))
         with phase(rec, lid, call, "unpermute", dev):
+            # Rows come back in send order; the combine reads them where they are.
             if len(chunks) == 1:
-                y_SD = backs[0]
+                y_SD, rows = backs[0], chunks[0].rows
             else:
-                rows = torch.cat([ch.rows for ch in chunks])
-                y_SD = permute_rows(torch.cat(backs), inverse_permutation(rows), rows)
-            y_TD = edge(combine(y_SD, plan, acc_dtype, out_dtype), starts=[("unpermute", None)])
+                y_SD, rows = torch.cat(backs), torch.cat([ch.rows for ch in chunks])
+            y_TD = edge(combine(y_SD, plan, acc_dtype, out_dtype, rows), starts=[("unpermute", None)])
         return y_TD, shared_out

@@ -195,18 +195,27 @@ class _WeightedCombine(torch.autograd.Function):
 
 
 def combine(y_SD: torch.Tensor, plan: RoutingPlan, acc_dtype: torch.dtype,
-            out_dtype: torch.dtype | None = None) -> torch.Tensor:
+            out_dtype: torch.dtype | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
     """y[t] = sum over t's kept rows of weight * expert output, accumulated in acc_dtype and
     returned in out_dtype (default acc_dtype; the layer's output dtype where nothing is added
-    to the sum afterwards, which saves a float32 [T, D] round trip forward and backward)."""
+    to the sum afterwards, which saves a float32 [T, D] round trip forward and backward).
+    `rows`: y's row i holds dispatch row rows[i] (a permutation; None: dispatch order). The
+    per-row indices and weights are reordered to match, never the rows themselves."""
     out_dtype = acc_dtype if out_dtype is None else out_dtype
-    weight_S = plan.weight_S.to(acc_dtype)
+    token_S, weight_S, valid_S = plan.token_idx_S, plan.weight_S.to(acc_dtype), plan.valid_S
     if plan.combine_idx_TK is not None:
         # Token choice: every token has exactly k slots, so gather-and-sum needs no atomics.
         w_TK = torch.cat([weight_S, weight_S.new_zeros(1)])[plan.combine_idx_TK]
-        return _WeightedCombine.apply(y_SD, w_TK, plan.combine_idx_TK, plan.token_idx_S, plan.valid_S,
+        row_TK = plan.combine_idx_TK
+        if rows is not None:  # dispatch row -> row of y; the dropped-slot mark S stays S
+            where_S1 = torch.cat([inverse_permutation(rows), rows.new_full((1,), rows.shape[0])])
+            row_TK, token_S = where_S1[row_TK], token_S[rows]
+            valid_S = None if valid_S is None else valid_S[rows]
+        return _WeightedCombine.apply(y_SD, w_TK, row_TK, token_S, valid_S,
                                       plan.capacity is not None or plan.valid_T is not None, out_dtype)
-    return _ScatterCombine.apply(y_SD, weight_S, plan.token_idx_S, plan.num_tokens, out_dtype)
+    if rows is not None:
+        token_S, weight_S = token_S[rows], weight_S[rows]
+    return _ScatterCombine.apply(y_SD, weight_S, token_S, plan.num_tokens, out_dtype)
 
 
 class _ScatterCombine(torch.autograd.Function):

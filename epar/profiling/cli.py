@@ -30,7 +30,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from .. import parallel
-from ..config import STRATEGIES, MoEConfig
+from ..config import EP_EXCHANGES, STRATEGIES, MoEConfig
 from ..layer import MoELayer
 from ..shapes import BENCH_SHAPES
 from . import recorder, report
@@ -47,7 +47,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
           "float64": torch.float64}
 OPTION_OF_FIELD = {"d_model": "--d-model", "d_ff": "--d-ff", "num_experts": "--experts",
                    "top_k": "--top-k", "strategy": "--strategy", "capacity_factor": "--capacity-factor",
-                   "shared_expert_d_ff": "--shared-expert-d-ff", "overlap_chunks": "--overlap-chunks"}
+                   "shared_expert_d_ff": "--shared-expert-d-ff", "overlap_chunks": "--overlap-chunks",
+                   "ep_exchange": "--ep-exchange"}
 MODEL_IGNORES = [
     "per-peer message overhead that grows with the number of ranks (the latency is the one measured at this world size)",
     "the change of links when the EP group leaves one node (NVLink vs network), and contention on shared links",
@@ -115,6 +116,9 @@ def _layer_options(p: argparse.ArgumentParser, title: str) -> None:
     g.add_argument("--strategy", choices=STRATEGIES, default="dropless")
     g.add_argument("--capacity-factor", type=float, default=1.25)
     g.add_argument("--overlap-chunks", type=int, default=1)
+    g.add_argument("--ep-exchange", choices=EP_EXCHANGES, default="per_expert",
+                   help="per_expert: one all-to-all per local expert, rows land grouped by expert; "
+                        "regroup: one per chunk, received rows regrouped by expert")
     g.add_argument("--shared-expert-d-ff", type=int, default=0)
     g.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="auto: bfloat16 on CUDA, float32 on CPU")
 
@@ -162,7 +166,7 @@ def _resolve_layer(args, parser) -> MoEConfig:
         return MoEConfig(d_model=args.d_model, d_ff=args.d_ff, num_experts=args.experts, top_k=args.top_k,
                          strategy=args.strategy, capacity_factor=args.capacity_factor,
                          shared_expert_d_ff=args.shared_expert_d_ff, overlap_chunks=args.overlap_chunks,
-                         normalize_topk=args.top_k != 1)
+                         ep_exchange=args.ep_exchange, normalize_topk=args.top_k != 1)
     except ValueError as exc:
         m = re.match(r"MoEConfig\.(\w+)=", str(exc))
         opt = OPTION_OF_FIELD.get(m.group(1) if m else "", "layer options")
@@ -404,8 +408,11 @@ def predict(cfg: MoEConfig, tokens: int, elem: int, ep_sizes: list[int], latency
     rows = []
     for n in ep_sizes:
         to_others = layer_exchange_rows(cfg, tokens) * cfg.d_model * elem * (n - 1) / n
-        one = (cfg.overlap_chunks * latency + to_others / bw) * 1e3  # each chunk pays the latency
-        rows.append({"ep_size": n, "bytes_to_others": to_others, "dispatch_ms": one, "combine_ms": one,
+        local = cfg.num_experts // n
+        calls = cfg.overlap_chunks * (local if cfg.ep_exchange == "per_expert" and local > 1 else 1)
+        one = (calls * latency + to_others / bw) * 1e3  # each all-to-all call pays the latency
+        rows.append({"ep_size": n, "bytes_to_others": to_others, "collectives": calls,
+                     "dispatch_ms": one, "combine_ms": one,
                      "forward_ms": 2 * one, "forward_backward_ms": 4 * one})  # backward mirrors both
     return rows
 
@@ -489,10 +496,12 @@ def _print_prediction(rep: dict) -> None:
     console.print(f"fit: time = {fit['latency_us']:.2f} us + bytes to others / {fit['bandwidth_gbps']:.3f} GB/s")
     t = Table(title=f"predicted exchanges of a layer (d_model {c['d_model']}, {c['num_experts']} experts, top-{c['top_k']}, "
                     f"{c['strategy']}, {pred['tokens_per_rank']} tokens/rank, {pred['dtype']}), forward")
-    for col in ("EP size", "to others / exchange", "dispatch ms", "combine ms", "forward ms", "fwd+bwd ms"):
+    for col in ("EP size", "to others / exchange", "all-to-alls / exchange", "dispatch ms", "combine ms",
+                "forward ms", "fwd+bwd ms"):
         t.add_column(col, justify="right")
     for r in pred["rows"]:
-        t.add_row(str(r["ep_size"]), report._fmt_bytes(r["bytes_to_others"]), f"{r['dispatch_ms']:.3f}",
+        t.add_row(str(r["ep_size"]), report._fmt_bytes(r["bytes_to_others"]), str(r["collectives"]),
+                  f"{r['dispatch_ms']:.3f}",
                   f"{r['combine_ms']:.3f}", f"{r['forward_ms']:.3f}", f"{r['forward_backward_ms']:.3f}")
     console.print(t)
     if any(r["beyond_sweep"] for r in pred["rows"]):
