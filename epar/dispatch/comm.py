@@ -3,8 +3,10 @@
 An exchange moves a tensor's rows in one or more parts: part i is an all_to_all_single
 of the next sum(in_parts[i]) input rows into the next sum(out_parts[i]) output rows (the
 dispatcher sends one part per local expert, so rows land grouped by expert). All parts
-are issued at once and complete together. An exchange is two autograd nodes: `start` issues the collective and returns the
-(not yet filled) output buffer, `wait` blocks until it has arrived. Work placed
+are issued at once and complete together.
+
+An exchange is two autograd nodes: `start` issues the collectives and returns the (not
+yet filled) output buffer, `wait` blocks until it has arrived. Work placed
 between the two overlaps the exchange. Backward mirrors it: the backward of `wait`
 issues the reverse exchange of the gradient, the backward of `start` waits for it,
 so the autograd engine pipelines backward chunks the same way as forward.
