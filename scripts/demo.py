@@ -22,7 +22,7 @@ from epar.parallel import broadcast_parameters, build_groups, init_distributed, 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--strategy", default="dropless", choices=["dropless", "token_drop", "expert_choice"])
+    ap.add_argument("--strategy", default="dropless", choices=epar.config.STRATEGIES)
     ap.add_argument("--ep-size", type=int, default=None, help="expert-parallel size (default: world size)")
     ap.add_argument("--experts", type=int, default=8)
     ap.add_argument("--tokens", type=int, default=256, help="tokens per rank per step")

@@ -334,7 +334,7 @@ def parse_args(argv=None):
     a("--d-ff", type=int, default=256, help="hidden size of each routed expert")
     a("--experts", type=int, default=8)
     a("--top-k", type=int, default=2)
-    a("--strategy", default="dropless", choices=["dropless", "token_drop", "expert_choice"])
+    a("--strategy", default="dropless", choices=epar.config.STRATEGIES)
     a("--capacity-factor", type=float, default=1.25)
     a("--shared-expert-d-ff", type=int, default=0)
     a("--aux-loss-coef", type=float, default=0.01)

@@ -135,9 +135,10 @@ class AllToAllDispatcher:
         self.rank = dist.get_rank(group)
         self.local_experts = config.num_experts // self.world
         self.host_group = parallel.host_group_for(group)
-        # Rows need sending in expert order only where a rank has several sources and
-        # several local experts.
-        self.expert_major = config.ep_exchange == "per_expert" and self.world > 1 and self.local_experts > 1
+        # Rows need sending in expert order only where a rank has several local experts
+        # (this dispatcher always has several sources).
+        self.expert_major = config.ep_exchange == "per_expert" and self.local_experts > 1
+        self._send_orders: dict = {}  # device -> send order of the expert blocks (constant)
 
     # ---- metadata: host-side split sizes for every chunk -----------------------
     @staticmethod
@@ -209,21 +210,25 @@ class AllToAllDispatcher:
         return send, recv, recv_dev, bounds
 
     # ---- one call --------------------------------------------------------------
-    def _send_order(self, dev) -> torch.Tensor | None:
-        """Send order of the experts' row blocks: global expert order (= by destination
-        rank, then local expert; None), or by local expert, then destination (per_expert)."""
-        if not self.expert_major:
-            return None
-        n, L = self.world, self.local_experts
-        return _host_to_device([d * L + l for l in range(L) for d in range(n)], dev)
+    def _rows_in_send_order(self, starts_E, lengths_E, total: int) -> torch.Tensor:
+        """Dispatch rows of the blocks [starts_E[e], starts_E[e] + lengths_E[e]), the blocks
+        in send order: global expert order (= by destination rank, then local expert), or
+        by local expert, then destination (per_expert)."""
+        if self.expert_major:
+            dev = starts_E.device
+            if dev not in self._send_orders:
+                n, L = self.world, self.local_experts
+                self._send_orders[dev] = _host_to_device([d * L + l for l in range(L) for d in range(n)], dev)
+            order = self._send_orders[dev]
+            starts_E, lengths_E = starts_E[order], lengths_E[order]
+        return segment_arange(starts_E, lengths_E, total)
 
     def _all_rows(self, plan: RoutingPlan) -> torch.Tensor | None:
         """Every dispatch row in send order (None: dispatch order); needs no host sizes."""
-        order = self._send_order(plan.token_idx_S.device)
-        if order is None:
+        if not self.expert_major:
             return None
-        starts_E = torch.cumsum(plan.rows_per_expert_E, 0) - plan.rows_per_expert_E
-        return segment_arange(starts_E[order], plan.rows_per_expert_E[order], plan.num_rows)
+        counts_E = plan.rows_per_expert_E
+        return self._rows_in_send_order(torch.cumsum(counts_E, 0) - counts_E, counts_E, plan.num_rows)
 
     def _chunks(self, plan: RoutingPlan, info: CallInfo, dtype, all_rows=None) -> list[_Chunk]:
         """Split sizes (host) and rows of every chunk; the call's only metadata exchange.
@@ -236,8 +241,7 @@ class AllToAllDispatcher:
             bounds = _chunk_bounds(plan.rows_per_expert_E, c)
         else:
             send, recv, recv_dev, bounds = self._dropless_counts(plan, ident, c)
-        starts_E = torch.cumsum(plan.rows_per_expert_E, 0) - plan.rows_per_expert_E
-        order = self._send_order(dev) if c > 1 else None
+        starts_E = torch.cumsum(plan.rows_per_expert_E, 0) - plan.rows_per_expert_E if c > 1 else None
         chunks = []
         for j in range(c):
             in_splits = [sum(send[j][d * L : (d + 1) * L]) for d in range(n)]
@@ -248,20 +252,17 @@ class AllToAllDispatcher:
             else:
                 in_parts, out_parts = [in_splits], [out_splits]
             rows = all_rows
-            if c > 1:  # chunk j of every expert's block, in send order
-                starts, lengths = starts_E + bounds[j], bounds[j + 1] - bounds[j]
-                if order is not None:
-                    starts, lengths = starts[order], lengths[order]
-                rows = segment_arange(starts, lengths, sum(in_splits))
+            if c > 1:  # chunk j of every expert's block
+                rows = self._rows_in_send_order(starts_E + bounds[j], bounds[j + 1] - bounds[j], sum(in_splits))
             chunks.append(_Chunk(in_splits, out_splits, in_parts, out_parts, rows, recv_dev[j]))
         return chunks
 
     def _run_experts(self, recv_RD: torch.Tensor, chunk: _Chunk, experts: ExpertFn) -> torch.Tensor:
-        """Rows arrive grouped by local expert (per_expert, or one source or one local
-        expert): one grouped GEMM call. Otherwise they arrive grouped by source rank, then
-        local expert: regroup them by local expert for the call, and back afterwards."""
+        """Rows arrive grouped by local expert (per_expert, or one local expert): one
+        grouped GEMM call. Otherwise they arrive grouped by source rank, then local expert:
+        regroup them by local expert for the call, and back afterwards."""
         n, L = self.world, self.local_experts
-        if self.expert_major or n == 1 or L == 1:
+        if self.expert_major or L == 1:
             return experts(recv_RD, chunk.recv_counts_SL.sum(0))
         local_of_row = torch.arange(L, device=recv_RD.device).repeat(n)
         expert_of_row = torch.repeat_interleave(local_of_row, chunk.recv_counts_SL.reshape(-1),
