@@ -9,6 +9,7 @@ their expert-DP group. build_groups also returns this grid as a DeviceMesh ("dp"
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -175,7 +176,22 @@ def reduce_gradients(module: torch.nn.Module, groups: ParallelGroups) -> None:
     Expert grads already hold the contributions of every token of their EP group, so
     they are summed over the expert-DP group only, and divided by W as well: dividing
     by dp here (or by both dp and ep) is the double-scaling bug.
+    Linear in the grads: after several micro-batches' backwards (each loss divided by
+    their number), one call gives the single-device result for all of them.
     """
+    _reduce(module, groups, dense=True)
+
+
+@torch.no_grad()
+def reduce_expert_gradients(module: torch.nn.Module, groups: ParallelGroups) -> None:
+    """The expert half of reduce_gradients, for a model wrapped in DistributedDataParallel
+    after ddp_ignore_experts: DDP averages the dense grads over all W ranks (the same
+    convention), this sums each expert grad over its expert-DP group and divides by W.
+    Call it once per optimizer step, after the last micro-batch's backward."""
+    _reduce(module, groups, dense=False)
+
+
+def _reduce(module: torch.nn.Module, groups: ParallelGroups, dense: bool) -> None:
     W = groups.world_size
     for p in module.parameters():
         if p.grad is None:
@@ -183,9 +199,121 @@ def reduce_gradients(module: torch.nn.Module, groups: ParallelGroups) -> None:
         if is_expert_param(p):
             if groups.expert_dp_group is not None:
                 dist.all_reduce(p.grad, group=groups.expert_dp_group)
+        elif not dense:
+            continue
         elif W > 1:
             dist.all_reduce(p.grad, group=groups.world_group)
         p.grad.div_(W)
+
+
+def ddp_ignore_experts(model: torch.nn.Module) -> list[str]:
+    """Keep DistributedDataParallel away from what differs by rank; call before wrapping.
+
+    DDP would broadcast every parameter from rank 0 at construction and average every
+    gradient over all ranks; expert parameters differ across the EP group (each rank
+    holds other experts), so both are wrong for them. DDP would also broadcast buffers
+    from rank 0 before each forward, overwriting each MoE layer's per-rank expert_counts
+    (update_expert_bias sums them itself). This registers both kinds with DDP's ignore
+    list (added to any names already there) and returns the names. After the backward,
+    reduce the expert grads with reduce_expert_gradients(model, groups)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from .layer import MoELayer
+
+    names = [name for name, p in model.named_parameters() if is_expert_param(p)]
+    names += [f"{name}.expert_counts" if name else "expert_counts"
+              for name, m in model.named_modules() if isinstance(m, MoELayer)]
+    already = list(getattr(model, "_ddp_params_and_buffers_to_ignore", []))
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+        model, already + [n for n in names if n not in already])
+    return names
+
+
+def _is_dtensor(t) -> bool:
+    return type(t).__name__ == "DTensor"  # by name: no DTensor import for plain models
+
+
+def _norm_groups(p: torch.nn.Parameter, groups: ParallelGroups) -> list:
+    """The process groups over which this parameter's gradient pieces are spread: summing
+    (or taking the max of) the pieces over them counts each element of the whole model's
+    gradient once. A plain dense grad is whole and equal on every rank (no group); a plain
+    expert grad is this rank's experts (the EP group); a DTensor grad is also split along
+    each mesh dim it is sharded on (replicated dims hold copies)."""
+    over = []
+    if _is_dtensor(p):
+        for dim, placement in enumerate(p.placements):
+            if placement.is_shard():
+                over.append(p.device_mesh.get_group(dim))
+            elif not placement.is_replicate():
+                raise ValueError(f"epar.parallel.clip_grad_norm_: a parameter placed {p.placements} on "
+                                 f"{p.device_mesh} has no defined gradient norm (shard or replicate only)")
+    if is_expert_param(p) and groups.ep_group is not None:
+        over.append(groups.ep_group)
+    if len(over) > 1 and groups.world_size > 1:
+        sizes = [dist.get_world_size(g) for g in over]
+        if math.prod(sizes) == groups.world_size:
+            # An expert shard over expert-DP, of one EP rank's experts: every rank holds
+            # a distinct piece, so one reduction over the world replaces the two.
+            over = [groups.world_group]
+    return over
+
+
+@torch.no_grad()
+def clip_grad_norm_(model: torch.nn.Module, max_norm: float, groups: ParallelGroups | None,
+                    norm_type: float = 2.0, error_if_nonfinite: bool = False) -> torch.Tensor:
+    """torch.nn.utils.clip_grad_norm_ for an expert-parallel model; returns the total norm.
+
+    The norm is that of the whole model's gradient, every dense parameter and every expert
+    counted once, identical on every rank, and equal to the single-device clip of the same
+    model on all ranks' batches. Call it after reduce_gradients (or DDP +
+    reduce_expert_gradients), or on the DTensor grads fully_shard_moe leaves. torch's own
+    clip sees only this rank's experts, so each rank would scale its dense grads by another
+    factor and the replicas would drift.
+
+    Collectives: one all-reduce per kind of spread (plain grads: one over the EP group;
+    FSDP2: one over all ranks), never one per parameter. groups=None: one device."""
+    norm_type = float(norm_type)
+    if not (norm_type > 0):
+        raise ValueError(f"norm_type={norm_type!r} is invalid: it must be > 0 (or inf)")
+    inf = norm_type == float("inf")
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = [p.grad for p in params if p.grad is not None]
+    if not params:
+        return torch.zeros(())
+    device = (grads[0] if grads else params[0]).device
+    acc = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
+    # Bucket by spread; the order follows the model, so every rank reduces in one order.
+    buckets: dict[tuple, tuple[list, list]] = {}
+    for p in params:
+        over = _norm_groups(p, groups) if groups is not None else []
+        key = tuple(tuple(dist.get_process_group_ranks(g)) for g in over)
+        bucket = buckets.setdefault(key, (over, []))
+        g = p.grad
+        if g is None:
+            continue
+        local = g.to_local() if _is_dtensor(g) else g
+        if local.numel() == 0:
+            continue
+        piece = torch.linalg.vector_norm(local, norm_type, dtype=acc)
+        bucket[1].append(piece if inf else piece.pow(norm_type))
+    zero = torch.zeros((), dtype=acc, device=device)
+    totals = []
+    for over, pieces in buckets.values():
+        stacked = torch.stack(pieces).to(device) if pieces else zero.unsqueeze(0)
+        total = stacked.max() if inf else stacked.sum()
+        for group in over:
+            dist.all_reduce(total, op=dist.ReduceOp.MAX if inf else dist.ReduceOp.SUM, group=group)
+        totals.append(total)
+    combined = torch.stack(totals)
+    total_norm = combined.max() if inf else combined.sum().pow(1.0 / norm_type)
+    if error_if_nonfinite and not torch.isfinite(total_norm):
+        raise RuntimeError(f"epar.parallel.clip_grad_norm_: the total gradient norm of order {norm_type} "
+                           "is non-finite; set error_if_nonfinite=False to clip anyway")
+    coef = (max_norm / (total_norm + 1e-6)).clamp(max=1.0)
+    for g in grads:
+        local = g.to_local() if _is_dtensor(g) else g
+        local.mul_(coef.to(local.device, local.dtype))
+    return total_norm
 
 
 def _state_tensors(model: torch.nn.Module):
@@ -200,7 +328,7 @@ def _state_tensors(model: torch.nn.Module):
 
 
 def _reject_sharded(name: str, t: torch.Tensor, what: str) -> None:
-    if type(t).__name__ == "DTensor":  # by name: no DTensor import for plain models
+    if _is_dtensor(t):
         raise TypeError(f"epar.parallel.{what}: {name} is a DTensor (already sharded by FSDP2?); "
                         f"call {what} before fully_shard / fully_shard_moe")
 
@@ -262,8 +390,12 @@ def check_replicas(model: torch.nn.Module, groups: ParallelGroups) -> None:
             name = items[int(differs.nonzero()[0])][0]
             where = "all ranks" if kind == "dense" else "the expert-DP group"
             raise ValueError(f"epar.parallel.check_replicas: {kind} parameter {name!r} differs across "
-                             f"{where} (ranks {dist.get_process_group_ranks(group)}); "
-                             "call epar.parallel.broadcast_parameters(model, groups) after building the model")
+                             f"{where} (ranks {dist.get_process_group_ranks(group)}). Right after "
+                             "building the model: call epar.parallel.broadcast_parameters(model, groups). "
+                             "After training steps: an update differed between ranks, e.g. gradients "
+                             "not reduced (reduce_gradients, DDP, FSDP2), clipped by a per-rank norm "
+                             "(use epar.parallel.clip_grad_norm_, not torch's), or an optimizer step "
+                             "or state that differs by rank")
 
 
 def dense_mesh(groups: ParallelGroups):
@@ -294,6 +426,8 @@ def fully_shard_moe(model: torch.nn.Module, groups: ParallelGroups, shard_root: 
     for layer in layers:
         fully_shard(layer.experts, mesh=expert_mesh, **fsdp_kwargs)
         layer.experts.set_gradient_divide_factor(float(groups.world_size))
+        for p in layer.experts.parameters():  # FSDP2's new DTensor Parameters lose the flag
+            p.is_expert = True
         fully_shard(layer, mesh=world_mesh, **fsdp_kwargs)
     if shard_root and not isinstance(model, MoELayer):
         fully_shard(model, mesh=world_mesh, **fsdp_kwargs)
