@@ -33,11 +33,18 @@ def _check_int(field: str, value, minimum: int) -> None:
         _fail(field, value, f"must be an int >= {minimum}")
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _check_float(field: str, value, minimum: float, strict: bool) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    # Finite too: every float field is a coefficient, a rate or a ratio, where infinity
+    # (or NaN) only fails later (capacity_factor=inf overflows the capacity) or poisons
+    # the loss (aux_loss_coef=inf).
+    ok = _is_number(value) and math.isfinite(value)
     ok = ok and (value > minimum if strict else value >= minimum)
     if not ok:
-        _fail(field, value, f"must be a number {'>' if strict else '>='} {minimum}")
+        _fail(field, value, f"must be a finite number {'>' if strict else '>='} {minimum}")
 
 
 @dataclass(frozen=True)
@@ -90,8 +97,8 @@ class MoEConfig:
         _check_int("shared_expert_d_ff", self.shared_expert_d_ff, 0)
         if self.shared_expert_gate and self.shared_expert_d_ff == 0:
             _fail("shared_expert_gate", True, "needs a shared expert (shared_expert_d_ff > 0)")
-        if not (isinstance(self.router_jitter_eps, (int, float)) and 0 <= self.router_jitter_eps < 1):
-            _fail("router_jitter_eps", self.router_jitter_eps, "must be a number in [0, 1)")
+        if not (_is_number(self.router_jitter_eps) and 0 <= self.router_jitter_eps < 1):
+            _fail("router_jitter_eps", self.router_jitter_eps, "must be a finite number in [0, 1)")
         for field in ("router_noise_std", "aux_loss_coef", "z_loss_coef", "expert_bias_rate"):
             _check_float(field, getattr(self, field), 0.0, strict=False)
         _check_int("overlap_chunks", self.overlap_chunks, 1)

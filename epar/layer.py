@@ -89,9 +89,15 @@ class MoELayer(nn.Module):
         """Global ids of the experts this rank holds: a contiguous block."""
         return range(self.ep_rank * self.num_local_experts, (self.ep_rank + 1) * self.num_local_experts)
 
+    # The dtypes the router, the experts and the combine compute in (float8 and the rest
+    # fail deep inside, e.g. "Promotion for Float8 Types is not supported").
+    _INPUT_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+
     def _check_input(self, x: torch.Tensor) -> None:
-        if not torch.is_floating_point(x):
-            raise ValueError(f"MoELayer input must be a floating-point tensor, got dtype {x.dtype}")
+        if x.dtype not in self._INPUT_DTYPES:
+            names = ", ".join(str(d).removeprefix("torch.") for d in self._INPUT_DTYPES)
+            raise ValueError(f"MoELayer input must be a floating-point tensor of a supported dtype "
+                             f"({names}), got dtype {x.dtype}")
         if x.dim() == 0 or x.shape[-1] != self.config.d_model:
             raise ValueError(
                 f"MoELayer input's last dimension must be d_model={self.config.d_model}, "

@@ -42,8 +42,9 @@ class CallInfo:
 
 
 # Input dtypes by code, for the per-call identity check (a rank in another dtype would
-# send rows of another byte size: garbage or a hang rather than an error).
-_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+# send rows of another byte size: garbage or a hang rather than an error). Every torch
+# dtype has its own code (sorted by name: the same list on every rank of one torch).
+_DTYPES = tuple(sorted({d for d in vars(torch).values() if isinstance(d, torch.dtype)}, key=str))
 
 
 def _dtype_name(code: int) -> str:
@@ -144,7 +145,7 @@ class AllToAllDispatcher:
     @staticmethod
     def _identity(info: CallInfo, dtype: torch.dtype) -> list[int]:
         """What every rank must agree on for this call, sent along with the sizes."""
-        return [info.layer_id, info.call_no, _DTYPES.index(dtype) if dtype in _DTYPES else -1]
+        return [info.layer_id, info.call_no, _DTYPES.index(dtype)]
 
     def _check_peers(self, peers: list[list[int]], mine: list[int]) -> None:
         for src, theirs in enumerate(peers):
