@@ -7,10 +7,19 @@ experts it holds; replicas (expert-DP copies, dense weights) are written once.
 With `optimizer=`, the optimizer's per-parameter state is keyed the same way under
 `optim.` (`optim.<layer>.experts.w_in.<g>.exp_avg`), so it reshards with the experts;
 `extra=` carries any further tensors (a trainer's step, data position, RNG states).
+
+Each MoE layer's config is saved too (one JSON entry, `epar.moe_configs`, keyed by the
+layer's module path). Before reading any tensor, load compares the fields that fix the
+parameters' shapes or what they compute (MUST_MATCH) and raises ValueError naming the
+layer, the field and both values; the others (how tokens are dispatched, training-time
+coefficients, EP size) may differ. Checkpoints saved before configs were stored load
+as before, unchecked.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 
 import torch
@@ -18,9 +27,23 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+
+from .config import MoEConfig
 from .layer import MoELayer
 
 _EXPERT_WEIGHTS = ("w_in", "w_out")
+_CONFIGS_KEY = "epar.moe_configs"
+
+# Fields that decide the parameters' shapes (d_model ... shared_expert_gate) or the
+# function the loaded weights compute (top_k ... routed_scaling_factor): a checkpoint
+# loads only into layers that agree on them. Every other field may differ: the EP size
+# and the exchange (overlap_chunks, ep_exchange), how tokens are dispatched under load
+# (strategy, capacity_factor, drop_policy), and training-time terms (router jitter and
+# noise, the aux / z-loss coefficients and scope, expert_bias_rate).
+MUST_MATCH = ("d_model", "d_ff", "num_experts", "activation", "shared_expert_d_ff", "shared_expert_gate",
+              "top_k", "score_func", "normalize_topk", "num_expert_groups", "topk_groups",
+              "routed_scaling_factor")
 
 
 def _moe_layers(model: nn.Module) -> dict[str, MoELayer]:
@@ -99,7 +122,7 @@ def _full_state(model, optimizer, extra) -> dict[str, torch.Tensor]:
     if optimizer is not None:
         state.update(expert_keyed_optimizer_state(model, optimizer))
     for key, value in (extra or {}).items():
-        if key in state or key.startswith("optim."):
+        if key in state or key.startswith("optim.") or key == _CONFIGS_KEY:
             raise ValueError(f"extra key {key!r} collides with a model or optimizer key")
         if not torch.is_tensor(value):
             raise ValueError(f"extra[{key!r}] is a {type(value).__name__}: only tensors are saved")
@@ -112,17 +135,61 @@ def save(model: nn.Module, path: str | os.PathLike, process_group=None,
     """Collective over `process_group` (default: every rank). Each rank contributes what it
     holds; keys held by several ranks are written once (so a key in `extra` that differs
     by rank, such as an RNG state, needs the rank in its name)."""
-    dcp.save(_full_state(model, optimizer, extra), checkpoint_id=path, process_group=process_group,
-             no_dist=not dist.is_initialized())
+    state = _full_state(model, optimizer, extra)
+    configs = {name: layer.config.to_dict() for name, layer in _moe_layers(model).items()}
+    state[_CONFIGS_KEY] = json.dumps(configs, sort_keys=True)
+    dcp.save(state, checkpoint_id=path, process_group=process_group, no_dist=not dist.is_initialized())
+
+
+def _saved_configs(path, process_group) -> dict | None:
+    """Each saved MoE layer's config fields by module path; None for a checkpoint saved
+    without them. Reads that one entry only (collective, like every dcp.load)."""
+    wanted = {_CONFIGS_KEY: ""}
+    dcp.load(wanted, checkpoint_id=path, process_group=process_group, no_dist=not dist.is_initialized(),
+             planner=DefaultLoadPlanner(allow_partial_load=True))
+    return json.loads(wanted[_CONFIGS_KEY]) if wanted[_CONFIGS_KEY] else None
+
+
+def _check_configs(model: nn.Module, saved: dict, allow_changes) -> None:
+    fields = {f.name for f in dataclasses.fields(MoEConfig)}
+    unknown = sorted(set(allow_changes) - fields)
+    if unknown:
+        raise ValueError(f"allow_config_changes={tuple(allow_changes)!r} is invalid: {unknown} are not "
+                         "MoEConfig fields")
+    problems = []
+    for name, layer in _moe_layers(model).items():
+        where = repr(name) if name else "(the model itself)"
+        if name not in saved:
+            problems.append(f"MoE layer {where} is not in the checkpoint (it holds {sorted(saved)})")
+            continue
+        live = layer.config.to_dict()
+        for field in MUST_MATCH:
+            if field in allow_changes or field not in saved[name]:
+                continue
+            if live[field] != saved[name][field]:
+                problems.append(f"MoE layer {where}: {field}={saved[name][field]!r} in the checkpoint, "
+                                f"{field}={live[field]!r} in the model")
+    if problems:
+        raise ValueError("epar.checkpoint.load: the checkpoint does not fit the model (nothing was loaded): "
+                         + "; ".join(problems) + f". Fields that must match: {', '.join(MUST_MATCH)} "
+                         "(allow_config_changes=(...) accepts a deliberate change of one that keeps "
+                         "the shapes); all others may differ")
 
 
 @torch.no_grad()
 def load(model: nn.Module, path: str | os.PathLike, process_group=None,
-         optimizer: torch.optim.Optimizer | None = None, extra: dict | None = None) -> None:
+         optimizer: torch.optim.Optimizer | None = None, extra: dict | None = None,
+         allow_config_changes=()) -> None:
     """Load into `model` (built at any EP size dividing num_experts): each rank reads the
     experts it holds by their global ids, and with `optimizer` their optimizer state.
     Tensors in `extra` are filled in place from the same keys. Collective over
-    `process_group`."""
+    `process_group`. First compares every MoE layer's config with the saved one: a field
+    of MUST_MATCH that differs (unless named in allow_config_changes, e.g. ("top_k",) to
+    fine-tune with another top-k) raises ValueError naming the layer, the field and both
+    values, before any tensor is read."""
+    saved = _saved_configs(path, process_group)
+    if saved is not None:
+        _check_configs(model, saved, allow_config_changes)
     if optimizer is not None:
         _materialize_optimizer_state(optimizer)
     live = _full_state(model, optimizer, extra)  # views of parameters, buffers, state

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 
 import epar
 from dist_harness import run_distributed
@@ -13,17 +14,18 @@ from epar.parallel import build_groups
 pytestmark = pytest.mark.dist
 
 
-def _config():
-    return epar.MoEConfig(d_model=8, d_ff=16, num_experts=8, shared_expert_d_ff=4, shared_expert_gate=True)
+def _config(**overrides):
+    return epar.MoEConfig(**{**dict(d_model=8, d_ff=16, num_experts=8, shared_expert_d_ff=4,
+                                    shared_expert_gate=True), **overrides})
 
 
 class Block(torch.nn.Module):
-    """A model with two MoE layers and a dense layer, like a user's trainer would have."""
+    """A model with MoE layers and a dense layer, like a user's trainer would have."""
 
-    def __init__(self, ep_group=None):
+    def __init__(self, ep_group=None, layers=2, **overrides):
         super().__init__()
         self.proj = torch.nn.Linear(8, 8)
-        self.moe = torch.nn.ModuleList([epar.MoELayer(_config(), ep_group) for _ in range(2)])
+        self.moe = torch.nn.ModuleList([epar.MoELayer(_config(**overrides), ep_group) for _ in range(layers)])
 
 
 def full_reference(seed: int) -> Block:
@@ -85,3 +87,69 @@ def test_expert_keys_are_global_ids():
     keys = checkpoint.expert_keyed_state_dict(Block()).keys()
     assert {f"moe.1.experts.w_out.{g}" for g in range(8)} <= set(keys)
     assert "moe.1.experts.w_out" not in keys and "moe.0.router.expert_bias" in keys
+
+
+def _assert_holds_reference(block):
+    ref = full_reference(seed=5)
+    for name, value in block.state_dict().items():
+        want = ref.state_dict()[name]
+        if ".experts." in name:
+            ids = block.moe[0].global_expert_ids
+            want = want[ids.start:ids.stop]
+        assert torch.equal(value, want), name
+
+
+def _config_checks(rank, world, root):
+    """Saved at EP 2: a layer that differs in a field fixing shapes or meaning fails with
+    ValueError naming the layer, the field and both values, having read nothing; fields
+    that may differ, another EP size, and a checkpoint saved without configs load."""
+    groups = build_groups(2)
+    _save(rank, world, 2, f"{root}/ckpt")
+    for overrides, field, saved, live in [
+        (dict(num_experts=4), "num_experts", 8, 4),
+        (dict(d_model=16), "d_model", 8, 16),
+        (dict(d_ff=8), "d_ff", 16, 8),
+        (dict(shared_expert_d_ff=0, shared_expert_gate=False), "shared_expert_d_ff", 4, 0),
+        (dict(activation="gelu"), "activation", "'swiglu'", "'gelu'"),
+        (dict(top_k=1), "top_k", 2, 1),
+    ]:
+        block = Block(groups.ep_group, **overrides)
+        before = {k: v.clone() for k, v in block.state_dict().items()}
+        with pytest.raises(ValueError) as info:
+            checkpoint.load(block, f"{root}/ckpt")
+        msg = str(info.value)
+        assert f"MoE layer 'moe.0': {field}={saved} in the checkpoint, {field}={live} in the model" in msg, msg
+        assert "'moe.1'" in msg, msg  # every layer that differs is named
+        assert all(torch.equal(v, before[k]) for k, v in block.state_dict().items()), "a tensor was read"
+    with pytest.raises(ValueError, match=r"MoE layer 'moe.2' is not in the checkpoint"):
+        checkpoint.load(Block(groups.ep_group, layers=3), f"{root}/ckpt")
+    with pytest.raises(ValueError, match=r"allow_config_changes=\('topk',\) is invalid"):
+        checkpoint.load(Block(groups.ep_group), f"{root}/ckpt", allow_config_changes=("topk",))
+
+    # Fields that may differ, at EP 2 and at EP 1 (each rank a whole copy), and a field
+    # that must match let through on purpose: everything comes from the file.
+    for ep_group, overrides, allow in [
+        (groups.ep_group, dict(overlap_chunks=2, ep_exchange="regroup", strategy="token_drop",
+                               capacity_factor=2.0, aux_loss_coef=0.5, expert_bias_rate=0.1), ()),
+        (None, dict(router_noise_std=0.1, z_loss_coef=1e-3, aux_loss_scope="global"), ()),
+        (groups.ep_group, dict(top_k=1), ("top_k",)),
+    ]:
+        torch.manual_seed(100 + rank)
+        block = Block(ep_group, **overrides)
+        checkpoint.load(block, f"{root}/ckpt", allow_config_changes=allow)
+        _assert_holds_reference(block)
+
+    # A checkpoint saved before configs were stored still loads (unchecked).
+    old = Block(groups.ep_group)
+    old.load_state_dict(Block(groups.ep_group).state_dict())
+    checkpoint.load(old, f"{root}/ckpt")
+    dcp.save(checkpoint.expert_keyed_state_dict(old), checkpoint_id=f"{root}/old")
+    torch.manual_seed(200 + rank)
+    block = Block(groups.ep_group, overlap_chunks=2)
+    checkpoint.load(block, f"{root}/old")
+    _assert_holds_reference(block)
+    return True
+
+
+def test_checkpoint_config_mismatch_names_layer_field_and_values(tmp_path):
+    assert all(run_distributed(_config_checks, 2, str(tmp_path), timeout=180))
