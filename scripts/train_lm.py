@@ -37,8 +37,8 @@ from torch import nn
 
 import epar
 from epar import checkpoint
-from epar.parallel import (broadcast_parameters, build_groups, check_replicas, dense_mesh, fully_shard_moe,
-                           init_distributed, is_expert_param, reduce_gradients)
+from epar.parallel import (broadcast_parameters, build_groups, check_replicas, clip_grad_norm_, dense_mesh,
+                           fully_shard_moe, init_distributed, is_expert_param, reduce_gradients)
 
 V = 256  # byte vocabulary
 HELDOUT_EVERY = 10  # topic i (in sorted name order) is held out when i % 10 == 5
@@ -196,36 +196,6 @@ def lr_at(step: int, args) -> float:
         return args.lr * step / max(args.warmup, 1)
     t = (step - args.warmup) / max(args.steps - args.warmup, 1)
     return args.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
-
-
-@torch.no_grad()
-def clip_grad_norm_(model: nn.Module, groups, max_norm: float, fsdp: bool) -> torch.Tensor:
-    """Clip by the norm of the whole model's gradient. Without FSDP, dense grads are
-    identical on every rank after the reduction and expert grads are spread over the EP
-    group, so only the expert part is summed across ranks. Under FSDP2 every rank holds
-    a distinct shard of every gradient (experts: one EP slice, one dp shard of it), so
-    the squares are summed over all ranks."""
-    local = lambda g: g.to_local() if fsdp else g  # noqa: E731  (DTensor -> this rank's shard)
-    dense, expert = [], []
-    for p in model.parameters():
-        if p.grad is not None:
-            (expert if is_expert_param(p) else dense).append(local(p.grad).float().pow(2).sum())
-    zero = torch.zeros((), device=local(next(model.parameters())).device)
-    dense_sq = torch.stack(dense).sum() if dense else zero
-    expert_sq = torch.stack(expert).sum() if expert else zero
-    if fsdp:
-        total = dense_sq + expert_sq
-        dist.all_reduce(total)
-    else:
-        if groups.ep_group is not None:
-            dist.all_reduce(expert_sq, group=groups.ep_group)
-        total = dense_sq + expert_sq
-    norm = total.sqrt()
-    scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-    for p in model.parameters():
-        if p.grad is not None:
-            local(p.grad).mul_(scale.to(p.grad.dtype))
-    return norm
 
 
 def autocast(device: torch.device):
@@ -503,8 +473,8 @@ def train(args, env, groups) -> dict:
         (ce + aux).backward()
         if not args.fsdp:
             reduce_gradients(model, groups)
-        if args.grad_clip > 0:
-            clip_grad_norm_(model, groups, args.grad_clip, args.fsdp)
+        if args.grad_clip > 0:  # the whole model's norm, the same on every rank (plain or FSDP2 grads)
+            clip_grad_norm_(model, args.grad_clip, groups)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args)
         opt.step()
