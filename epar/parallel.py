@@ -275,45 +275,62 @@ def clip_grad_norm_(model: torch.nn.Module, max_norm: float, groups: ParallelGro
     norm_type = float(norm_type)
     if not (norm_type > 0):
         raise ValueError(f"norm_type={norm_type!r} is invalid: it must be > 0 (or inf)")
-    inf = norm_type == float("inf")
+    inf = norm_type == math.inf
     params = [p for p in model.parameters() if p.requires_grad]
-    grads = [p.grad for p in params if p.grad is not None]
     if not params:
         return torch.zeros(())
-    device = (grads[0] if grads else params[0]).device
-    acc = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
-    # Bucket by spread; the order follows the model, so every rank reduces in one order.
+    # Bucket the local grads by spread, keyed by the spread's ranks. Every parameter makes
+    # its bucket, with a grad or without, and the order follows the model: every rank
+    # reduces the same buckets in the same order.
     buckets: dict[tuple, tuple[list, list]] = {}
     for p in params:
         over = _norm_groups(p, groups) if groups is not None else []
         key = tuple(tuple(dist.get_process_group_ranks(g)) for g in over)
+        local = _local_grad(p)
         bucket = buckets.setdefault(key, (over, []))
-        g = p.grad
-        if g is None:
-            continue
-        local = g.to_local() if _is_dtensor(g) else g
-        if local.numel() == 0:
-            continue
-        piece = torch.linalg.vector_norm(local, norm_type, dtype=acc)
-        bucket[1].append(piece if inf else piece.pow(norm_type))
-    zero = torch.zeros((), dtype=acc, device=device)
+        if local is not None and local.numel() > 0:
+            bucket[1].append(local)
+    grads = [g for _, grads in buckets.values() for g in grads]
+    device = (grads[0] if grads else _local(params[0])).device
+    acc = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
     totals = []
-    for over, pieces in buckets.values():
-        stacked = torch.stack(pieces).to(device) if pieces else zero.unsqueeze(0)
-        total = stacked.max() if inf else stacked.sum()
+    for over, bucket_grads in buckets.values():
+        norms = torch.stack([n.to(device, acc) for n in _foreach_norms(bucket_grads, norm_type)]
+                            or [torch.zeros((), dtype=acc, device=device)])
+        total = norms.max() if inf else norms.pow(norm_type).sum()
         for group in over:
             dist.all_reduce(total, op=dist.ReduceOp.MAX if inf else dist.ReduceOp.SUM, group=group)
         totals.append(total)
-    combined = torch.stack(totals)
-    total_norm = combined.max() if inf else combined.sum().pow(1.0 / norm_type)
+    totals = torch.stack(totals)
+    total_norm = totals.max() if inf else totals.sum().pow(1.0 / norm_type)
     if error_if_nonfinite and not torch.isfinite(total_norm):
         raise RuntimeError(f"epar.parallel.clip_grad_norm_: the total gradient norm of order {norm_type} "
                            "is non-finite; set error_if_nonfinite=False to clip anyway")
     coef = (max_norm / (total_norm + 1e-6)).clamp(max=1.0)
-    for g in grads:
-        local = g.to_local() if _is_dtensor(g) else g
-        local.mul_(coef.to(local.device, local.dtype))
+    for (dev, _), same in _by_device_and_dtype(grads).items():
+        torch._foreach_mul_(same, coef.to(dev))
     return total_norm
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if _is_dtensor(t) else t
+
+
+def _local_grad(p: torch.nn.Parameter) -> torch.Tensor | None:
+    """This rank's piece of p's gradient (a DTensor's local shard), or None."""
+    return None if p.grad is None else _local(p.grad)
+
+
+def _by_device_and_dtype(tensors: list[torch.Tensor]) -> dict:
+    out: dict = {}
+    for t in tensors:
+        out.setdefault((t.device, t.dtype), []).append(t)
+    return out
+
+
+def _foreach_norms(tensors: list[torch.Tensor], norm_type: float) -> list[torch.Tensor]:
+    """Each tensor's norm, one foreach kernel per (device, dtype), as torch's clip does."""
+    return [n for same in _by_device_and_dtype(tensors).values() for n in torch._foreach_norm(same, norm_type)]
 
 
 def _state_tensors(model: torch.nn.Module):

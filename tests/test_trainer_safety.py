@@ -89,9 +89,24 @@ def _same_on_every_rank(value: torch.Tensor, group=None) -> bool:
     return all(torch.equal(v, value) for v in everyone)
 
 
+def _counting_all_reduces(fn):
+    """fn()'s result and the number of all-reduces it issued."""
+    real, calls = dist.all_reduce, []
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs.get("group"))
+        return real(*args, **kwargs)
+
+    dist.all_reduce = counting
+    try:
+        return fn(), len(calls)
+    finally:
+        dist.all_reduce = real
+
+
 def _clip_checks(rank, groups, fsdp: bool):
-    """clip_grad_norm_ equals torch's clip on one device, for each norm type; the norm is
-    bit-identical on every rank."""
+    """clip_grad_norm_ equals torch's clip on one device, for each norm type, with one
+    all-reduce; the norm is bit-identical on every rank."""
     model, ref = _pair(groups)
     xs = _batches(groups)
     _ref_backward(ref, xs)
@@ -110,7 +125,8 @@ def _clip_checks(rank, groups, fsdp: bool):
             local(p.grad).copy_(grads[n])
         want = torch.nn.utils.clip_grad_norm_(ref.parameters(), 1e-3, norm_type)
         assert want > 1e-3, "the test must clip"
-        got = clip_grad_norm_(model, 1e-3, groups, norm_type=norm_type)
+        got, collectives = _counting_all_reduces(lambda: clip_grad_norm_(model, 1e-3, groups, norm_type=norm_type))
+        assert collectives == 1, collectives  # one spread: the EP group, or all ranks under FSDP2
         torch.testing.assert_close(got, want, atol=0, rtol=1e-12)
         assert _same_on_every_rank(got, groups.world_group), norm_type
         _assert_grads(model, ref, f"fsdp={fsdp} norm {norm_type}",
