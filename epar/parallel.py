@@ -233,7 +233,7 @@ def _is_dtensor(t) -> bool:
     return type(t).__name__ == "DTensor"  # by name: no DTensor import for plain models
 
 
-def _norm_groups(p: torch.nn.Parameter, groups: ParallelGroups) -> list:
+def _norm_groups(p: torch.nn.Parameter, groups: ParallelGroups | None) -> list:
     """The process groups over which this parameter's gradient pieces are spread: summing
     (or taking the max of) the pieces over them counts each element of the whole model's
     gradient once. A plain dense grad is whole and equal on every rank (no group); a plain
@@ -247,6 +247,8 @@ def _norm_groups(p: torch.nn.Parameter, groups: ParallelGroups) -> list:
             elif not placement.is_replicate():
                 raise ValueError(f"epar.parallel.clip_grad_norm_: a parameter placed {p.placements} on "
                                  f"{p.device_mesh} has no defined gradient norm (shard or replicate only)")
+    if groups is None:  # one device, or DTensors on meshes of their own
+        return over
     if is_expert_param(p) and groups.ep_group is not None:
         over.append(groups.ep_group)
     if len(over) > 1 and groups.world_size > 1:
@@ -284,7 +286,7 @@ def clip_grad_norm_(model: torch.nn.Module, max_norm: float, groups: ParallelGro
     # reduces the same buckets in the same order.
     buckets: dict[tuple, tuple[list, list]] = {}
     for p in params:
-        over = _norm_groups(p, groups) if groups is not None else []
+        over = _norm_groups(p, groups)
         key = tuple(tuple(dist.get_process_group_ranks(g)) for g in over)
         local = _local_grad(p)
         bucket = buckets.setdefault(key, (over, []))
