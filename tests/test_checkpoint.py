@@ -141,7 +141,6 @@ def _config_checks(rank, world, root):
 
     # A checkpoint saved before configs were stored still loads (unchecked).
     old = Block(groups.ep_group)
-    old.load_state_dict(Block(groups.ep_group).state_dict())
     checkpoint.load(old, f"{root}/ckpt")
     dcp.save(checkpoint.expert_keyed_state_dict(old), checkpoint_id=f"{root}/old")
     torch.manual_seed(200 + rank)
