@@ -14,6 +14,7 @@ import epar
 from dist_harness import run_distributed
 from ep_checks import D, FF, make_pair, run_and_compare, tagged_batch
 from epar.parallel import broadcast_parameters, build_groups, check_replicas, fully_shard_moe
+from test_trainer_safety import safety_checks
 
 T = 6  # tokens per rank
 
@@ -153,12 +154,13 @@ def _all_checks(rank, world):
     _replica_checks(rank, groups)
     _bias_checks(rank, groups)
     _fsdp_step(rank, groups)
+    safety_checks(rank, groups)  # clipping, DDP, accumulation: tests/test_trainer_safety.py
     return True
 
 
 @pytest.mark.dist
 def test_dp2_x_ep2_mesh_replicas_bias_and_fsdp2_step():
-    assert run_distributed(_all_checks, 4, timeout=240) == [True] * 4
+    assert run_distributed(_all_checks, 4, timeout=300) == [True] * 4
 
 
 class TwoMoELayers(nn.Module):

@@ -2,7 +2,8 @@
 compared with one device holding the whole model and seeing every rank's batches (float64):
 clipping by the whole model's norm (plain grads and FSDP2's DTensor grads), DDP with the
 experts left to epar, and gradient accumulation over micro-batches (plain and DDP no_sync).
-All checks share one spawned process group."""
+The multi-process checks (safety_checks) run in the spawned process group of
+tests/test_trainer_integration.py, which spawns one anyway."""
 
 from __future__ import annotations
 
@@ -15,9 +16,8 @@ import torch.distributed as dist
 from torch import nn
 
 import epar
-from dist_harness import run_distributed
 from ep_checks import D, FF, tagged_batch
-from epar.parallel import (ParallelGroups, build_groups, check_replicas, clip_grad_norm_, ddp_ignore_experts,
+from epar.parallel import (ParallelGroups, check_replicas, clip_grad_norm_, ddp_ignore_experts,
                            fully_shard_moe, reduce_expert_gradients, reduce_gradients)
 
 T = 6  # tokens per rank and micro-batch
@@ -190,20 +190,15 @@ def _ep2_groups(groups) -> ParallelGroups:
                           ep_group=groups.ep_group, expert_dp_group=None, world_group=groups.ep_group)
 
 
-def _all_checks(rank, world):
-    groups = build_groups(2)
+def safety_checks(rank, groups):
+    """Every multi-process check of this file, on the world-4 dp 2 x ep 2 grid `groups`;
+    run inside tests/test_trainer_integration.py's process group (one spawn for both)."""
     _clip_checks(rank, groups, fsdp=False)
     _clip_checks(rank, _ep2_groups(groups), fsdp=False)
     _torch_clip_drifts(rank, groups)
     _ddp_checks(rank, groups)
     _accumulation_checks(rank, groups)
-    _clip_checks(rank, groups, fsdp=True)  # last: FSDP2 leaves hooks on the process group
-    return True
-
-
-@pytest.mark.dist
-def test_dp2_x_ep2_clip_ddp_and_accumulation_equal_one_device():
-    assert run_distributed(_all_checks, 4, timeout=300) == [True] * 4
+    _clip_checks(rank, groups, fsdp=True)
 
 
 def test_clip_on_one_device_is_torchs():
