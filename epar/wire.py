@@ -116,6 +116,18 @@ def count_rows(token_P: torch.Tensor, expert_P: torch.Tensor, source_rank_T: tor
     return WireCounts(rows, T)
 
 
+def rows_to_each_rank(token_P: torch.Tensor, expert_P: torch.Tensor, num_experts: int, ep_size: int) -> dict:
+    """{scheme: int64 [n]} rows one rank's tokens send to each rank of the group (its own
+    entry included), single level: every_slot, and per_rank (which per_node equals
+    inside one node)."""
+    L = num_experts // ep_size
+    rank_P = expert_P // L
+    every = torch.bincount(rank_P, minlength=ep_size)
+    _, rank_R = _distinct(token_P, rank_P, ep_size)
+    once = torch.bincount(rank_R, minlength=ep_size)
+    return {"every_slot": every, "per_rank": once, "per_node": once}
+
+
 def count_plan(plan, source_rank: int, num_experts: int, ep_size: int,
                ranks_per_node: int | None = None) -> WireCounts:
     """count_rows for one rank's RoutingPlan (all its tokens on `source_rank`)."""
