@@ -3,7 +3,8 @@
 
 Two parts, one JSON (benchmarks/results/wire.json):
 
-real       EP 2 and EP 4, real gloo processes, the three shapes scaled down (d_model,
+real       EP 2 and EP 4 in 4 real gloo processes (EP 2: two EP groups side by side),
+           the three shapes scaled down (d_model,
            d_ff, tokens / --scale; experts and top_k kept), `dropless`, bf16, one
            forward + backward per exchange in epar.config.EP_EXCHANGES (whatever exists
            when this runs). torch.distributed's collectives are wrapped while the layer
@@ -112,7 +113,7 @@ def _measure_exchange(cfg, group, rank, world, tokens, seed) -> dict:
     try:
         torch.manual_seed(0)  # the same router on every rank
         layer = epar.MoELayer(cfg, group).to(torch.bfloat16)
-        x = torch.randn(tokens, cfg.d_model, generator=torch.Generator().manual_seed(seed + rank))
+        x = torch.randn(tokens, cfg.d_model, generator=torch.Generator().manual_seed(seed))
         x = x.to(torch.bfloat16).requires_grad_()
         counter.on = True
         out = layer(x)
@@ -130,7 +131,8 @@ def _measure_exchange(cfg, group, rank, world, tokens, seed) -> dict:
             "plan_to_ranks": {s: v.tolist() for s, v in to_ranks.items()}}
 
 
-def _rank_main(rank: int, world: int, port: int, shapes: dict, exchanges: list, queue) -> None:
+def _rank_main(rank: int, world: int, port: int, eps: tuple, shapes: dict, exchanges: list, queue) -> None:
+    """One process of `world`; each EP size in `eps` runs as (world / ep) EP groups side by side."""
     import epar
     from epar.parallel import build_groups
 
@@ -139,13 +141,16 @@ def _rank_main(rank: int, world: int, port: int, shapes: dict, exchanges: list, 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=300))
     try:
-        groups = build_groups(world)
         res = {}
-        for name, s in shapes.items():
-            for exchange in exchanges:
-                cfg = epar.MoEConfig(d_model=s["d_model"], d_ff=s["d_ff"], num_experts=s["num_experts"],
-                                     top_k=s["top_k"], strategy="dropless", ep_exchange=exchange)
-                res[(name, exchange)] = _measure_exchange(cfg, groups.ep_group, rank, world, s["tokens"], 100)
+        for ep in eps:
+            group = build_groups(ep).ep_group
+            members = dist.get_process_group_ranks(group)
+            for name, s in shapes.items():
+                for exchange in exchanges:
+                    cfg = epar.MoEConfig(d_model=s["d_model"], d_ff=s["d_ff"], num_experts=s["num_experts"],
+                                         top_k=s["top_k"], strategy="dropless", ep_exchange=exchange)
+                    r = _measure_exchange(cfg, group, dist.get_rank(group), ep, s["tokens"], 100 + rank)
+                    res[(ep, name, exchange)] = {**r, "group": members}
         queue.put((rank, res))
     except BaseException as e:
         queue.put((rank, e))
@@ -160,12 +165,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_ranks(world: int, shapes: dict, exchanges: list) -> dict:
-    """{(shape, exchange): [per-rank results]} from `world` gloo processes."""
+def run_ranks(eps: tuple, shapes: dict, exchanges: list) -> dict:
+    """{(ep, shape, exchange): [EP groups, each its ranks' results in EP-rank order]} from
+    max(eps) gloo processes."""
+    world = max(eps)
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_rank_main, args=(r, world, port, shapes, exchanges, queue), daemon=True)
+    procs = [ctx.Process(target=_rank_main, args=(r, world, port, eps, shapes, exchanges, queue), daemon=True)
              for r in range(world)]
     for p in procs:
         p.start()
@@ -181,7 +188,11 @@ def run_ranks(world: int, shapes: dict, exchanges: list) -> dict:
             p.join(timeout=30)
             if p.is_alive():
                 p.kill()
-    return {key: [per_rank[r][key] for r in range(world)] for key in per_rank[0]}
+    out = {}
+    for key in per_rank[0]:
+        groups = sorted({tuple(per_rank[r][key]["group"]) for r in per_rank})
+        out[key] = [[per_rank[r][key] for r in g] for g in groups]
+    return out
 
 
 def expected_sends(ranks: list, scheme: str, me: int) -> int:
@@ -193,9 +204,11 @@ def expected_sends(ranks: list, scheme: str, me: int) -> int:
     return mine + theirs
 
 
-def real_row(world: int, name: str, shape: dict, full_d: int, exchange: str, ranks: list) -> dict:
+def real_row(world: int, name: str, shape: dict, full_d: int, exchange: str, groups: list) -> dict:
+    """One (EP size, shape, exchange): every EP group's ranks together."""
     from epar import wire
 
+    ranks = [r for g in groups for r in g]
     tokens = sum(r["tokens"] for r in ranks)
     fwd_rows = sum(r["forward"][0] for r in ranks)
     fwd_bytes = sum(r["forward"][1] + r["forward"][2] for r in ranks)
@@ -208,11 +221,11 @@ def real_row(world: int, name: str, shape: dict, full_d: int, exchange: str, ran
     scheme = wire.EXCHANGE_SCHEME.get(exchange)
     agrees = None
     if scheme:
-        agrees = all(r["forward"][0] == r["backward"][0] == expected_sends(ranks, scheme, i)
-                     for i, r in enumerate(ranks))
+        agrees = all(r["forward"][0] == r["backward"][0] == expected_sends(g, scheme, i)
+                     for g in groups for i, r in enumerate(g))
     rows = fwd_rows / 2 / tokens
-    return {"ep_size": world, "shape": name, "ep_exchange": exchange, "strategy": "dropless",
-            "d_model": shape["d_model"], "tokens_per_rank": shape["tokens"],
+    return {"ep_size": world, "ep_groups": len(groups), "shape": name, "ep_exchange": exchange,
+            "strategy": "dropless", "d_model": shape["d_model"], "tokens_per_rank": shape["tokens"],
             "rows_per_token": rows,
             "bytes_per_token": fwd_bytes / 2 / tokens,
             "metadata_bytes_per_token": sum(r["forward"][2] for r in ranks) / 2 / tokens,
@@ -347,11 +360,9 @@ def main(argv=None) -> int:
                "torch": torch.__version__, "date": datetime.date.today().isoformat(), "tiny": args.tiny,
                "scale": scale, "ranks_per_node": RANKS_PER_NODE, "ep_exchanges": list(EP_EXCHANGES),
                "real_shapes": shapes, "real": [], "simulated": []}
-    for world in (2, 4):
-        raw = run_ranks(world, shapes, list(EP_EXCHANGES))
-        for (name, exchange), ranks in raw.items():
-            results["real"].append(real_row(world, name, shapes[name], BENCH_SHAPES[name]["d_model"],
-                                            exchange, ranks))
+    raw = run_ranks((2, 4), shapes, list(EP_EXCHANGES))  # 4 processes: EP 2 as two groups, then EP 4
+    for (ep, name, exchange), groups in raw.items():
+        results["real"].append(real_row(ep, name, shapes[name], BENCH_SHAPES[name]["d_model"], exchange, groups))
     results["simulated"] = simulated_rows(tokens, (8, 64) if args.tiny else SIM_EP)
     print_tables(results)
     out = args.out or HERE / "results" / ("wire_tiny.json" if args.tiny else "wire.json")
