@@ -322,8 +322,10 @@ def test_two_layers_bandwidth_totals_and_steps(trainer_runs):
         a, b = one["exchanges"][ex], two["exchanges"][ex]
         assert a["bytes_total"] == b["bytes_total"]  # capacity-padded: the same bytes
         assert a["hidden_ms"]["max"] == 0  # one chunk, no shared expert
-        # Bandwidth is the transfer's own: overlap does not divide it.
-        assert 0.5 < b["algbw_gbps"]["median"] / a["algbw_gbps"]["median"] < 2
+        # Bandwidth is the transfer's own (check_bandwidth_and_times: bytes / replay time),
+        # and the replay issues the chunked exchange's own calls: twice as many (2 local
+        # experts per chunk), each paying its latency, so the two bandwidths may differ.
+        assert b["collectives"]["median"] == 2 * a["collectives"]["median"] == 2 * 2
     # Totals per step over both layers: each rank's per-call figures summed (one call per step).
     tot = rep["totals"]
     assert tot["layers"] == 2 and tot["steps"] == TWO_LAYER_STEPS
