@@ -302,8 +302,10 @@ def test_rows_and_nodes_per_exchange(trainer_runs, name):
         assert wire[ex]["slots_per_token"] == pytest.approx(slots / tokens)
         assert wire[ex]["rows_per_token"] == pytest.approx(rows / tokens)
         assert wire[ex]["bytes_per_token"] == pytest.approx(rows * row / tokens)
-        inter = wire[ex]["inter_node_bytes_per_token"]
-        assert inter == (pytest.approx(rows * row / tokens) if name == "expert_choice" else 0)
+        across = name == "expert_choice"  # LOCAL_WORLD_SIZE=1
+        assert wire[ex]["inter_node_bytes_per_token"] == (pytest.approx(rows * row / tokens) if across else 0)
+        assert wire[ex]["inter_node_rows_per_token"] == (pytest.approx(rows / tokens) if across else 0)
+        assert wire[ex]["intra_node_rows_per_token"] == (0 if across else pytest.approx(rows / tokens))
     if name == "token_drop":  # capacity 0.75 drops slots, and padding rows travel too
         assert wire["dispatch"]["rows_per_token"] > wire["dispatch"]["slots_per_token"]
     else:  # every slot is a row (expert choice fills every slot with a real token)
@@ -376,6 +378,10 @@ def test_profile_command(tmp_path):
                     "--strategy", "token_drop", "--overlap-chunks", "2", "--shared-expert-d-ff", "8",
                     "--steps", "2", "--warmup", "1", "--json", str(out), "--trace", str(trace))
     assert "busbw" in proc.stdout and "imbalance" in proc.stdout
+    # the wire in the terminal: calls per exchange (2 chunks x 2 local experts), node split,
+    # and rows per token against the slots that leave their rank
+    assert re.search(r"dispatch\s*│\s*2\s*│\s*4\s*│", proc.stdout), proc.stdout
+    assert "intra / inter node" in proc.stdout and re.search(r"dispatch [\d.]+ slots -> [\d.]+ rows", proc.stdout)
     rep = json.loads(out.read_text())
     check_documented(rep, "## `profile --json`: keys")
     check_bandwidth_and_times(rep, ep=2)

@@ -305,7 +305,12 @@ def _wire(ranks: list[dict]) -> dict:
         total = {f: sum(r["exchanges"].get(name, {}).get(f, 0.0) * r["calls"] for r in ranks)
                  for f in ("rows_to_others", "bytes_to_others", "bytes_intra_node", "bytes_inter_node")}
         per = (lambda v: v / tokens) if tokens else (lambda v: 0.0)
+        # Rows of one exchange are all one size: rows per link class follow from its bytes.
+        row_bytes = total["bytes_to_others"] / total["rows_to_others"] if total["rows_to_others"] else 0.0
+        rows_of = (lambda b: b / row_bytes) if row_bytes else (lambda b: 0.0)
         out[name] = {"slots_per_token": per(slots), "rows_per_token": per(total["rows_to_others"]),
+                     "intra_node_rows_per_token": per(rows_of(total["bytes_intra_node"])),
+                     "inter_node_rows_per_token": per(rows_of(total["bytes_inter_node"])),
                      "bytes_per_token": per(total["bytes_to_others"]),
                      "intra_node_bytes_per_token": per(total["bytes_intra_node"]),
                      "inter_node_bytes_per_token": per(total["bytes_inter_node"])}
@@ -508,9 +513,9 @@ def _exchange_table(title: str, exchanges: dict):
 
 def wire_line(wire: dict) -> str:
     """Rows per token on the wire, all ranks: slots leaving a rank -> rows actually sent."""
-    parts = [f"{name} {w['slots_per_token']:.2f} slots -> {w['rows_per_token']:.2f} rows, "
-             f"{_fmt_bytes(w['bytes_per_token'])} (intra {_fmt_bytes(w['intra_node_bytes_per_token'])}, "
-             f"inter {_fmt_bytes(w['inter_node_bytes_per_token'])})" for name, w in wire.items()]
+    parts = [f"{name} {w['slots_per_token']:.2f} slots -> {w['rows_per_token']:.2f} rows "
+             f"({w['intra_node_rows_per_token']:.2f} in node, {w['inter_node_rows_per_token']:.2f} across nodes), "
+             f"{_fmt_bytes(w['bytes_per_token'])}" for name, w in wire.items()]
     return "wire per token, to other ranks (all ranks): " + "; ".join(parts)
 
 
