@@ -271,8 +271,7 @@ def simulate(name: str, shape: dict, ep: int, routing: str, tokens: int, node_li
     counts = wire.count_rows(token_P, expert_P, src_T, E, ep, rpn)
     table = counts.table()
     row_bytes = shape["d_model"] * 2
-    tok_N, _ = wire._distinct(token_P, expert_P // (E // ep) // rpn, nodes)
-    max_nodes = int(torch.bincount(tok_N, minlength=tokens).max()) if tok_N.numel() else 0
+    max_nodes = int(wire.nodes_per_token(token_P, expert_P, tokens, E, ep, rpn).max())
     return {"shape": name, "num_experts": E, "top_k": k, "ep_size": ep, "ranks_per_node": rpn,
             "routing": routing, "nodes_per_token_limit": node_limit, "max_nodes_per_token": max_nodes,
             "tokens": tokens, "rows_per_token": table,

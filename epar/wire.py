@@ -116,6 +116,16 @@ def count_rows(token_P: torch.Tensor, expert_P: torch.Tensor, source_rank_T: tor
     return WireCounts(rows, T)
 
 
+def nodes_per_token(token_P: torch.Tensor, expert_P: torch.Tensor, num_tokens: int, num_experts: int,
+                    ep_size: int, ranks_per_node: int) -> torch.Tensor:
+    """int64 [T]: distinct nodes each token's kept experts are on (node-limited routing
+    bounds this)."""
+    _check(num_experts, ep_size, ranks_per_node)
+    node_P = expert_P // (num_experts // ep_size) // ranks_per_node
+    tok_N, _ = _distinct(token_P, node_P, ep_size // ranks_per_node)
+    return torch.bincount(tok_N, minlength=num_tokens)
+
+
 def rows_to_each_rank(token_P: torch.Tensor, expert_P: torch.Tensor, num_experts: int, ep_size: int) -> dict:
     """{scheme: int64 [n]} rows one rank's tokens send to each rank of the group (its own
     entry included), single level: every_slot, and per_rank (which per_node equals

@@ -114,6 +114,7 @@ class PhaseRecorder:
         self._bwd_end: dict = {}
         self._replays: dict = {}  # (layer, call, phase) -> _Replay, not yet replayed
         self.replayed: list[_Replay] = []
+        self._nodes: dict = {}  # group -> for each of its ranks, whether it is on this rank's node
         self._device: torch.device | None = None
         self._step_start = None
         self._origin = None  # the first marker: time 0 of this rank's rows
@@ -193,10 +194,12 @@ class PhaseRecorder:
         """For each rank of `group`: whether it is on this rank's node. A node is
         LOCAL_WORLD_SIZE consecutive global ranks (torchrun's layout); without it, every
         rank is on one node."""
-        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "0") or 0) or dist.get_world_size()
-        mine = dist.get_rank() // per_node
-        ranks = dist.get_process_group_ranks(group) if group is not None else range(dist.get_world_size())
-        return [g // per_node == mine for g in ranks]
+        if group not in self._nodes:  # once per group and recorder: layer calls pay a lookup
+            per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "0") or 0) or dist.get_world_size()
+            mine = dist.get_rank() // per_node
+            ranks = dist.get_process_group_ranks(group) if group is not None else range(dist.get_world_size())
+            self._nodes[group] = [g // per_node == mine for g in ranks]
+        return self._nodes[group]
 
     def add_stats(self, layer: int, call: int, stats: dict, **layer_meta) -> None:
         # Tensors stay on the device until finish(): no sync inside the step.
