@@ -558,6 +558,7 @@ def main(argv=None) -> None:
     groups = build_groups(args.ep_size or env.world_size)
     try:
         train(args, env, groups)
+        dist.barrier()  # every rank done first: gloo can abort a rank whose peer tears down under it
     finally:
         dist.destroy_process_group()
 
