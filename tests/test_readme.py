@@ -240,6 +240,8 @@ def test_bash_block(block, tmp_path):
     scripts/ link to the repository's), but for the lines .ci/run runs (the test suite)."""
     from dist_harness import free_port
 
+    if not PY.exists():
+        pytest.skip("needs the quick start's .venv/ (scripts/test.sh makes it)")
     for name in (".venv", "scripts"):
         (tmp_path / name).symlink_to(ROOT / name)
     (tmp_path / "my_trainer.py").write_text(_my_trainer())
