@@ -23,6 +23,15 @@ from .config import MoEConfig
 from .layer import MoELayer
 
 
+def _in_backward() -> bool:
+    """Whether this forward runs inside a backward pass: activation checkpointing's
+    recompute. Compiled code never reruns its Python forward in backward (the graph
+    holds the recompute), and dynamo cannot trace the check, so it is skipped there."""
+    if torch.compiler.is_compiling():
+        return False
+    return torch._C._current_graph_task_id() != -1  # -1: no backward pass running
+
+
 class MoEFeedForward(nn.Module):
     """`MoELayer` whose forward returns `y` only; the aux loss waits for the trainer.
 
@@ -44,8 +53,7 @@ class MoEFeedForward(nn.Module):
     def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         out = self.moe(x, padding_mask=padding_mask)
         self.last_stats = out.stats
-        # -1: not inside a backward pass. Inside one, this is checkpointing's recompute.
-        if torch.is_grad_enabled() and torch._C._current_graph_task_id() == -1:
+        if torch.is_grad_enabled() and not _in_backward():
             self._aux_losses.append(out.aux_loss)
         return out.y
 

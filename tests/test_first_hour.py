@@ -213,3 +213,19 @@ def test_feedforward_keeps_nothing_without_grad_or_when_recomputed():
     (out.y.sum() + out.aux_loss).backward()
     for name, g in _grads(ffn).items():
         torch.testing.assert_close(g_ckpt[name], g, rtol=1e-12, atol=1e-12)
+
+
+def test_feedforward_compiles_as_one_graph():
+    """The wrapper adds no graph break to a layer that compiles whole (EP 1), and the
+    compiled forward keeps its aux loss: gradients equal the eager wrapper's."""
+    cfg = MoEConfig(d_model=8, d_ff=16, num_experts=4, aux_loss_coef=0.5)
+    torch.manual_seed(2)
+    ffn = epar.MoEFeedForward(cfg)
+    x = torch.randn(6, 8)
+    (ffn(x).sum() + epar.collect_aux_losses(ffn)).backward()
+    eager = _grads(ffn)
+    ffn.zero_grad()
+    y = torch.compile(ffn, fullgraph=True)(x)
+    (y.sum() + epar.collect_aux_losses(ffn)).backward()
+    for name, g in _grads(ffn).items():
+        torch.testing.assert_close(g, eager[name], rtol=1e-5, atol=1e-6)
