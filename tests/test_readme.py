@@ -5,8 +5,9 @@ CPU-sized (GPU-sized, multi-host, or a benchmark that rewrites the committed res
 Python blocks that initialise torch.distributed run under torchrun at 2 ranks (gloo,
 CPU), the others under plain python. To keep the suite short, each kind runs in one
 job that executes its blocks in turn, each block in its own namespace and its own
-scratch directory (blocks share the job's process group; a block's
-`destroy_process_group()` is deferred to the end of the job). A failing block fails its
+scratch directory (blocks share the job's process group: a block's
+`destroy_process_group()` is deferred to the end of the job, a second
+`init_process_group()` reuses the group). A failing block fails its
 own test, named by README line and first line, with the traceback pointing into
 README.md. This file is also the job's runner: `python tests/test_readme.py run ...`.
 """
@@ -79,8 +80,11 @@ def _run_blocks(blocks_json: str, out_dir: str) -> int:
     rank = int(os.environ.get("RANK", "0"))
     blocks = [Block(**b) for b in json.loads(Path(blocks_json).read_text())]
     results = Path(out_dir) / f"rank{rank}.jsonl"
-    real_destroy = dist.destroy_process_group
-    dist.destroy_process_group = lambda *a, **k: None  # the next block reuses the group
+    real_destroy, real_init = dist.destroy_process_group, dist.init_process_group
+    # One process group for the whole job (gloo cannot be re-initialised in a process):
+    # a block's teardown waits for the job's end, and a later block's init reuses it.
+    dist.destroy_process_group = lambda *a, **k: None
+    dist.init_process_group = lambda *a, **k: None if dist.is_initialized() else real_init(*a, **k)
     status = 0
     for block in blocks:
         scratch = Path(out_dir) / f"block{block.line}"
@@ -163,6 +167,16 @@ def python_outcomes(tmp_path_factory):
 
 def test_readme_has_python_blocks():
     assert len(PYTHON_BLOCKS) >= 4 and any(b.distributed for b in PYTHON_BLOCKS)
+
+
+def test_runner_names_the_failing_line(tmp_path):
+    """A failing block's traceback points at its README line; later blocks still run."""
+    text = "intro\n```python\nx = 1\nraise ValueError('boom')\n```\n```python\nprint('second')\n```\n"
+    first, second = readme_blocks("python", text)
+    outcome = _job([first, second], tmp_path, distributed=False)
+    ok, trace = outcome[first.line]
+    assert not ok and f'README.md", line {first.line + 1}' in trace and "ValueError: boom" in trace, trace
+    assert outcome[second.line][0]
 
 
 @pytest.mark.dist
