@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed import ProcessGroup
+from torch.distributed.device_mesh import DeviceMesh
 
 from . import parallel, profiling
 from .config import MoEConfig
@@ -46,7 +48,25 @@ def _check_same_config(config: MoEConfig, group) -> None:
 
 
 class MoELayer(nn.Module):
-    def __init__(self, config: MoEConfig, ep_group=None, router_group=None):
+    """A Mixture-of-Experts feed-forward layer, its experts sharded over an EP group.
+
+    `layer(x)` takes `x[..., d_model]` (any float dtype) and returns an `MoEOutput`: `y`
+    (same shape and dtype as x), `aux_loss` (the load-balancing and z-loss terms with
+    their coefficients applied: add it to the training loss), `stats` (this rank's
+    per-expert load) and `routing` (where each token went, computed when read). Each
+    call: the router scores this rank's tokens, the strategy (`config.strategy`) turns
+    the scores into a plan, the dispatcher sends each routed row to the rank holding its
+    expert and back, and the weighted expert outputs are summed per token (+ the shared
+    expert). Rank r of an EP group of size n holds global experts [r*E/n, (r+1)*E/n).
+
+    Every rank of the EP group must build the layer with the same config and call it
+    equally often (the exchanges are collectives). The layer never reduces gradients:
+    see `epar.parallel.reduce_gradients`. To use it where a module returning a plain
+    tensor is expected, wrap it: `epar.MoEFeedForward`.
+    """
+
+    def __init__(self, config: MoEConfig, ep_group: ProcessGroup | DeviceMesh | None = None,
+                 router_group: ProcessGroup | DeviceMesh | None = None):
         """ep_group: ProcessGroup or 1-D DeviceMesh over which experts are sharded (None:
         one device). router_group: every rank holding a copy of this layer's router (at
         dp x ep, the world); default ep_group. update_expert_bias and
@@ -78,6 +98,27 @@ class MoELayer(nn.Module):
             self.dispatcher = LocalDispatcher()
         self.layer_id = next(_layer_ids)
         self._calls = 0
+
+    def extra_repr(self) -> str:
+        cfg = self.config
+        first = self.ep_rank * self.num_local_experts
+        return (f"d_model={cfg.d_model}, d_ff={cfg.d_ff}, num_experts={cfg.num_experts}, "
+                f"strategy={cfg.strategy!r}, top_k={cfg.top_k}, ep_size={self.ep_size}, "
+                f"ep_rank={self.ep_rank}, local_experts={self.num_local_experts} "
+                f"(global {first}..{first + self.num_local_experts - 1})")
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Re-initialise every weight as construction does, in the same order (router,
+        experts, shared expert), so under the same seed the weights equal a freshly built
+        layer's; the expert-selection bias and the expert-bias counts go back to zero.
+        Also the step after building on the meta device and `to_empty(device=...)`."""
+        self.router.reset_parameters()
+        self.router.expert_bias.zero_()
+        self.experts.reset_parameters()
+        if self.shared_expert is not None:
+            self.shared_expert.reset_parameters()
+        self.expert_counts.zero_()
 
     @property
     def last_call_no(self) -> int:
