@@ -248,3 +248,20 @@ class _ScatterCombine(torch.autograd.Function):
         grad_w = _row_dots(y_SD, g_SD).to(w_S.dtype) if ctx.needs_input_grad[1] else None
         grad_y = g_SD.mul_(w_S.unsqueeze(1)) if ctx.needs_input_grad[0] else None
         return grad_y, grad_w, None, None, None
+
+
+# ---- pieces of the deduplicated exchange (dispatch/dedup.py) ----------------------
+def gather_valid_rows(x_RD: torch.Tensor, row_P: torch.Tensor, valid_P: torch.Tensor | None) -> torch.Tensor:
+    """x[row_P], rows where valid_P is False exact zeros (None: all valid); one pass."""
+    if valid_P is None:
+        return x_RD.index_select(0, row_P)
+    return _GatherRows.apply(x_RD, row_P, valid_P)
+
+
+def bag_sum(y_SD: torch.Tensor, w_TK: torch.Tensor, row_TK: torch.Tensor, token_S: torch.Tensor,
+            valid_S: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """out[t] = sum_j w[t, j] * y[row[t, j]] over the entries with row < S (= y's row count):
+    the others are left out of the bag, never multiplied by a zero weight. token_S[i]: the
+    bag that row i of y belongs to (valid_S False: none). Accumulated in float32 or wider
+    (see _WeightedCombine); w's gradient is each row's dot product with its bag's gradient."""
+    return _WeightedCombine.apply(y_SD, w_TK, row_TK, token_S, valid_S, True, out_dtype)

@@ -1,0 +1,431 @@
+"""ep_exchange="dedup": each token crosses the wire once per destination rank.
+
+Shapes: T tokens here, n ranks, L local experts per rank, K entries per row (min(top_k, L)
+for token choice, L for expert choice), N send slots, R received rows, P (row, local
+expert) pairs on the expert rank, D features, M metadata columns.
+
+Per call:
+  source   for every (token, destination rank) with at least one kept expert there, one
+           send slot: the token's row plus, packed into M extra columns of the same row
+           (raw bytes viewed as the payload dtype: the collective copies bytes, so this is
+           exact), that rank's local expert ids (int32, -1 = none) and routing weights.
+  counts   one small exchange: dropless sends its row and pair counts with the call
+           identity (all_to_all) and reads them back once; token_drop and expert_choice
+           gather every rank's (capacity, tokens) on the host group and send a static
+           min(tokens, L * capacity) rows to every rank (never more than the L * capacity
+           of the other exchanges), slots without a token being padding (ids all -1).
+  dispatch one all_to_all_single per chunk: rows and their metadata together.
+  expert   rows expanded to (row, local expert) pairs grouped by local expert (one local
+           gather), one grouped GEMM call, and each row's expert outputs summed with their
+           weights (float32 or wider accumulation) into one partial row.
+  combine  one all_to_all_single per chunk of partial rows; each token sums its partial
+           rows (at most one per destination rank), again in float32 or wider.
+Backward mirrors it: two exchanges per chunk, the dispatch's carrying the weights'
+gradient back in the metadata columns of the gradient rows.
+
+Chunks (overlap_chunks > 1) split each destination's rows; capacity modes with several
+chunks keep the one-call exchange with regrouping (see `applies`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from ..profiling.recorder import Exchange, Span, phase
+from ..routing.plan import RoutingPlan
+from . import comm
+from .permute import bag_sum, gather_valid_rows
+
+_ID_DTYPE = torch.int32
+
+
+def applies(config, plan: RoutingPlan) -> bool:
+    """Dedup runs dropless at any chunk count and the capacity modes with one chunk. With
+    several chunks a capacity mode would need a static per-chunk bound on each expert's
+    pairs, up to overlap_chunks times its capacity in padding: those keep the one-call
+    exchange that regroups rows by local expert."""
+    return plan.capacity is None or config.overlap_chunks == 1
+
+
+# ---- byte packing: rows and their metadata in one payload ------------------------
+@dataclass(frozen=True)
+class _Layout:
+    """Columns of a packed row: D payload values, then the metadata bytes (K weights,
+    K int32 ids, zero padding to a whole payload element) viewed as M payload values."""
+
+    D: int
+    K: int
+    w_dtype: torch.dtype
+    dtype: torch.dtype  # payload
+
+    @property
+    def w_bytes(self) -> int:
+        return self.K * self.w_dtype.itemsize
+
+    @property
+    def meta_bytes(self) -> int:
+        return self.w_bytes + self.K * _ID_DTYPE.itemsize
+
+    @property
+    def M(self) -> int:
+        return -(-self.meta_bytes // self.dtype.itemsize)
+
+    def pack_meta(self, w_NK: torch.Tensor, ids_NK: torch.Tensor) -> torch.Tensor:
+        N = w_NK.shape[0]
+        raw = w_NK.new_zeros(N, self.M * self.dtype.itemsize, dtype=torch.uint8)
+        raw[:, : self.w_bytes] = w_NK.contiguous().view(torch.uint8)
+        raw[:, self.w_bytes : self.meta_bytes] = ids_NK.contiguous().view(torch.uint8)
+        return raw.view(self.dtype)
+
+    def unpack_meta(self, meta_NM: torch.Tensor):
+        raw = meta_NM.contiguous().view(torch.uint8)
+        w = raw[:, : self.w_bytes].contiguous().view(self.w_dtype)
+        ids = raw[:, self.w_bytes : self.meta_bytes].contiguous().view(_ID_DTYPE)
+        return w, ids
+
+
+class _PackRows(torch.autograd.Function):
+    """[N, D + M] rows to send: x[token_N] (exact zeros where valid_N is False) and the
+    packed metadata. Backward: x's gradient (rows added onto their tokens) and the
+    weights' gradient, read back from the gradient's metadata bytes."""
+
+    @staticmethod
+    def forward(ctx, x_TD, w_NK, token_N, valid_N, ids_NK, layout: _Layout):
+        T, N = x_TD.shape[0], token_N.shape[0]
+        out = x_TD.new_empty(N, layout.D + layout.M)
+        if N:
+            torch.index_select(x_TD, 0, token_N.clamp(max=max(T - 1, 0)), out=out[:, : layout.D])
+            if valid_N is not None:  # padding slots: zeros, not a stray token's row
+                out[:, : layout.D].masked_fill_(~valid_N.unsqueeze(1), 0)
+            out[:, layout.D :] = layout.pack_meta(w_NK, ids_NK)
+        ctx.save_for_backward(token_N)
+        ctx.T, ctx.layout = T, layout
+        return out
+
+    @staticmethod
+    def backward(ctx, g_NX):
+        (token_N,) = ctx.saved_tensors
+        lay = ctx.layout
+        # Slots without a token (index T) add onto a spare row.
+        g_x = g_NX.new_zeros(ctx.T + 1, lay.D).index_add_(0, token_N, g_NX[:, : lay.D])[: ctx.T]
+        g_w, _ = lay.unpack_meta(g_NX[:, lay.D :])
+        return g_x, g_w, None, None, None, None
+
+
+class _SplitRows(torch.autograd.Function):
+    """Consecutive row ranges of x (the chunks; rows past the last one are not sent).
+    The backward copies the gradients back together: autograd's own slice backward would
+    add them into a zero tensor, and 0 + x is not bit-exact for metadata bytes that read
+    as NaN or -0 in the payload dtype."""
+
+    @staticmethod
+    def forward(ctx, x, sizes: list[int]):
+        ctx.total, ctx.sizes = x.shape[0], sizes
+        return tuple(x.narrow(0, o, s) for o, s in zip(_offsets(sizes), sizes))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        like = next(g for g in grads if g is not None) if any(g is not None for g in grads) else None
+        if like is None:
+            return None, None
+        parts = [g if g is not None else like.new_zeros((s,) + like.shape[1:]) for g, s in zip(grads, ctx.sizes)]
+        tail = ctx.total - sum(ctx.sizes)
+        parts.append(like.new_zeros((tail,) + like.shape[1:]))
+        return torch.cat(parts), None
+
+
+class _UnpackRows(torch.autograd.Function):
+    """Received [R, D + M] rows -> (x [R, D], weights [R, K], ids [R, K]). Backward packs
+    x's and the weights' gradients into one [R, D + M] gradient the same way."""
+
+    @staticmethod
+    def forward(ctx, packed_RX, layout: _Layout):
+        ctx.layout = layout
+        w, ids = layout.unpack_meta(packed_RX[:, layout.D :])
+        ctx.mark_non_differentiable(ids)
+        return packed_RX[:, : layout.D].contiguous(), w, ids
+
+    @staticmethod
+    def backward(ctx, g_x, g_w, _g_ids):
+        lay = ctx.layout
+        R = g_x.shape[0] if g_x is not None else g_w.shape[0]
+        like = g_x if g_x is not None else g_w
+        out = like.new_zeros(R, lay.D + lay.M, dtype=lay.dtype)
+        if g_x is not None:
+            out[:, : lay.D] = g_x
+        if g_w is not None:
+            out[:, lay.D :] = lay.pack_meta(g_w.to(lay.w_dtype), torch.zeros(R, lay.K, dtype=_ID_DTYPE,
+                                                                             device=out.device))
+        return out, None
+
+
+def _offsets(sizes: list[int]) -> list[int]:
+    out, o = [], 0
+    for s in sizes:
+        out.append(o)
+        o += s
+    return out
+
+
+# ---- the source side: who goes where -----------------------------------------------
+def _choices(plan: RoutingPlan, n: int, L: int, w_dtype):
+    """taken [T, n, L] (token t goes to local expert l of rank d) and its weight (with
+    the router's gradient), dense; K, the entries a row carries."""
+    T, E = plan.num_tokens, n * L
+    dev = plan.token_idx_S.device
+    weight_S = plan.weight_S.to(w_dtype)
+    if plan.combine_idx_TK is not None:  # token choice: a token's k slots, S = dropped
+        S, k = plan.num_rows, plan.combine_idx_TK.shape[1]
+        kept_TK = plan.combine_idx_TK < S
+        w_TK = torch.cat([weight_S, weight_S.new_zeros(1)])[plan.combine_idx_TK]
+        t_TK = torch.arange(T, device=dev).unsqueeze(1)
+        flat = torch.where(kept_TK, t_TK * E + plan.expert_TK, T * E).reshape(-1)
+        w_flat, K = w_TK.reshape(-1), min(k, L)
+    else:  # expert choice: row s is expert s // C's
+        C = plan.capacity
+        e_S = torch.arange(plan.num_rows, device=dev) // max(C, 1)
+        flat, w_flat, K = plan.token_idx_S * E + e_S, weight_S, L
+    taken = torch.zeros(T * E + 1, dtype=torch.bool, device=dev).index_put_((flat,), torch.ones_like(flat, dtype=torch.bool))
+    w = weight_S.new_zeros(T * E + 1).index_put((flat,), w_flat)  # spare entry T*E: dropped slots
+    return taken[: T * E].view(T, n, L), w[: T * E].view(T, n, L), K
+
+
+def _entries(taken_TNL: torch.Tensor, w_TNL: torch.Tensor, K: int):
+    """The K entries of every (token, rank): its local experts there first, -1 after."""
+    order = torch.argsort((~taken_TNL).to(torch.uint8), dim=-1, stable=True)[..., :K]
+    ok = taken_TNL.gather(-1, order)
+    ids = torch.where(ok, order, -1).to(_ID_DTYPE)
+    return ids, w_TNL.gather(-1, order)
+
+
+def _slots(go_TN: torch.Tensor, block_N: torch.Tensor, chunks: int, NB: int):
+    """Send slot of every (token, rank) that has a row, NB elsewhere. Rank d's rows form a
+    block of block_N[d] slots (its row count, or a static bound), split into `chunks`
+    consecutive chunks; slots are ordered by (chunk, rank, token), so each chunk is one
+    contiguous range. Also rows[j, d]: the slots chunk j holds for rank d."""
+    n = go_TN.shape[1]
+    g = go_TN.to(torch.int64)
+    pos_TN = torch.cumsum(g, 0) - g  # the token's place in its rank's block
+    j_TN = ((pos_TN + 1) * chunks - 1) // block_N.clamp(min=1)  # chunk j holds [j*b//c, (j+1)*b//c)
+    lo_cN = torch.stack([(j * block_N) // chunks for j in range(chunks + 1)])
+    rows_cN = lo_cN[1:] - lo_cN[:-1]
+    start_cN = (torch.cumsum(rows_cN.reshape(-1), 0) - rows_cN.reshape(-1)).view(chunks, n)
+    d_N = torch.arange(n, device=go_TN.device)
+    j_safe = j_TN.clamp(max=chunks - 1)
+    slot = start_cN[j_safe, d_N] + pos_TN - lo_cN[j_safe, d_N]
+    return torch.where(go_TN, slot, NB), j_safe, rows_cN
+
+
+@dataclass
+class _Send:
+    packed_NX: torch.Tensor  # every send slot, rows and metadata
+    row_TN: torch.Tensor  # slot of each (token, rank), NB where none
+    token_N: torch.Tensor  # token of each slot, T where none (padding)
+    rows_cN: torch.Tensor  # device: slots per (chunk, rank)
+    pairs_cNL: torch.Tensor  # device: (row, local expert) pairs per (chunk, rank, local expert)
+    layout: _Layout
+
+
+def _build_send(x_TD, plan: RoutingPlan, n: int, L: int, chunks: int, w_dtype, bound: int | None) -> _Send:
+    """Everything the dispatch sends, from the plan alone (no host read). `bound`: rows per
+    rank for the capacity modes (static; slots past a rank's rows are padding); None for
+    dropless, whose slots past its row count are never sent."""
+    T, D, dev = x_TD.shape[0], x_TD.shape[1], x_TD.device
+    taken_TNL, w_TNL, K = _choices(plan, n, L, w_dtype)
+    ids_TNK, w_TNK = _entries(taken_TNL, w_TNL, K)
+    go_TN = taken_TNL.any(-1)
+    if bound is None:  # a token needs at most one row per rank, and per chosen expert
+        NB = min(n, plan.combine_idx_TK.shape[1]) * T
+        block_N = go_TN.to(torch.int64).sum(0)
+    else:
+        NB = n * bound
+        block_N = torch.full((n,), bound, dtype=torch.int64, device=dev)
+    row_TN, j_TN, rows_cN = _slots(go_TN, block_N, chunks, NB)
+    flat = row_TN.reshape(-1)
+    token_N = torch.full((NB + 1,), T, dtype=torch.int64, device=dev).index_put_(
+        (flat,), torch.arange(T, device=dev).repeat_interleave(n))[:NB]
+    ids_NK = torch.full((NB + 1, K), -1, dtype=_ID_DTYPE, device=dev).index_put_(
+        (flat,), ids_TNK.reshape(T * n, K))[:NB]
+    w_NK = w_TNK.new_zeros(NB + 1, K).index_put((flat,), w_TNK.reshape(T * n, K))[:NB]
+    layout = _Layout(D, K, w_dtype, x_TD.dtype)
+    valid_N = token_N < T if bound is not None else None
+    packed = _PackRows.apply(x_TD, w_NK, token_N, valid_N, ids_NK, layout)
+    # Pairs per (chunk, rank, local expert): what each expert rank's grouped GEMM gets.
+    d_N = torch.arange(n, device=dev).view(1, n, 1)
+    l_L = torch.arange(L, device=dev).view(1, 1, L)
+    key = torch.where(taken_TNL, (j_TN.unsqueeze(-1) * n + d_N) * L + l_L, chunks * n * L)
+    pairs = torch.zeros(chunks * n * L + 1, dtype=torch.int64, device=dev).scatter_add_(
+        0, key.reshape(-1), torch.ones_like(key.reshape(-1)))[:-1]
+    return _Send(packed, row_TN, token_N, rows_cN, pairs.view(chunks, n, L), layout)
+
+
+# ---- split sizes -------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Sizes:
+    send: list[list[int]]  # [chunk][rank] rows this rank sends
+    recv: list[list[int]]  # [chunk][rank] rows it receives
+    slots: list[list[list[int]]]  # [chunk][rank][local expert] pair slots of received rows
+    exact: bool  # slots are exact counts (dropless) rather than bounds with padding
+
+
+def _dropless_sizes(d, send: _Send, ident: list[int], chunks: int) -> _Sizes:
+    """One all-to-all of (rows, pairs) per chunk plus the call identity, then the call's
+    one device-to-host read."""
+    n, L = d.world, d.local_experts
+    rows_NC = send.rows_cN.t()  # to rank d: its rows in each chunk
+    pairs_NX = send.pairs_cNL.permute(1, 0, 2).reshape(n, chunks * L)
+    columns = [torch.full((n, 1), v, dtype=torch.int64, device=rows_NC.device) for v in ident]
+    send_NX = torch.cat([rows_NC, pairs_NX] + columns, dim=1).contiguous()
+    recv_NX = torch.empty_like(send_NX)
+    work = dist.all_to_all_single(recv_NX, send_NX, group=d.group, async_op=True)
+    comm.wait_work(work, "dedup count exchange", d.group)
+    width = send_NX.shape[1]
+    host = torch.cat([send_NX.reshape(-1), recv_NX.reshape(-1)]).tolist()
+    mine, theirs = host[: n * width], host[n * width :]
+    sent = [mine[r * width : (r + 1) * width] for r in range(n)]
+    got = [theirs[s * width : (s + 1) * width] for s in range(n)]
+    d._check_peers([g[chunks + chunks * L :] for g in got], ident)
+    return _Sizes(send=[[sent[r][j] for r in range(n)] for j in range(chunks)],
+                  recv=[[got[s][j] for s in range(n)] for j in range(chunks)],
+                  slots=[[got[s][chunks + j * L : chunks + (j + 1) * L] for s in range(n)] for j in range(chunks)],
+                  exact=True)
+
+
+def _capacity_sizes(d, plan: RoutingPlan, ident: list[int]) -> tuple[_Sizes, int]:
+    """Every rank's (capacity, tokens), gathered on the host: host numbers only. Rank s
+    sends min(tokens_s, L * capacity_s) rows to every rank (it has no more distinct tokens,
+    nor more than L * capacity slots for that rank's experts); at most min(capacity_s, rows)
+    of them go to each local expert. Returns the sizes and this rank's bound."""
+    n, L = d.world, d.local_experts
+    meta = [plan.capacity, plan.num_tokens] + ident
+    group = d.host_group if d.host_group is not None else d.group
+    dev = "cpu" if d.host_group is not None else plan.token_idx_S.device
+    mine = torch.tensor(meta, dtype=torch.int64, device=dev)
+    gathered = [torch.empty_like(mine) for _ in range(n)]
+    comm.wait_work(dist.all_gather(gathered, mine, group=group, async_op=True), "token-count exchange", group)
+    table = torch.stack(gathered).tolist()
+    d._check_peers([row[2:] for row in table], ident)
+    bounds = [min(T, L * C) for C, T in (row[:2] for row in table)]
+    caps = [row[0] for row in table]
+    sizes = _Sizes(send=[[bounds[d.rank]] * n], recv=[bounds],
+                   slots=[[[min(c, b)] * L for c, b in zip(caps, bounds)]], exact=False)
+    return sizes, bounds[d.rank]
+
+
+# ---- the expert side ---------------------------------------------------------------
+def _expert_side(x_RD, w_RK, ids_RK, recv: list[int], slots_SL: list[list[int]], exact: bool,
+                 experts, L: int):
+    """Expand received rows to (row, local expert) pairs grouped by local expert, then by
+    source rank (one gather), run the experts, and sum each row's outputs with its weights
+    into one partial row.
+
+    Router weights: elsewhere in epar they apply after the combine, on the token's rank, so
+    their gradients never cross ranks. Here each row's expert outputs are summed on the
+    expert rank, so the weights came along with the rows and multiply here; their gradient
+    (each row's dot product with its gradient) goes back in the dispatch's backward
+    exchange (_UnpackRows / _PackRows)."""
+    R, K = ids_RK.shape
+    n, dev = len(recv), x_RD.device
+    src_R = torch.repeat_interleave(torch.arange(n, device=dev), torch.tensor(recv, device=dev), output_size=R)
+    valid_RK = ids_RK >= 0
+    key = torch.where(valid_RK, ids_RK.to(torch.int64) * n + src_R.unsqueeze(1), L * n).reshape(-1)
+    # Place of each pair within its (local expert, source) group, in row order.
+    count = torch.zeros(L * n + 1, dtype=torch.int64, device=dev).scatter_add_(0, key, torch.ones_like(key))
+    order = torch.argsort(key, stable=True)
+    first = torch.cumsum(count, 0) - count
+    rank = torch.empty_like(key)
+    rank[order] = torch.arange(key.shape[0], device=dev) - first[key[order]]
+    # Slot layout: local expert major, then source: slots_SL from the host.
+    per_key = [slots_SL[s][l] for l in range(L) for s in range(n)]
+    P = sum(per_key)
+    base = torch.tensor(_offsets(per_key) + [P], dtype=torch.int64, device=dev)
+    slot_RK = torch.where(valid_RK.reshape(-1), base[key] + rank, P).view(R, K)
+    row_P = torch.full((P + 1,), R, dtype=torch.int64, device=dev).index_put_(
+        (slot_RK.reshape(-1),), torch.arange(R, device=dev).repeat_interleave(K))[:P]
+    valid_P = None if exact else row_P < R  # capacity modes: padding slots
+    counts_L = torch.tensor([sum(slots_SL[s][l] for s in range(n)) for l in range(L)], dtype=torch.int64,
+                            device=dev)
+    y_PD = experts(gather_valid_rows(x_RD, row_P, valid_P), counts_L)
+    return bag_sum(y_PD, w_RK, slot_RK, row_P, valid_P, x_RD.dtype)
+
+
+# ---- one call ------------------------------------------------------------------------
+def dispatch(d, x_TD, plan: RoutingPlan, experts, acc_dtype, info, shared_fn, out_dtype, edge):
+    """The deduplicated exchange for AllToAllDispatcher `d` (see the module docstring);
+    returns (y_TD, shared expert output or None)."""
+    from .dispatcher import _side_stream, run_on_side_stream  # no import cycle at load time
+
+    rec, dev, lid, call = info.recorder, x_TD.device, info.layer_id, info.call_no
+    n, L, c = d.world, d.local_experts, d.config.overlap_chunks
+    ident = d._identity(info, x_TD.dtype)
+
+    with phase(rec, lid, call, "permute", dev):
+        if plan.capacity is None:
+            # Queue the gather before the split sizes' read (the call's one), as late as can be.
+            send = _build_send(edge(x_TD, ends=[("permute", 0)]), plan, n, L, c, acc_dtype, None)
+            with phase(rec, lid, call, "wait", dev):
+                sizes = _dropless_sizes(d, send, ident, c)
+        else:
+            with phase(rec, lid, call, "wait", dev):
+                sizes, bound = _capacity_sizes(d, plan, ident)
+            send = _build_send(edge(x_TD, ends=[("permute", 0)]), plan, n, L, 1, acc_dtype, bound)
+        lay = send.layout
+        chunks = _SplitRows.apply(send.packed_NX, [sum(s) for s in sizes.send])
+        chunks = [edge(t, ends=[("dispatch", j)], starts=[("permute", j)]) for j, t in enumerate(chunks)]
+
+    def record(name, j, splits, recv_splits, like):
+        if rec:
+            row_bytes = like.shape[1] * like.element_size()
+            total = row_bytes * sum(splits)
+            rec.add_exchange(Exchange(lid, call, name, j, total - row_bytes * splits[d.rank], total),
+                             d.group, splits, recv_splits, like)
+
+    def finish(name, j, started):
+        t0, buf, pend = started
+        t_wait = rec.mark(dev) if rec else None
+        out = comm.wait(buf, pend)
+        if rec:
+            rec.add_span(Span(lid, call, name, j, t0, rec.mark(dev), "comm", t_wait))
+        return out
+
+    dispatches = []
+    for j, rows in enumerate(chunks):
+        t0 = rec.mark(dev) if rec else None
+        dispatches.append((t0,) + comm.start(rows, d.group, [sizes.recv[j]], [sizes.send[j]],
+                                             "dedup dispatch all_to_all_single"))
+        record("dispatch", j, sizes.send[j], sizes.recv[j], rows)
+
+    shared_out = None
+    if shared_fn is not None:
+        stream = "side" if dev.type == "cuda" else "compute"
+        shared_out = run_on_side_stream(shared_fn, dev, lambda: phase(rec, lid, call, "shared", dev, stream=stream))
+
+    combines = []
+    for j in range(c):
+        recv = edge(finish("dispatch", j, dispatches[j]), ends=[("experts", j)], starts=[("dispatch", j)])
+        with phase(rec, lid, call, "experts", dev, j):  # expand, experts, weighted partial sums
+            x_RD, w_RK, ids_RK = _UnpackRows.apply(recv, lay)
+            part_RD = _expert_side(x_RD, w_RK, ids_RK, sizes.recv[j], sizes.slots[j], sizes.exact, experts, L)
+            part_RD = edge(part_RD, ends=[("combine", j)], starts=[("experts", j)])
+        t0 = rec.mark(dev) if rec else None
+        combines.append((t0,) + comm.start(part_RD, d.group, [sizes.send[j]], [sizes.recv[j]],
+                                           "dedup combine all_to_all_single"))
+        record("combine", j, sizes.recv[j], sizes.send[j], part_RD)
+    backs = [edge(finish("combine", j, s), ends=[("unpermute", None)], starts=[("combine", j)])
+             for j, s in enumerate(combines)]
+
+    if shared_out is not None and dev.type == "cuda":
+        torch.cuda.current_stream(dev).wait_stream(_side_stream(dev))
+    with phase(rec, lid, call, "unpermute", dev):
+        # Partial rows come back in slot order; each token sums its own (at most n).
+        y_SD = backs[0] if len(backs) == 1 else torch.cat(backs)
+        S = y_SD.shape[0]
+        row_TN = send.row_TN.clamp(max=S)
+        token_S = send.token_N[:S]
+        valid_S = None if plan.capacity is None else token_S < plan.num_tokens
+        ones_TN = torch.ones(row_TN.shape, dtype=y_SD.dtype, device=dev)
+        y_TD = edge(bag_sum(y_SD, ones_TN, row_TN, token_S, valid_S, out_dtype), starts=[("unpermute", None)])
+    return y_TD, shared_out
