@@ -146,19 +146,19 @@ class _UnpackRows(torch.autograd.Function):
         ctx.layout = layout
         w, ids = layout.unpack_meta(packed_RX[:, layout.D :])
         ctx.mark_non_differentiable(ids)
-        return packed_RX[:, : layout.D].contiguous(), w, ids
+        return packed_RX[:, : layout.D], w, ids
 
     @staticmethod
     def backward(ctx, g_x, g_w, _g_ids):
         lay = ctx.layout
         R = g_x.shape[0] if g_x is not None else g_w.shape[0]
         like = g_x if g_x is not None else g_w
-        out = like.new_zeros(R, lay.D + lay.M, dtype=lay.dtype)
-        if g_x is not None:
-            out[:, : lay.D] = g_x
-        if g_w is not None:
-            out[:, lay.D :] = lay.pack_meta(g_w.to(lay.w_dtype), torch.zeros(R, lay.K, dtype=_ID_DTYPE,
-                                                                             device=out.device))
+        if g_x is None:
+            g_x = like.new_zeros(R, lay.D, dtype=lay.dtype)
+        if g_w is None:
+            g_w = like.new_zeros(R, lay.K, dtype=lay.w_dtype)
+        ids = torch.zeros(R, lay.K, dtype=_ID_DTYPE, device=g_x.device)
+        out = torch.cat([g_x.to(lay.dtype), lay.pack_meta(g_w.to(lay.w_dtype), ids)], 1)
         return out, None
 
 
@@ -171,34 +171,41 @@ def _offsets(sizes: list[int]) -> list[int]:
 
 
 # ---- the source side: who goes where -----------------------------------------------
-def _choices(plan: RoutingPlan, n: int, L: int, w_dtype):
-    """taken [T, n, L] (token t goes to local expert l of rank d) and its weight (with
-    the router's gradient), dense; K, the entries a row carries."""
-    T, E = plan.num_tokens, n * L
+def _entries(plan: RoutingPlan, n: int, L: int, w_dtype):
+    """What each (token, rank) row carries: ids [T, n, K] (its local experts there first,
+    -1 after) and weights [T, n, K] (with the router's gradient), and every kept slot as
+    (token, rank, local expert) with a keep mask, for counting pairs."""
+    T = plan.num_tokens
     dev = plan.token_idx_S.device
     weight_S = plan.weight_S.to(w_dtype)
-    if plan.combine_idx_TK is not None:  # token choice: a token's k slots, S = dropped
-        S, k = plan.num_rows, plan.combine_idx_TK.shape[1]
-        kept_TK = plan.combine_idx_TK < S
-        w_TK = torch.cat([weight_S, weight_S.new_zeros(1)])[plan.combine_idx_TK]
-        t_TK = torch.arange(T, device=dev).unsqueeze(1)
-        flat = torch.where(kept_TK, t_TK * E + plan.expert_TK, T * E).reshape(-1)
-        w_flat, K = w_TK.reshape(-1), min(k, L)
-    else:  # expert choice: row s is expert s // C's
-        C = plan.capacity
-        e_S = torch.arange(plan.num_rows, device=dev) // max(C, 1)
-        flat, w_flat, K = plan.token_idx_S * E + e_S, weight_S, L
-    taken = torch.zeros(T * E + 1, dtype=torch.bool, device=dev).index_put_((flat,), torch.ones_like(flat, dtype=torch.bool))
-    w = weight_S.new_zeros(T * E + 1).index_put((flat,), w_flat)  # spare entry T*E: dropped slots
-    return taken[: T * E].view(T, n, L), w[: T * E].view(T, n, L), K
-
-
-def _entries(taken_TNL: torch.Tensor, w_TNL: torch.Tensor, K: int):
-    """The K entries of every (token, rank): its local experts there first, -1 after."""
-    order = torch.argsort((~taken_TNL).to(torch.uint8), dim=-1, stable=True)[..., :K]
-    ok = taken_TNL.gather(-1, order)
-    ids = torch.where(ok, order, -1).to(_ID_DTYPE)
-    return ids, w_TNL.gather(-1, order)
+    if plan.combine_idx_TK is None:  # expert choice: row s is expert s // C's; K = L
+        e_S = torch.arange(plan.num_rows, device=dev) // max(plan.capacity, 1)
+        flat = plan.token_idx_S * (n * L) + e_S
+        taken = torch.zeros(T * n * L, dtype=torch.bool, device=dev).index_put_(
+            (flat,), torch.ones_like(flat, dtype=torch.bool)).view(T, n, L)
+        w_TNL = weight_S.new_zeros(T * n * L).index_put((flat,), weight_S).view(T, n, L)
+        ids = torch.where(taken, torch.arange(L, device=dev, dtype=_ID_DTYPE), -1)
+        return ids, w_TNL, (plan.token_idx_S, e_S // L, e_S % L, None)
+    # Token choice: a token's k slots (S = dropped), sorted by destination rank so that
+    # the slots of each (token, rank) form a run; entry i of (t, d) is the run's i-th.
+    S, k = plan.num_rows, plan.combine_idx_TK.shape[1]
+    K = min(k, L)
+    kept_TK = plan.combine_idx_TK < S
+    w_TK = torch.cat([weight_S, weight_S.new_zeros(1)])[plan.combine_idx_TK]
+    d_TK = torch.where(kept_TK, plan.expert_TK // L, n)  # n: no rank
+    order_TK = torch.sort(d_TK, dim=1, stable=True).indices
+    count_TN = torch.zeros(T, n + 1, dtype=torch.int64, device=dev).scatter_add_(
+        1, d_TK, torch.ones_like(d_TK))[:, :n]
+    first_TN = torch.cumsum(count_TN, 1) - count_TN
+    i_K = torch.arange(K, device=dev)
+    ok = i_K < count_TN.unsqueeze(-1)
+    run = (first_TN.unsqueeze(-1) + i_K).clamp(max=k - 1).view(T, n * K)
+    slot = order_TK.gather(1, run)  # [T, n*K]: the token's slot for each entry
+    ids = torch.where(ok, (plan.expert_TK.gather(1, slot) % L).view(T, n, K), -1).to(_ID_DTYPE)
+    w = torch.where(ok, w_TK.gather(1, slot).view(T, n, K), 0)
+    t_TK = torch.arange(T, device=dev).unsqueeze(1).expand(T, k)
+    return ids, w, (t_TK.reshape(-1), d_TK.reshape(-1).clamp(max=n - 1), (plan.expert_TK % L).reshape(-1),
+                    kept_TK.reshape(-1))
 
 
 def _slots(go_TN: torch.Tensor, block_N: torch.Tensor, chunks: int, NB: int):
@@ -234,9 +241,9 @@ def _build_send(x_TD, plan: RoutingPlan, n: int, L: int, chunks: int, w_dtype, b
     rank for the capacity modes (static; slots past a rank's rows are padding); None for
     dropless, whose slots past its row count are never sent."""
     T, D, dev = x_TD.shape[0], x_TD.shape[1], x_TD.device
-    taken_TNL, w_TNL, K = _choices(plan, n, L, w_dtype)
-    ids_TNK, w_TNK = _entries(taken_TNL, w_TNL, K)
-    go_TN = taken_TNL.any(-1)
+    ids_TNK, w_TNK, (t_X, d_X, l_X, kept_X) = _entries(plan, n, L, w_dtype)
+    K = ids_TNK.shape[2]
+    go_TN = (ids_TNK >= 0).any(-1)
     if bound is None:  # a token needs at most one row per rank, and per chosen expert
         NB = min(n, plan.combine_idx_TK.shape[1]) * T
         block_N = go_TN.to(torch.int64).sum(0)
@@ -254,11 +261,11 @@ def _build_send(x_TD, plan: RoutingPlan, n: int, L: int, chunks: int, w_dtype, b
     valid_N = token_N < T if bound is not None else None
     packed = _PackRows.apply(x_TD, w_NK, token_N, valid_N, ids_NK, layout)
     # Pairs per (chunk, rank, local expert): what each expert rank's grouped GEMM gets.
-    d_N = torch.arange(n, device=dev).view(1, n, 1)
-    l_L = torch.arange(L, device=dev).view(1, 1, L)
-    key = torch.where(taken_TNL, (j_TN.unsqueeze(-1) * n + d_N) * L + l_L, chunks * n * L)
+    key = (j_TN[t_X, d_X] * n + d_X) * L + l_X
+    if kept_X is not None:
+        key = torch.where(kept_X, key, chunks * n * L)
     pairs = torch.zeros(chunks * n * L + 1, dtype=torch.int64, device=dev).scatter_add_(
-        0, key.reshape(-1), torch.ones_like(key.reshape(-1)))[:-1]
+        0, key, torch.ones_like(key))[:-1]
     return _Send(packed, row_TN, token_N, rows_cN, pairs.view(chunks, n, L), layout)
 
 
