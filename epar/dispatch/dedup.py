@@ -37,7 +37,7 @@ import torch.distributed as dist
 from ..profiling.recorder import Exchange, Span, phase
 from ..routing.plan import RoutingPlan
 from . import comm
-from .permute import bag_sum, gather_valid_rows
+from .permute import bag_sum, sum_bags
 
 _ID_DTYPE = torch.int32
 
@@ -87,79 +87,79 @@ class _Layout:
         return w, ids
 
 
-class _PackRows(torch.autograd.Function):
+def _pack(x_TD, w_NK, token_N, valid_N, ids_NK, layout: "_Layout") -> torch.Tensor:
     """[N, D + M] rows to send: x[token_N] (exact zeros where valid_N is False) and the
-    packed metadata. Backward: x's gradient (rows added onto their tokens) and the
-    weights' gradient, read back from the gradient's metadata bytes."""
-
-    @staticmethod
-    def forward(ctx, x_TD, w_NK, token_N, valid_N, ids_NK, layout: _Layout):
-        T, N = x_TD.shape[0], token_N.shape[0]
-        out = x_TD.new_empty(N, layout.D + layout.M)
-        if N:
-            torch.index_select(x_TD, 0, token_N.clamp(max=max(T - 1, 0)), out=out[:, : layout.D])
+    packed metadata. No autograd here: _SendChunks is the node (its split sizes come
+    later, from the host, and this gather is queued before they are read)."""
+    T, N = x_TD.shape[0], token_N.shape[0]
+    out = x_TD.new_empty(N, layout.D + layout.M)
+    if N:
+        with torch.no_grad():
+            torch.index_select(x_TD.detach(), 0, token_N.clamp(max=max(T - 1, 0)), out=out[:, : layout.D])
             if valid_N is not None:  # padding slots: zeros, not a stray token's row
                 out[:, : layout.D].masked_fill_(~valid_N.unsqueeze(1), 0)
-            out[:, layout.D :] = layout.pack_meta(w_NK, ids_NK)
+            out[:, layout.D :] = layout.pack_meta(w_NK.detach(), ids_NK)
+    return out
+
+
+class _SendChunks(torch.autograd.Function):
+    """The packed rows' chunks (consecutive row ranges; rows past the last are not sent),
+    as a function of x and the weights. Backward: each chunk's gradient rows added onto
+    their tokens, and the weights' gradient read back from its metadata bytes. (Autograd's
+    own slice backward would add the chunks into a zero tensor: 0 + x is not bit-exact for
+    metadata bytes that read as NaN or -0 in the payload dtype.)"""
+
+    @staticmethod
+    def forward(ctx, x_TD, w_NK, packed_NX, token_N, layout: "_Layout", sizes: list[int]):
         ctx.save_for_backward(token_N)
-        ctx.T, ctx.layout = T, layout
-        return out
-
-    @staticmethod
-    def backward(ctx, g_NX):
-        (token_N,) = ctx.saved_tensors
-        lay = ctx.layout
-        # Slots without a token (index T) add onto a spare row.
-        g_x = g_NX.new_zeros(ctx.T + 1, lay.D).index_add_(0, token_N, g_NX[:, : lay.D])[: ctx.T]
-        g_w, _ = lay.unpack_meta(g_NX[:, lay.D :])
-        return g_x, g_w, None, None, None, None
-
-
-class _SplitRows(torch.autograd.Function):
-    """Consecutive row ranges of x (the chunks; rows past the last one are not sent).
-    The backward copies the gradients back together: autograd's own slice backward would
-    add them into a zero tensor, and 0 + x is not bit-exact for metadata bytes that read
-    as NaN or -0 in the payload dtype."""
-
-    @staticmethod
-    def forward(ctx, x, sizes: list[int]):
-        ctx.total, ctx.sizes = x.shape[0], sizes
-        return tuple(x.narrow(0, o, s) for o, s in zip(_offsets(sizes), sizes))
+        ctx.T, ctx.N, ctx.layout, ctx.sizes = x_TD.shape[0], packed_NX.shape[0], layout, sizes
+        ctx.dtypes = (x_TD.dtype, w_NK.dtype)
+        return tuple(packed_NX.narrow(0, o, s) for o, s in zip(_offsets(sizes), sizes))
 
     @staticmethod
     def backward(ctx, *grads):
-        like = next(g for g in grads if g is not None) if any(g is not None for g in grads) else None
-        if like is None:
-            return None, None
-        parts = [g if g is not None else like.new_zeros((s,) + like.shape[1:]) for g, s in zip(grads, ctx.sizes)]
-        tail = ctx.total - sum(ctx.sizes)
-        parts.append(like.new_zeros((tail,) + like.shape[1:]))
-        return torch.cat(parts), None
-
-
-class _UnpackRows(torch.autograd.Function):
-    """Received [R, D + M] rows -> (x [R, D], weights [R, K], ids [R, K]). Backward packs
-    x's and the weights' gradients into one [R, D + M] gradient the same way."""
-
-    @staticmethod
-    def forward(ctx, packed_RX, layout: _Layout):
-        ctx.layout = layout
-        w, ids = layout.unpack_meta(packed_RX[:, layout.D :])
-        ctx.mark_non_differentiable(ids)
-        return packed_RX[:, : layout.D], w, ids
-
-    @staticmethod
-    def backward(ctx, g_x, g_w, _g_ids):
+        (token_N,) = ctx.saved_tensors
         lay = ctx.layout
-        R = g_x.shape[0] if g_x is not None else g_w.shape[0]
-        like = g_x if g_x is not None else g_w
-        if g_x is None:
-            g_x = like.new_zeros(R, lay.D, dtype=lay.dtype)
-        if g_w is None:
-            g_w = like.new_zeros(R, lay.K, dtype=lay.w_dtype)
-        ids = torch.zeros(R, lay.K, dtype=_ID_DTYPE, device=g_x.device)
-        out = torch.cat([g_x.to(lay.dtype), lay.pack_meta(g_w.to(lay.w_dtype), ids)], 1)
-        return out, None
+        g_x = torch.zeros(ctx.T + 1, lay.D, dtype=ctx.dtypes[0], device=token_N.device)
+        g_w = torch.zeros(ctx.N, lay.K, dtype=ctx.dtypes[1], device=token_N.device)
+        for g, o, s in zip(grads, _offsets(ctx.sizes), ctx.sizes):
+            if g is None or s == 0:
+                continue
+            g_x.index_add_(0, token_N[o : o + s], g[:, : lay.D])  # padding slots: spare row T
+            g_w[o : o + s] = lay.unpack_meta(g[:, lay.D :])[0]
+        return g_x[: ctx.T], g_w, None, None, None, None
+
+
+class _Receive(torch.autograd.Function):
+    """Received [R, D + M] rows -> (x of every (row, local expert) pair [P, D], the rows'
+    weights [R, K]): the expand is one gather straight from the received buffer (padding
+    pairs, valid_P False, get exact zeros). Backward writes x's gradient (pairs added onto
+    their rows) and the weights' gradient into one packed [R, D + M] gradient, which the
+    dispatch's reverse exchange carries back."""
+
+    @staticmethod
+    def forward(ctx, packed_RX, row_P, valid_P, layout: "_Layout"):
+        R = packed_RX.shape[0]
+        ctx.save_for_backward(row_P)
+        ctx.R, ctx.layout = R, layout
+        x_RD = packed_RX[:, : layout.D]
+        x_PD = x_RD.index_select(0, row_P.clamp(max=max(R - 1, 0))) if R else x_RD.new_zeros(row_P.shape[0], layout.D)
+        if valid_P is not None:
+            x_PD.masked_fill_(~valid_P.unsqueeze(1), 0)
+        return x_PD, layout.unpack_meta(packed_RX[:, layout.D :])[0]
+
+    @staticmethod
+    def backward(ctx, g_PD, g_RK):
+        (row_P,) = ctx.saved_tensors
+        lay = ctx.layout
+        dtype = g_PD.dtype if g_PD is not None else lay.dtype
+        out = torch.zeros(ctx.R + 1, lay.D + lay.M, dtype=lay.dtype, device=row_P.device)
+        if g_PD is not None:  # padding pairs (row R) add onto the spare row
+            out[:, : lay.D].index_add_(0, row_P, g_PD.to(dtype))
+        if g_RK is not None:
+            ids = torch.zeros(ctx.R, lay.K, dtype=_ID_DTYPE, device=row_P.device)
+            out[: ctx.R, lay.D :] = lay.pack_meta(g_RK.to(lay.w_dtype), ids)
+        return out[: ctx.R], None, None, None
 
 
 def _offsets(sizes: list[int]) -> list[int]:
@@ -228,7 +228,8 @@ def _slots(go_TN: torch.Tensor, block_N: torch.Tensor, chunks: int, NB: int):
 
 @dataclass
 class _Send:
-    packed_NX: torch.Tensor  # every send slot, rows and metadata
+    packed_NX: torch.Tensor  # every send slot, rows and metadata (no autograd: see _SendChunks)
+    w_NK: torch.Tensor  # the slots' weights, with the router's gradient
     row_TN: torch.Tensor  # slot of each (token, rank), NB where none
     token_N: torch.Tensor  # token of each slot, T where none (padding)
     rows_cN: torch.Tensor  # device: slots per (chunk, rank)
@@ -259,14 +260,14 @@ def _build_send(x_TD, plan: RoutingPlan, n: int, L: int, chunks: int, w_dtype, b
     w_NK = w_TNK.new_zeros(NB + 1, K).index_put((flat,), w_TNK.reshape(T * n, K))[:NB]
     layout = _Layout(D, K, w_dtype, x_TD.dtype)
     valid_N = token_N < T if bound is not None else None
-    packed = _PackRows.apply(x_TD, w_NK, token_N, valid_N, ids_NK, layout)
+    packed = _pack(x_TD, w_NK, token_N, valid_N, ids_NK, layout)
     # Pairs per (chunk, rank, local expert): what each expert rank's grouped GEMM gets.
     key = (j_TN[t_X, d_X] * n + d_X) * L + l_X
     if kept_X is not None:
         key = torch.where(kept_X, key, chunks * n * L)
     pairs = torch.zeros(chunks * n * L + 1, dtype=torch.int64, device=dev).scatter_add_(
         0, key, torch.ones_like(key))[:-1]
-    return _Send(packed, row_TN, token_N, rows_cN, pairs.view(chunks, n, L), layout)
+    return _Send(packed, w_NK, row_TN, token_N, rows_cN, pairs.view(chunks, n, L), layout)
 
 
 # ---- split sizes -------------------------------------------------------------------
@@ -323,7 +324,7 @@ def _capacity_sizes(d, plan: RoutingPlan, ident: list[int]) -> tuple[_Sizes, int
 
 
 # ---- the expert side ---------------------------------------------------------------
-def _expert_side(x_RD, w_RK, ids_RK, recv: list[int], slots_SL: list[list[int]], exact: bool,
+def _expert_side(packed_RX, layout, recv: list[int], slots_SL: list[list[int]], exact: bool,
                  experts, L: int):
     """Expand received rows to (row, local expert) pairs grouped by local expert, then by
     source rank (one gather), run the experts, and sum each row's outputs with its weights
@@ -333,9 +334,11 @@ def _expert_side(x_RD, w_RK, ids_RK, recv: list[int], slots_SL: list[list[int]],
     their gradients never cross ranks. Here each row's expert outputs are summed on the
     expert rank, so the weights came along with the rows and multiply here; their gradient
     (each row's dot product with its gradient) goes back in the dispatch's backward
-    exchange (_UnpackRows / _PackRows)."""
+    exchange (_Receive / _SendChunks)."""
+    with torch.no_grad():
+        ids_RK = layout.unpack_meta(packed_RX[:, layout.D :])[1]
     R, K = ids_RK.shape
-    n, dev = len(recv), x_RD.device
+    n, dev = len(recv), packed_RX.device
     src_R = torch.repeat_interleave(torch.arange(n, device=dev), torch.tensor(recv, device=dev), output_size=R)
     valid_RK = ids_RK >= 0
     key = torch.where(valid_RK, ids_RK.to(torch.int64) * n + src_R.unsqueeze(1), L * n).reshape(-1)
@@ -355,8 +358,9 @@ def _expert_side(x_RD, w_RK, ids_RK, recv: list[int], slots_SL: list[list[int]],
     valid_P = None if exact else row_P < R  # capacity modes: padding slots
     counts_L = torch.tensor([sum(slots_SL[s][l] for s in range(n)) for l in range(L)], dtype=torch.int64,
                             device=dev)
-    y_PD = experts(gather_valid_rows(x_RD, row_P, valid_P), counts_L)
-    return bag_sum(y_PD, w_RK, slot_RK, row_P, valid_P, x_RD.dtype)
+    x_PD, w_RK = _Receive.apply(packed_RX, row_P, valid_P, layout)
+    y_PD = experts(x_PD, counts_L)
+    return bag_sum(y_PD, w_RK, slot_RK, row_P, valid_P, layout.dtype)
 
 
 # ---- one call ------------------------------------------------------------------------
@@ -380,7 +384,7 @@ def dispatch(d, x_TD, plan: RoutingPlan, experts, acc_dtype, info, shared_fn, ou
                 sizes, bound = _capacity_sizes(d, plan, ident)
             send = _build_send(edge(x_TD, ends=[("permute", 0)]), plan, n, L, 1, acc_dtype, bound)
         lay = send.layout
-        chunks = _SplitRows.apply(send.packed_NX, [sum(s) for s in sizes.send])
+        chunks = _SendChunks.apply(x_TD, send.w_NK, send.packed_NX, send.token_N, lay, [sum(s) for s in sizes.send])
         chunks = [edge(t, ends=[("dispatch", j)], starts=[("permute", j)]) for j, t in enumerate(chunks)]
 
     def record(name, j, splits, recv_splits, like):
@@ -414,8 +418,7 @@ def dispatch(d, x_TD, plan: RoutingPlan, experts, acc_dtype, info, shared_fn, ou
     for j in range(c):
         recv = edge(finish("dispatch", j, dispatches[j]), ends=[("experts", j)], starts=[("dispatch", j)])
         with phase(rec, lid, call, "experts", dev, j):  # expand, experts, weighted partial sums
-            x_RD, w_RK, ids_RK = _UnpackRows.apply(recv, lay)
-            part_RD = _expert_side(x_RD, w_RK, ids_RK, sizes.recv[j], sizes.slots[j], sizes.exact, experts, L)
+            part_RD = _expert_side(recv, lay, sizes.recv[j], sizes.slots[j], sizes.exact, experts, L)
             part_RD = edge(part_RD, ends=[("combine", j)], starts=[("experts", j)])
         t0 = rec.mark(dev) if rec else None
         combines.append((t0,) + comm.start(part_RD, d.group, [sizes.send[j]], [sizes.recv[j]],
@@ -433,6 +436,5 @@ def dispatch(d, x_TD, plan: RoutingPlan, experts, acc_dtype, info, shared_fn, ou
         row_TN = send.row_TN.clamp(max=S)
         token_S = send.token_N[:S]
         valid_S = None if plan.capacity is None else token_S < plan.num_tokens
-        ones_TN = torch.ones(row_TN.shape, dtype=y_SD.dtype, device=dev)
-        y_TD = edge(bag_sum(y_SD, ones_TN, row_TN, token_S, valid_S, out_dtype), starts=[("unpermute", None)])
+        y_TD = edge(sum_bags(y_SD, row_TN, token_S, valid_S, out_dtype), starts=[("unpermute", None)])
     return y_TD, shared_out
