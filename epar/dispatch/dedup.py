@@ -33,11 +33,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from ..profiling.recorder import Exchange, Span, phase
 from ..routing.plan import RoutingPlan
 from . import comm
-from .permute import bag_sum, sum_bags
+from .permute import bag_sum, packed_bags, sum_bags
 
 _ID_DTYPE = torch.int32
 
@@ -104,44 +105,48 @@ def _pack(x_TD, w_NK, token_N, valid_N, ids_NK, layout: "_Layout") -> torch.Tens
 
 class _SendChunks(torch.autograd.Function):
     """The packed rows' chunks (consecutive row ranges; rows past the last are not sent),
-    as a function of x and the weights. Backward: each chunk's gradient rows added onto
-    their tokens, and the weights' gradient read back from its metadata bytes. (Autograd's
-    own slice backward would add the chunks into a zero tensor: 0 + x is not bit-exact for
-    metadata bytes that read as NaN or -0 in the payload dtype.)"""
+    as a function of x and the weights. Backward: each token's gradient is the sum of its
+    rows' (a bag of at most one row per rank: row_TN), and the weights' gradient is read
+    back from the metadata bytes. (Autograd's own slice backward would add the chunks into
+    a zero tensor: 0 + x is not bit-exact for metadata bytes that read as NaN or -0.)"""
 
     @staticmethod
-    def forward(ctx, x_TD, w_NK, packed_NX, token_N, layout: "_Layout", sizes: list[int]):
-        ctx.save_for_backward(token_N)
-        ctx.T, ctx.N, ctx.layout, ctx.sizes = x_TD.shape[0], packed_NX.shape[0], layout, sizes
+    def forward(ctx, x_TD, w_NK, packed_NX, row_TN, layout: "_Layout", sizes: list[int]):
+        ctx.save_for_backward(row_TN)
+        ctx.N, ctx.layout, ctx.sizes = packed_NX.shape[0], layout, sizes
         ctx.dtypes = (x_TD.dtype, w_NK.dtype)
         return tuple(packed_NX.narrow(0, o, s) for o, s in zip(_offsets(sizes), sizes))
 
     @staticmethod
     def backward(ctx, *grads):
-        (token_N,) = ctx.saved_tensors
-        lay = ctx.layout
-        g_x = torch.zeros(ctx.T + 1, lay.D, dtype=ctx.dtypes[0], device=token_N.device)
-        g_w = torch.zeros(ctx.N, lay.K, dtype=ctx.dtypes[1], device=token_N.device)
-        for g, o, s in zip(grads, _offsets(ctx.sizes), ctx.sizes):
-            if g is None or s == 0:
-                continue
-            g_x.index_add_(0, token_N[o : o + s], g[:, : lay.D])  # padding slots: spare row T
-            g_w[o : o + s] = lay.unpack_meta(g[:, lay.D :])[0]
-        return g_x[: ctx.T], g_w, None, None, None, None
+        (row_TN,) = ctx.saved_tensors
+        lay, S = ctx.layout, sum(ctx.sizes)
+        dev = row_TN.device
+        parts = [g if g is not None else torch.zeros(s, lay.D + lay.M, dtype=lay.dtype, device=dev)
+                 for g, s in zip(grads, ctx.sizes)]
+        g_SX = parts[0] if len(parts) == 1 else torch.cat(parts)
+        row_TN = row_TN.clamp(max=S)
+        inp, offsets, _ = packed_bags(row_TN, row_TN < S)  # rows read where they are (strided)
+        T = row_TN.shape[0]
+        g_x = F.embedding_bag(inp, g_SX[:, : lay.D], offsets, mode="sum")[:T].to(ctx.dtypes[0]) if S else \
+            torch.zeros(T, lay.D, dtype=ctx.dtypes[0], device=dev)
+        g_w = torch.zeros(ctx.N, lay.K, dtype=ctx.dtypes[1], device=dev)
+        g_w[:S] = lay.unpack_meta(g_SX[:, lay.D :])[0]
+        return g_x, g_w, None, None, None, None
 
 
 class _Receive(torch.autograd.Function):
     """Received [R, D + M] rows -> (x of every (row, local expert) pair [P, D], the rows'
     weights [R, K]): the expand is one gather straight from the received buffer (padding
-    pairs, valid_P False, get exact zeros). Backward writes x's gradient (pairs added onto
-    their rows) and the weights' gradient into one packed [R, D + M] gradient, which the
-    dispatch's reverse exchange carries back."""
+    pairs, valid_P False, get exact zeros). Backward: each row's gradient is the sum of its
+    pairs' (a bag over slot_RK, the pairs of each row; P = none), written with the weights'
+    gradient into one packed [R, D + M] gradient for the dispatch's reverse exchange."""
 
     @staticmethod
-    def forward(ctx, packed_RX, row_P, valid_P, layout: "_Layout"):
+    def forward(ctx, packed_RX, row_P, valid_P, slot_RK, layout: "_Layout"):
         R = packed_RX.shape[0]
-        ctx.save_for_backward(row_P)
-        ctx.R, ctx.layout = R, layout
+        ctx.save_for_backward(slot_RK)
+        ctx.P, ctx.layout = row_P.shape[0], layout
         x_RD = packed_RX[:, : layout.D]
         x_PD = x_RD.index_select(0, row_P.clamp(max=max(R - 1, 0))) if R else x_RD.new_zeros(row_P.shape[0], layout.D)
         if valid_P is not None:
@@ -150,16 +155,18 @@ class _Receive(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_PD, g_RK):
-        (row_P,) = ctx.saved_tensors
-        lay = ctx.layout
-        dtype = g_PD.dtype if g_PD is not None else lay.dtype
-        out = torch.zeros(ctx.R + 1, lay.D + lay.M, dtype=lay.dtype, device=row_P.device)
-        if g_PD is not None:  # padding pairs (row R) add onto the spare row
-            out[:, : lay.D].index_add_(0, row_P, g_PD.to(dtype))
-        if g_RK is not None:
-            ids = torch.zeros(ctx.R, lay.K, dtype=_ID_DTYPE, device=row_P.device)
-            out[: ctx.R, lay.D :] = lay.pack_meta(g_RK.to(lay.w_dtype), ids)
-        return out[: ctx.R], None, None, None
+        (slot_RK,) = ctx.saved_tensors
+        lay, P = ctx.layout, ctx.P
+        R, dev = slot_RK.shape[0], slot_RK.device
+        if g_PD is None or P == 0:
+            g_RD = torch.zeros(R, lay.D, dtype=lay.dtype, device=dev)
+        else:
+            inp, offsets, _ = packed_bags(slot_RK, slot_RK < P)
+            g_RD = F.embedding_bag(inp, g_PD.to(lay.dtype), offsets, mode="sum")[:R]
+        if g_RK is None:
+            g_RK = torch.zeros(R, lay.K, dtype=lay.w_dtype, device=dev)
+        ids = torch.zeros(R, lay.K, dtype=_ID_DTYPE, device=dev)
+        return torch.cat([g_RD, lay.pack_meta(g_RK.to(lay.w_dtype), ids)], 1), None, None, None, None
 
 
 def _offsets(sizes: list[int]) -> list[int]:
@@ -358,7 +365,7 @@ def _expert_side(packed_RX, layout, recv: list[int], slots_SL: list[list[int]], 
     valid_P = None if exact else row_P < R  # capacity modes: padding slots
     counts_L = torch.tensor([sum(slots_SL[s][l] for s in range(n)) for l in range(L)], dtype=torch.int64,
                             device=dev)
-    x_PD, w_RK = _Receive.apply(packed_RX, row_P, valid_P, layout)
+    x_PD, w_RK = _Receive.apply(packed_RX, row_P, valid_P, slot_RK, layout)
     y_PD = experts(x_PD, counts_L)
     return bag_sum(y_PD, w_RK, slot_RK, row_P, valid_P, layout.dtype)
 
@@ -384,7 +391,7 @@ def dispatch(d, x_TD, plan: RoutingPlan, experts, acc_dtype, info, shared_fn, ou
                 sizes, bound = _capacity_sizes(d, plan, ident)
             send = _build_send(edge(x_TD, ends=[("permute", 0)]), plan, n, L, 1, acc_dtype, bound)
         lay = send.layout
-        chunks = _SendChunks.apply(x_TD, send.w_NK, send.packed_NX, send.token_N, lay, [sum(s) for s in sizes.send])
+        chunks = _SendChunks.apply(x_TD, send.w_NK, send.packed_NX, send.row_TN, lay, [sum(s) for s in sizes.send])
         chunks = [edge(t, ends=[("dispatch", j)], starts=[("permute", j)]) for j, t in enumerate(chunks)]
 
     def record(name, j, splits, recv_splits, like):
