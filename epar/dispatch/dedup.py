@@ -289,8 +289,9 @@ def _build_send(x_TD, plan: RoutingPlan, n: int, L: int, chunks: int, w_dtype, b
 class _Sizes:
     send: list[list[int]]  # [chunk][rank] rows this rank sends
     recv: list[list[int]]  # [chunk][rank] rows it receives
-    slots: list[list[list[int]]]  # [chunk][rank][local expert] pair slots of received rows
-    exact: bool  # slots are exact counts (dropless) rather than bounds with padding
+    # [chunk][rank][local expert] pair slots of received rows: exact counts (dropless), or
+    # bounds that padding fills up (capacity modes)
+    slots: list[list[list[int]]]
 
 
 def _dropless_sizes(d, send: _Send, ident: list[int], chunks: int) -> _Sizes:
@@ -312,8 +313,7 @@ def _dropless_sizes(d, send: _Send, ident: list[int], chunks: int) -> _Sizes:
     d._check_peers([g[chunks + chunks * L :] for g in got], ident)
     return _Sizes(send=[[sent[r][j] for r in range(n)] for j in range(chunks)],
                   recv=[[got[s][j] for s in range(n)] for j in range(chunks)],
-                  slots=[[got[s][chunks + j * L : chunks + (j + 1) * L] for s in range(n)] for j in range(chunks)],
-                  exact=True)
+                  slots=[[got[s][chunks + j * L : chunks + (j + 1) * L] for s in range(n)] for j in range(chunks)])
 
 
 def _capacity_sizes(d, plan: RoutingPlan, ident: list[int]) -> _Sizes:
@@ -333,7 +333,7 @@ def _capacity_sizes(d, plan: RoutingPlan, ident: list[int]) -> _Sizes:
     bounds = [min(T, L * C) for C, T in (row[:2] for row in table)]
     caps = [row[0] for row in table]
     return _Sizes(send=[[bounds[d.rank]] * n], recv=[bounds],
-                  slots=[[[min(c, b)] * L for c, b in zip(caps, bounds)]], exact=False)
+                  slots=[[[min(c, b)] * L for c, b in zip(caps, bounds)]])
 
 
 # ---- the expert side ---------------------------------------------------------------
