@@ -154,10 +154,14 @@ class _Receive(torch.autograd.Function):
         R = packed_RX.shape[0]
         ctx.save_for_backward(slot_RK)
         ctx.P, ctx.layout = row_P.shape[0], layout
-        x_RD = packed_RX[:, : layout.D]
-        x_PD = x_RD.index_select(0, row_P.clamp(max=max(R - 1, 0))) if R else x_RD.new_zeros(row_P.shape[0], layout.D)
-        if valid_P is not None:
-            x_PD.masked_fill_(~valid_P.unsqueeze(1), 0)
+        x_RD, P = packed_RX[:, : layout.D], row_P.shape[0]
+        if valid_P is None:
+            x_PD = x_RD.index_select(0, row_P)
+        elif R:  # bags of one row or none: padding pairs read nothing and come out zero
+            inp, offsets, _ = packed_bags(row_P.unsqueeze(1), valid_P.unsqueeze(1))
+            x_PD = F.embedding_bag(inp, x_RD, offsets, mode="sum")[:P]
+        else:
+            x_PD = x_RD.new_zeros(P, layout.D)
         return x_PD, layout.unpack_meta(packed_RX[:, layout.D :])[0]
 
     @staticmethod
