@@ -135,7 +135,8 @@ class MoELayer(nn.Module):
         # Calls are numbered only where something reads the number (the EP exchanges'
         # identity check, the recorder): a Python counter changing every call would make
         # torch.compile recompile on every call. With EP > 1 and no recorder the number is
-        # taken inside _exchange, which dynamo does not trace (call_no None until then).
+        # taken inside _exchange_eagerly (or dedup's first exchange step), which dynamo does
+        # not trace (call_no None until then).
         call_no = 0 if self.ep_size == 1 else None
         if rec is not None:
             call_no = self._next_call_no()
