@@ -16,7 +16,7 @@ DROP_POLICIES = ("probs", "position")
 SCORE_FUNCS = ("softmax", "sigmoid")
 ACTIVATIONS = ("swiglu", "gelu", "relu")
 AUX_LOSS_SCOPES = ("micro_batch", "global", "sequence")
-EP_EXCHANGES = ("per_expert", "regroup")
+EP_EXCHANGES = ("per_expert", "regroup", "dedup")
 
 
 def _fail(field: str, value, allowed: str) -> None:
@@ -115,7 +115,9 @@ class MoEConfig:
     another's expert compute (EP > 1 only). int >= 1; 1 is no pipelining."""
     # How received rows get grouped by local expert (EP > 1): "per_expert" sends one
     # all_to_all_single per local expert, so they land grouped; "regroup" sends one per
-    # chunk and permutes the received rows (and back). See the dispatcher.
+    # chunk and permutes the received rows (and back). See the dispatcher. "dedup" sends
+    # each token once per destination rank, with its local experts and weights, and sums
+    # its expert outputs there (epar/dispatch/dedup.py).
     ep_exchange: str = "per_expert"
     """How received rows end up grouped by local expert at EP > 1: "per_expert" or
     "regroup" (see the comment above)."""

@@ -13,7 +13,8 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from . import parallel, profiling
 from .config import MoEConfig
-from .dispatch.dispatcher import AllToAllDispatcher, CallInfo, LocalDispatcher
+from .dispatch import dedup
+from .dispatch.dispatcher import AllToAllDispatcher, CallInfo, LocalDispatcher, _backward_edges
 from .experts import GroupedExperts, SharedExpert
 from .routing.info import RoutingInfo
 from .routing.losses import aux_loss
@@ -181,7 +182,8 @@ class MoELayer(nn.Module):
         # Calls are numbered only where something reads the number (the EP exchanges'
         # identity check, the recorder): a Python counter changing every call would make
         # torch.compile recompile on every call. With EP > 1 and no recorder the number is
-        # taken inside _exchange, which dynamo does not trace (call_no None until then).
+        # taken inside _exchange_eagerly (or dedup's first exchange step), which dynamo does
+        # not trace (call_no None until then).
         call_no = 0 if self.ep_size == 1 else None
         if rec is not None:
             call_no = self._next_call_no()
@@ -237,8 +239,16 @@ class MoELayer(nn.Module):
         call_no, self._calls = self._calls, self._calls + 1
         return call_no
 
-    @torch.compiler.disable
     def _exchange(self, x_TD, plan, acc, info: CallInfo, shared_fn, out_dtype):
+        if self.config.ep_exchange == "dedup" and dedup.applies(self.config, plan):
+            # Traced by torch.compile except its exchange steps (graph breaks around them):
+            # the experts, the expand and the partial sums compile.
+            return dedup.dispatch(self.dispatcher, x_TD, plan, self.experts, acc, info, shared_fn, out_dtype,
+                                  _backward_edges(info.recorder, info, x_TD.device), self._next_call_no)
+        return self._exchange_eagerly(x_TD, plan, acc, info, shared_fn, out_dtype)
+
+    @torch.compiler.disable
+    def _exchange_eagerly(self, x_TD, plan, acc, info: CallInfo, shared_fn, out_dtype):
         """The EP dispatch (exchanges, experts between them, combine), run eagerly under
         torch.compile: its split sizes and call number are host values that change per
         call, so tracing them would recompile every call. One graph break on each side."""
