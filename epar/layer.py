@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import pickle
 from dataclasses import dataclass
 
 import torch
@@ -11,6 +12,7 @@ from torch import nn
 
 from . import parallel, profiling
 from .config import MoEConfig
+from .dispatch.comm import CommError
 from .dispatch.dispatcher import AllToAllDispatcher, CallInfo, LocalDispatcher
 from .experts import GroupedExperts, SharedExpert
 from .routing.info import RoutingInfo
@@ -18,9 +20,17 @@ from .routing.losses import aux_loss
 from .routing.router import Router, router_dtype
 from .routing.strategies import make_strategy
 
-# Layers are built in the same order on every rank (SPMD), so this numbering is a
-# cross-rank identity used to detect ranks that call different layers.
-_layer_ids = itertools.count()
+# A layer's number is its identity in every exchange, so it must not depend on anything
+# a rank can do alone: layers are numbered per expert-parallel group (keyed by the group's
+# global ranks) in the order they are built there, and checked across the group at
+# construction. One-device layers (ep_group None) never exchange: they are numbered by a
+# counter of their own, so a reference layer built on one rank shifts no EP layer.
+_layer_numbers: dict = {}
+
+
+def _next_layer_number(group) -> int:
+    key = None if group is None else tuple(dist.get_process_group_ranks(group))
+    return next(_layer_numbers.setdefault(key, itertools.count()))
 
 
 @dataclass(frozen=True)
@@ -33,16 +43,35 @@ class MoEOutput:
     routing: RoutingInfo | None = None
 
 
-def _check_same_config(config: MoEConfig, group) -> None:
-    """All ranks of the EP group must build the same layer, or the exchanges hang."""
+def _check_same_config(config: MoEConfig, group, number: int) -> None:
+    """All ranks of the EP group must build the same layers in the same order, or the
+    exchanges hang. Each rank posts its layer #number's config to the job's key-value
+    store and reads every peer's: no collective on the group, so a layer built on some
+    ranks only cannot meet a peer's exchange of another size (gloo aborts the process on
+    those); the rank that built more waits out the store's timeout (the process-group
+    timeout) and raises CommError, and its peers time out in their next exchange."""
+    ranks = dist.get_process_group_ranks(group)
+    store = dist.distributed_c10d._get_default_store()
+    prefix = f"epar/moe_layer/{','.join(map(str, ranks))}/{number}/"
+    me = dist.get_rank()
     mine = config.to_dict()
-    everyone = [None] * dist.get_world_size(group)
-    dist.all_gather_object(everyone, mine, group=group)
-    for src, theirs in enumerate(everyone):
+    store.set(prefix + str(me), pickle.dumps(mine))
+    for src, peer in enumerate(ranks):
+        if peer == me:
+            continue
+        try:
+            theirs = pickle.loads(store.get(prefix + str(peer)))
+        except Exception as exc:  # the store's timeout: the peer never built this layer
+            raise CommError(
+                f"epar: MoE layer #{number} on the expert-parallel group (ranks {ranks}): rank {src} "
+                f"did not build its layer #{number} in time; every rank of the group must build the "
+                f"same MoE layers in the same order (a layer built on some ranks only?). "
+                f"Underlying error: {exc}") from exc
         diff = [k for k in mine if mine[k] != theirs.get(k)]
         if diff:
             details = ", ".join(f"{k}: this rank {mine[k]!r} vs rank {src} {theirs.get(k)!r}" for k in diff)
-            raise ValueError(f"MoEConfig differs across the expert-parallel group ({details})")
+            raise ValueError(f"MoE layer #{number}: MoEConfig differs across the expert-parallel "
+                             f"group ({details})")
 
 
 class MoELayer(nn.Module):
@@ -71,12 +100,13 @@ class MoELayer(nn.Module):
         self.strategy = make_strategy(config)
         self.register_buffer("expert_counts", torch.zeros(config.num_experts, dtype=torch.int64),
                              persistent=False)
+        # Numbered per EP group (see _next_layer_number); one-device layers apart.
+        self.layer_id = _next_layer_number(ep_group if ep_size > 1 else None)
         if ep_size > 1:
-            _check_same_config(config, ep_group)
+            _check_same_config(config, ep_group, self.layer_id)
             self.dispatcher = AllToAllDispatcher(config, ep_group)
         else:
             self.dispatcher = LocalDispatcher()
-        self.layer_id = next(_layer_ids)
         self._calls = 0
 
     @property
