@@ -18,7 +18,7 @@ from .experts import GroupedExperts, SharedExpert
 from .routing.info import RoutingInfo
 from .routing.losses import aux_loss
 from .routing.router import Router, router_dtype
-from .routing.strategies import make_strategy
+from .routing.strategies import counted_selections, make_strategy
 
 # A layer's number is its identity in every exchange, so it must not depend on anything
 # a rank can do alone: layers are numbered per expert-parallel group (keyed by the group's
@@ -37,7 +37,7 @@ def _next_layer_number(group) -> int:
 class MoEOutput:
     y: torch.Tensor  # same shape and dtype as the input
     aux_loss: torch.Tensor  # scalar with grad, coefficients applied
-    stats: dict  # tokens_per_expert int64 [E], dropped_slots, unrouted_tokens (int64 scalars)
+    stats: dict  # tokens_per_expert int64 [E], dropped_slots, unrouted_tokens, nonfinite_tokens (int64 scalars)
     # Each token's experts and weights (token choice), or each expert's tokens (expert
     # choice); computed only when read. See epar.routing.info.RoutingInfo.
     routing: RoutingInfo | None = None
@@ -181,8 +181,9 @@ class MoELayer(nn.Module):
             plan = self.strategy.plan(r_out, valid_T, num_real)
             loss = aux_loss(self.config, r_out, plan, seq_len=x.shape[-2] if x.dim() > 2 else None,
                             sum_over_group=self._sum_over_router_group)
-        if self.training and self.config.expert_bias_rate > 0:
-            self.expert_counts += plan.selected_per_expert_E
+        if self.training and self.config.expert_bias_rate > 0:  # real, finite tokens only
+            counted_T = r_out.finite_T if valid_T is None else valid_T & r_out.finite_T
+            self.expert_counts += counted_selections(plan, counted_T, self.config.num_experts)
 
         shared_fn = (lambda: self.shared_expert(x_TD)) if self.shared_expert is not None else None
         # With nothing added after it, the combine rounds its float32 sum to x's dtype itself.
@@ -204,6 +205,8 @@ class MoELayer(nn.Module):
             "tokens_per_expert": plan.kept_per_expert_E,
             "dropped_slots": plan.dropped_slots,
             "unrouted_tokens": plan.unrouted_tokens,
+            # tokens with a non-finite input value or router logit (padding is never one)
+            "nonfinite_tokens": (~r_out.finite_T).sum(),
         }
         if rec:
             real = plan.num_tokens if num_real is None else num_real

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 import torch
@@ -15,9 +16,10 @@ def aux_loss(config: MoEConfig, router_out: RouterOutput, plan: RoutingPlan,
              valid_T: torch.Tensor | None = None, seq_len: int | None = None,
              sum_over_group: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
     """valid_T (default: the plan's padding mask), seq_len and sum_over_group: see
-    `balance_loss`."""
+    `balance_loss`. Non-finite tokens (router_out.finite_T False) are left out like padding."""
     if valid_T is None:
         valid_T = plan.valid_T
+    router_out, valid_T = finite_only(router_out, valid_T)
     logits_TE = router_out.logits_TE
     T = logits_TE.shape[0]
     # Summing the (possibly empty) logits keeps the loss attached to the graph at T = 0.
@@ -42,6 +44,20 @@ def aux_loss(config: MoEConfig, router_out: RouterOutput, plan: RoutingPlan,
     return loss
 
 
+def finite_only(router_out: RouterOutput, valid_T: torch.Tensor | None):
+    """(router_out, valid_T) with non-finite tokens left out: valid_T False there, and
+    their logits and scores replaced (0 and 1) before any statistic reads them, so that
+    neither the loss nor its gradient meets a NaN (a where() after a NaN op still passes
+    0 x NaN = NaN back through that op; a where() before it passes an exact 0)."""
+    finite_T = router_out.finite_T
+    if finite_T is None:
+        return router_out, valid_T
+    keep_T1 = finite_T.unsqueeze(1)
+    clean = dataclasses.replace(router_out, logits_TE=torch.where(keep_T1, router_out.logits_TE, 0.0),
+                                scores_TE=torch.where(keep_T1, router_out.scores_TE, 1.0), finite_T=None)
+    return clean, finite_T if valid_T is None else valid_T & finite_T
+
+
 def balance_loss(config: MoEConfig, router_out: RouterOutput, plan: RoutingPlan,
                  valid_T: torch.Tensor | None = None, seq_len: int | None = None,
                  sum_over_group: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
@@ -55,7 +71,9 @@ def balance_loss(config: MoEConfig, router_out: RouterOutput, plan: RoutingPlan,
       is "micro_batch"); P stays this rank's, so the gradient needs no collective;
     - "sequence" (DeepSeek-V3's sequence-wise balance loss): f and P per sequence of
       `seq_len` consecutive tokens (None: all tokens are one sequence), averaged over them.
-    valid_T (bool [T], True = real token) leaves padding out of every count and mean."""
+    valid_T (bool [T], True = real token) leaves padding out of every count and mean;
+    non-finite tokens are left out the same way."""
+    router_out, valid_T = finite_only(router_out, valid_T)
     scores_TE = router_out.scores_TE
     T, E = scores_TE.shape
     k = config.top_k
