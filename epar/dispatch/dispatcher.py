@@ -8,6 +8,8 @@ AllToAllDispatcher: experts sharded over an EP group. Per call:
              j+1's dispatch is in flight while chunk j computes, and chunk j's combine
              while chunk j+1 computes
   finally    weighted sum per token (float32 or wider accumulation)
+  backward   one identity exchange (layer, call, direction) before the call's first
+             backward data exchange, then the exchanges in reverse
 Received rows must be grouped by local expert for the grouped GEMM. ep_exchange="per_expert"
 sends them that way: the sender orders its rows by (local expert, destination) and each
 exchange is one all_to_all_single per local expert, so rows land in expert order.
@@ -380,6 +382,7 @@ class AllToAllDispatcher:
             y_TD = edge(combine(y_SD, plan, acc_dtype, out_dtype, rows), starts=[("unpermute", None)])
         # Every backward data exchange of this call lies behind y_TD: its identity check runs first.
         dropless, width = plan.capacity is None, self.config.overlap_chunks * self.local_experts
+        dtype = x_TD.dtype  # not x_TD itself: the closure lives as long as the graph
         y_TD = comm.check_before_backward(
-            y_TD, lambda: self._check_backward(info, x_TD.dtype, dropless, width, dev))
+            y_TD, lambda: self._check_backward(info, dtype, dropless, width, dev))
         return y_TD, shared_out

@@ -76,9 +76,11 @@ class _WideLinear(torch.autograd.Function):
     halves (float32-like); grad_x, which leaves in x's 16-bit dtype anyway, from the
     gradient rounded once to that dtype.
 
-    Also returns finite_T (bool [T]: the token's logits are all finite). grad_w leaves
-    the other rows out: a non-finite row of x times its zero gradient would be NaN
-    (0 x NaN) in every entry of grad_w, and on every rank after the gradient reduce."""
+    Also returns finite_T (bool [T]: the token's logits are all finite). The gradient
+    leaves the other tokens out: the router learns from finite tokens only. Their
+    gradient rows are zeroed, and so are their rows of x for grad_w: a non-finite row of x
+    times a zero gradient would be NaN (0 x NaN) in every entry of grad_w, and on every
+    rank after the gradient reduce."""
 
     @staticmethod
     def forward(ctx, x_TD, w_ED, dtype: torch.dtype):
@@ -100,9 +102,10 @@ class _WideLinear(torch.autograd.Function):
         need_x, need_w = ctx.needs_input_grad[:2]
         grad_x = grad_w = None
         with _autocast_off(g_TE.device.type):
-            g_TE = g_TE.to(dt)
-            if need_w:  # the finite rows only (see above)
-                xw_TD = x_TD.masked_fill(~finite_T.unsqueeze(1), 0)
+            bad_T1 = ~finite_T.unsqueeze(1)  # finite tokens only (see above)
+            g_TE = g_TE.to(dt).masked_fill(bad_T1, 0)
+            if need_w:
+                xw_TD = x_TD.masked_fill(bad_T1, 0)
             if _narrow_operands(x_TD, w_ED):
                 if need_x:
                     grad_x = g_TE.to(x_TD.dtype) @ w_ED
