@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Callable
 
 import torch
@@ -19,11 +18,12 @@ def aux_loss(config: MoEConfig, router_out: RouterOutput, plan: RoutingPlan,
     `balance_loss`. Non-finite tokens (router_out.finite_T False) are left out like padding."""
     if valid_T is None:
         valid_T = plan.valid_T
-    router_out, valid_T = finite_only(router_out, valid_T)
+    valid_T = _finite_and_valid(router_out.finite_T, valid_T)
     logits_TE = router_out.logits_TE
     T = logits_TE.shape[0]
-    # Summing the (possibly empty) logits keeps the loss attached to the graph at T = 0.
-    loss = logits_TE.sum() * 0.0
+    # An empty slice keeps the loss attached to the graph (at T = 0 too) without reading
+    # the logits: a non-finite token's logit times 0.0 would be NaN.
+    loss = logits_TE[:0].sum()
     if config.aux_loss_coef > 0 and config.strategy != "expert_choice":
         # Before the T = 0 return: the "global" scope's collective must run on every rank.
         loss = loss + config.aux_loss_coef * balance_loss(config, router_out, plan, valid_T, seq_len,
@@ -44,18 +44,14 @@ def aux_loss(config: MoEConfig, router_out: RouterOutput, plan: RoutingPlan,
     return loss
 
 
-def finite_only(router_out: RouterOutput, valid_T: torch.Tensor | None):
-    """(router_out, valid_T) with non-finite tokens left out: valid_T False there, and
-    their logits and scores replaced (0 and 1) before any statistic reads them, so that
-    neither the loss nor its gradient meets a NaN (a where() after a NaN op still passes
-    0 x NaN = NaN back through that op; a where() before it passes an exact 0)."""
-    finite_T = router_out.finite_T
+def _finite_and_valid(finite_T: torch.Tensor | None, valid_T: torch.Tensor | None):
+    """The tokens the statistics count: real (valid_T) and finite (the router's finite_T).
+    Every statistic leaves the others out with a where(), never a multiply, so their NaN
+    reaches no value. Its gradient does reach their own rows of the logits (0 x NaN through
+    the ops before the where()); the router's backward drops those rows."""
     if finite_T is None:
-        return router_out, valid_T
-    keep_T1 = finite_T.unsqueeze(1)
-    clean = dataclasses.replace(router_out, logits_TE=torch.where(keep_T1, router_out.logits_TE, 0.0),
-                                scores_TE=torch.where(keep_T1, router_out.scores_TE, 1.0), finite_T=None)
-    return clean, finite_T if valid_T is None else valid_T & finite_T
+        return valid_T
+    return finite_T if valid_T is None else valid_T & finite_T
 
 
 def balance_loss(config: MoEConfig, router_out: RouterOutput, plan: RoutingPlan,
@@ -73,7 +69,7 @@ def balance_loss(config: MoEConfig, router_out: RouterOutput, plan: RoutingPlan,
       `seq_len` consecutive tokens (None: all tokens are one sequence), averaged over them.
     valid_T (bool [T], True = real token) leaves padding out of every count and mean;
     non-finite tokens are left out the same way."""
-    router_out, valid_T = finite_only(router_out, valid_T)
+    valid_T = _finite_and_valid(router_out.finite_T, valid_T)
     scores_TE = router_out.scores_TE
     T, E = scores_TE.shape
     k = config.top_k
