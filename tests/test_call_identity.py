@@ -23,8 +23,14 @@ D, FF, E = 8, 16, 4
 PG_TIMEOUT = 8.0
 
 
-def _layers(strategy: str, n: int = 1) -> list[epar.MoELayer]:
-    cfg = epar.MoEConfig(d_model=D, d_ff=FF, num_experts=E, strategy=strategy)
+# (strategy, overlap_chunks): backward's identity check has the shape of forward's count
+# exchange, which for dropless grows with the chunks.
+SETUPS = (("dropless", 1), ("dropless", 2), ("token_drop", 1), ("expert_choice", 2))
+
+
+def _layers(setup, n: int = 1) -> list[epar.MoELayer]:
+    strategy, chunks = setup
+    cfg = epar.MoEConfig(d_model=D, d_ff=FF, num_experts=E, strategy=strategy, overlap_chunks=chunks)
     return [epar.MoELayer(cfg, dist.group.WORLD) for _ in range(n)]
 
 
@@ -66,13 +72,13 @@ def _skipped_layer(rank, layers):
     return _error(run)
 
 
-def _reference_layer_on_rank0(rank, strategy):
+def _reference_layer_on_rank0(rank, setup):
     """A one-device layer built on rank 0 only, between two EP layers: the EP layers
     still pair up, forward and backward, and their numbers agree."""
-    first = _layers(strategy)[0]
+    first = _layers(setup)[0]
     if rank == 0:
-        epar.MoELayer(epar.MoEConfig(d_model=D, d_ff=FF, num_experts=E, strategy=strategy))
-    second = _layers(strategy)[0]
+        epar.MoELayer(epar.MoEConfig(d_model=D, d_ff=FF, num_experts=E, strategy=setup[0]))
+    second = _layers(setup)[0]
     for layer in (first, second):
         layer(torch.randn(3, D)).y.sum().backward()
     ids = torch.tensor([first.layer_id, second.layer_id])
@@ -83,20 +89,20 @@ def _reference_layer_on_rank0(rank, strategy):
 
 def _meeting_mismatches(rank, world):
     out = {}
-    for strategy in ("dropless", "token_drop", "expert_choice"):
-        out[strategy, "reference"] = _reference_layer_on_rank0(rank, strategy)
-        (layer,) = _layers(strategy)
-        out[strategy, "extra_forward"] = (layer.layer_id, _extra_forward(rank, layer))
-        (layer,) = _layers(strategy)
-        out[strategy, "extra_backward"] = (layer.layer_id, _extra_backward(rank, layer))
-        layers = _layers(strategy, 2)
-        out[strategy, "skipped"] = ([lay.layer_id for lay in layers], _skipped_layer(rank, layers))
+    for setup in SETUPS:
+        out[setup, "reference"] = _reference_layer_on_rank0(rank, setup)
+        (layer,) = _layers(setup)
+        out[setup, "extra_forward"] = (layer.layer_id, _extra_forward(rank, layer))
+        (layer,) = _layers(setup)
+        out[setup, "extra_backward"] = (layer.layer_id, _extra_backward(rank, layer))
+        layers = _layers(setup, 2)
+        out[setup, "skipped"] = ([lay.layer_id for lay in layers], _skipped_layer(rank, layers))
     return out
 
 
 def test_mismatched_calls_raise_comm_error_on_every_rank():
     results = run_distributed(_meeting_mismatches, 2, timeout=240, pg_timeout=PG_TIMEOUT)
-    for strategy in ("dropless", "token_drop", "expert_choice"):
+    for strategy in SETUPS:
         # the reference layer shifted nothing: both EP layers have the same number on both ranks
         ids0, ids1 = results[0][strategy, "reference"]
         assert ids0 == ids1, (strategy, ids0, ids1)
