@@ -23,14 +23,17 @@ D, FF, E = 8, 16, 4
 PG_TIMEOUT = 8.0
 
 
-# (strategy, overlap_chunks): backward's identity check has the shape of forward's count
-# exchange, which for dropless grows with the chunks.
-SETUPS = (("dropless", 1), ("dropless", 2), ("token_drop", 1), ("expert_choice", 2))
+# (strategy, overlap_chunks, ep_exchange): backward's identity check has the shape of
+# forward's count exchange, which for dropless grows with the chunks and differs under dedup.
+SETUPS = (("dropless", 1, "per_expert"), ("dropless", 2, "per_expert"), ("token_drop", 1, "per_expert"),
+          ("expert_choice", 2, "per_expert"), ("dropless", 1, "dedup"), ("dropless", 2, "dedup"),
+          ("token_drop", 1, "dedup"))
 
 
 def _layers(setup, n: int = 1) -> list[epar.MoELayer]:
-    strategy, chunks = setup
-    cfg = epar.MoEConfig(d_model=D, d_ff=FF, num_experts=E, strategy=strategy, overlap_chunks=chunks)
+    strategy, chunks, exchange = setup
+    cfg = epar.MoEConfig(d_model=D, d_ff=FF, num_experts=E, strategy=strategy, overlap_chunks=chunks,
+                         ep_exchange=exchange)
     return [epar.MoELayer(cfg, dist.group.WORLD) for _ in range(n)]
 
 

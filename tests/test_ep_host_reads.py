@@ -75,4 +75,4 @@ def test_dedup_exchange_reads_as_the_others():
             if strategy == "dropless":
                 assert len(reads) == 1 and reads[0][0] == "tolist", (strategy, chunks, reads)
             else:
-                assert reads == [("tolist", (2, 4 + (chunks == 1)))], (strategy, chunks, reads)
+                assert reads == [("tolist", (2, 5 + (chunks == 1)))], (strategy, chunks, reads)
