@@ -113,13 +113,15 @@ class MoEConfig:
     overlap_chunks: int = 1  # pipeline the exchange in this many chunks
     """Split each exchange into this many chunks so one chunk's transfer overlaps
     another's expert compute (EP > 1 only). int >= 1; 1 is no pipelining."""
-    # How received rows get grouped by local expert (EP > 1): "per_expert" sends one
-    # all_to_all_single per local expert, so they land grouped; "regroup" sends one per
-    # chunk and permutes the received rows (and back). See the dispatcher. "dedup" sends
-    # each token once per destination rank, with its local experts and weights, and sums
-    # its expert outputs there (epar/dispatch/dedup.py).
-    ep_exchange: str = "per_expert"
-    """How received rows end up grouped by local expert at EP > 1: "per_expert" or
+    # How tokens cross the EP group (EP > 1). "dedup" (default: the fewest wire bytes and
+    # collectives on every measured shape, README "Memory traffic") sends each token once
+    # per destination rank, with its local experts and weights, and sums its expert
+    # outputs there (epar/dispatch/dedup.py); capacity modes with overlap_chunks > 1 run
+    # "regroup" instead. "per_expert" sends one row per routed slot, one all_to_all_single
+    # per local expert, so rows land grouped (the least memory traffic, the most
+    # collectives); "regroup" sends one per chunk and permutes the received rows (and back).
+    ep_exchange: str = "dedup"
+    """How tokens cross the expert-parallel group at EP > 1: "dedup", "per_expert" or
     "regroup" (see the comment above)."""
     # Group-limited routing (DeepSeek-V3): experts in num_expert_groups equal groups of
     # consecutive ids; each token picks top_k only inside its topk_groups best groups.

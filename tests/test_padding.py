@@ -183,4 +183,5 @@ def _padded_ep(rank, world):
 @pytest.mark.dist
 def test_padding_matches_reference_ep2():
     for reads in run_distributed(_padded_ep, 2, timeout=240):
-        assert reads == [("__int__", ()), ("tolist", (2, 5))], reads
+        # host table under dedup (the default): capacity, tokens and the 4-integer identity
+        assert reads == [("__int__", ()), ("tolist", (2, 6))], reads

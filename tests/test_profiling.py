@@ -132,7 +132,9 @@ def _trainer_runs(rank, world):
         os.environ.pop("LOCAL_WORLD_SIZE", None)
         if name == "expert_choice":
             os.environ["LOCAL_WORLD_SIZE"] = "1"
-        cfg = epar.MoEConfig(d_model=D, d_ff=8, num_experts=E, top_k=K, **overrides)
+        # per_expert: one row per slot and one call per local expert, which the expected
+        # bytes, rows and replayed calls below count (dedup's rows: tests/test_wire.py).
+        cfg = epar.MoEConfig(d_model=D, d_ff=8, num_experts=E, top_k=K, **{"ep_exchange": "per_expert", **overrides})
         torch.manual_seed(0)
         layer = epar.MoELayer(cfg, groups.ep_group).to(dtype)
         torch.manual_seed(10 + rank)
@@ -174,7 +176,7 @@ def _two_layer_run(rank, groups, steps=TWO_LAYER_STEPS):
     layers = []
     for chunks in (1, 2):
         cfg = epar.MoEConfig(d_model=256, d_ff=16, num_experts=E, top_k=K, strategy="token_drop",
-                             capacity_factor=1.0, overlap_chunks=chunks)
+                             capacity_factor=1.0, overlap_chunks=chunks, ep_exchange="per_expert")
         torch.manual_seed(chunks)
         layers.append(epar.MoELayer(cfg, groups.ep_group))
     torch.manual_seed(20 + rank)

@@ -189,8 +189,9 @@ def _compile_then_timeout(rank, world):
     # 20 calls (error_on_recompile raises on the first), nothing skipped to eager.
     torch._dynamo.reset()
     counters.clear()
+    # The one-block eager exchange (per_expert); dedup's compiled experts: tests/test_compile.py.
     cfg = epar.MoEConfig(d_model=D, d_ff=FF, num_experts=4, top_k=2, strategy="token_drop",
-                         shared_expert_d_ff=FF)
+                         shared_expert_d_ff=FF, ep_exchange="per_expert")
     torch.manual_seed(0)
     model = TwoMoELayers(cfg, groups.ep_group)
     compiled = torch.compile(model, backend="aot_eager")

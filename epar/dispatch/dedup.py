@@ -301,6 +301,7 @@ class _Sizes:
 def _dropless_sizes(d, send: _Send, ident: list[int], chunks: int) -> _Sizes:
     """One all-to-all of (rows, pairs) per chunk plus the call identity, then the call's
     one device-to-host read."""
+    from .dispatcher import _exchange_name  # no import cycle at load time
     n, L = d.world, d.local_experts
     rows_NC = send.rows_cN.t()  # to rank d: its rows in each chunk
     pairs_NX = send.pairs_cNL.permute(1, 0, 2).reshape(n, chunks * L)
@@ -308,7 +309,7 @@ def _dropless_sizes(d, send: _Send, ident: list[int], chunks: int) -> _Sizes:
     send_NX = torch.cat([rows_NC, pairs_NX] + columns, dim=1).contiguous()
     recv_NX = torch.empty_like(send_NX)
     work = dist.all_to_all_single(recv_NX, send_NX, group=d.group, async_op=True)
-    comm.wait_work(work, "dedup count exchange", d.group)
+    comm.wait_work(work, _exchange_name(ident, "dedup count exchange"), d.group)
     width = send_NX.shape[1]
     host = torch.cat([send_NX.reshape(-1), recv_NX.reshape(-1)]).tolist()
     mine, theirs = host[: n * width], host[n * width :]
@@ -325,13 +326,15 @@ def _capacity_sizes(d, plan: RoutingPlan, ident: list[int]) -> _Sizes:
     sends min(tokens_s, L * capacity_s) rows to every rank (it has no more distinct tokens,
     nor more than L * capacity slots for that rank's experts); at most min(capacity_s, rows)
     of them go to each local expert."""
+    from .dispatcher import _exchange_name  # no import cycle at load time
     n, L = d.world, d.local_experts
     meta = [plan.capacity, plan.num_tokens] + ident
     group = d.host_group if d.host_group is not None else d.group
     dev = "cpu" if d.host_group is not None else plan.token_idx_S.device
     mine = torch.tensor(meta, dtype=torch.int64, device=dev)
     gathered = [torch.empty_like(mine) for _ in range(n)]
-    comm.wait_work(dist.all_gather(gathered, mine, group=group, async_op=True), "token-count exchange", group)
+    comm.wait_work(dist.all_gather(gathered, mine, group=group, async_op=True),
+                   _exchange_name(ident, "token-count exchange"), group)
     table = torch.stack(gathered).tolist()
     d._check_peers([row[2:] for row in table], ident)
     bounds = [min(T, L * C) for C, T in (row[:2] for row in table)]
@@ -398,7 +401,8 @@ class _Call:
 
     def start(self, name, j, x, out_splits, in_splits):
         t0 = self.rec.mark(self.dev) if self.rec else None
-        started = (t0,) + comm.start(x, self.d.group, [out_splits], [in_splits], f"dedup {name} all_to_all_single")
+        what = f"MoE layer #{self.info.layer_id} call {self.info.call_no}: dedup {name} all_to_all_single"
+        started = (t0,) + comm.start(x, self.d.group, [out_splits], [in_splits], what)
         self.record(name, j, in_splits, out_splits, x)
         return started
 
