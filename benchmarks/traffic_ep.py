@@ -6,7 +6,11 @@ ops (the all-to-alls go to gloo and are reported apart: their buffers and their 
 then runs the single-device layer on the same tokens (EP 1) and counts that; what differs
 is the EP path's own work. EP 2 runs with both `ep_exchange` choices: "per_expert" (the
 default: one all-to-all per local expert, rows land grouped by expert) and "regroup" (one
-all-to-all, received rows permuted by local expert and back: four row gathers). Received
+all-to-all, received rows permuted by local expert and back: four row gathers) and "dedup"
+(each token sent once per destination rank with its local expert ids and weights in extra
+columns; the expert rank expands rows to (row, expert) pairs and sums each row's weighted
+outputs before sending it back: one gather and one bag sum more in memory, fewer rows on
+the wire; `exchange_buffers_gb` counts the collectives' buffers). Received
 rows per rank follow the routing, so the two ranks differ a little; the mean over both
 ranks compares like with like (together they receive what they send).
 """
@@ -63,7 +67,7 @@ def _rank_main(rank: int, world: int, port: int, shapes: dict, queue) -> None:
             x = torch.randn(t, d, generator=torch.Generator().manual_seed(100 + rank)).to(torch.bfloat16)
             for strategy in STRATEGIES:
                 counts = {}
-                for key, exchange in (("ep2", "per_expert"), ("ep2_regroup", "regroup")):
+                for key, exchange in (("ep2", "per_expert"), ("ep2_regroup", "regroup"), ("ep2_dedup", "dedup")):
                     cfg = epar.MoEConfig(d_model=d, d_ff=f, num_experts=e, top_k=k, strategy=strategy,
                                          ep_exchange=exchange)
                     torch.manual_seed(0)  # same weights on both ranks and in the EP 1 layer
@@ -120,13 +124,15 @@ def _extra(ranks: list[dict], key: str) -> dict:
     return {"ep2_outside_gemm_gb_per_rank": ep2, "ep1_outside_gemm_gb_per_rank": ep1,
             "ep2_mean_gb": m2, "ep1_mean_gb": m1, "extra_ratio": m2 / m1 - 1.0,
             "collectives_per_rank": [r[key]["collectives"] for r in ranks],
+            "exchange_buffers_gb_per_rank": [r[key]["exchange_buffers_gb"] for r in ranks],
             "extra_by_op_gb": dict(sorted(((k, v) for k, v in ops.items() if abs(v) > 1e-6),
                                           key=lambda kv: -abs(kv[1])))}
 
 
 def summarize(ranks: list[dict]) -> dict:
-    """The default exchange (per_expert) at the top level, "regroup" beside it."""
-    return {**_extra(ranks, "ep2"), "regroup": _extra(ranks, "ep2_regroup"), "per_rank": ranks}
+    """The default exchange (per_expert) at the top level, "regroup" and "dedup" beside it."""
+    return {**_extra(ranks, "ep2"), "regroup": _extra(ranks, "ep2_regroup"), "dedup": _extra(ranks, "ep2_dedup"),
+            "per_rank": ranks}
 
 
 def main(args) -> int:
@@ -142,19 +148,24 @@ def main(args) -> int:
                "dtype": "bfloat16", "ep_size": 2, "scale": scale, "torch": torch.__version__,
                "date": datetime.date.today().isoformat(), "shapes": shapes, "configs": {}}
     table = Table(title=f"EP 2 vs EP 1 at the same tokens per rank, outside GEMMs (MB per rank, shapes / {scale}); "
-                        "EP 2 with ep_exchange per_expert (default) and regroup; collectives per rank, fwd + bwd")
+                        "EP 2 with ep_exchange per_expert (default), regroup and dedup; collectives and exchange "
+                        "buffers (MB) per rank, fwd + bwd")
     text = ("config", "strategy", "largest differences, per_expert (MB)")
-    for col in ("config", "strategy", "EP 1", "EP 2", "extra", "collectives", "regroup: extra",
-                "collectives", "largest differences, per_expert (MB)"):
+    for col in ("config", "strategy", "EP 1", "EP 2", "extra", "collectives", "buffers", "regroup: extra",
+                "collectives", "buffers", "dedup: extra", "collectives", "buffers",
+                "largest differences, per_expert (MB)"):
         table.add_column(col, justify="left" if col in text else "right")
     for (name, strategy), ranks in raw.items():
         s = summarize(ranks)
         results["configs"].setdefault(name, {})[strategy] = s
         diff = ", ".join(f"{op} {v * 1e3:+.1f}" for op, v in list(s["extra_by_op_gb"].items())[:4])
+
+        def cells(e):
+            mb = sum(e["exchange_buffers_gb_per_rank"]) / len(e["exchange_buffers_gb_per_rank"]) * 1e3
+            return f"{e['extra_ratio'] * 100:+.1f}%", str(e["collectives_per_rank"][0]), f"{mb:.2f}"
+
         table.add_row(name, strategy, f"{s['ep1_mean_gb'] * 1e3:.1f}", f"{s['ep2_mean_gb'] * 1e3:.1f}",
-                      f"{s['extra_ratio'] * 100:+.1f}%", str(s["collectives_per_rank"][0]),
-                      f"{s['regroup']['extra_ratio'] * 100:+.1f}%", str(s["regroup"]["collectives_per_rank"][0]),
-                      diff)
+                      *cells(s), *cells(s["regroup"]), *cells(s["dedup"]), diff)
     Console(width=200).print(table)
     out = args.out or traffic.HERE / "results" / ("traffic_ep2_tiny.json" if args.tiny else "traffic_ep2.json")
     Path(out).parent.mkdir(parents=True, exist_ok=True)

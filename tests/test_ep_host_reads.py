@@ -34,9 +34,9 @@ class RecordReads(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def _host_reads(rank, world, strategy, chunks):
+def _host_reads(rank, world, strategy, chunks, exchange="per_expert"):
     cfg = epar.MoEConfig(d_model=16, d_ff=16, num_experts=4, strategy=strategy, overlap_chunks=chunks,
-                         shared_expert_d_ff=16)
+                         shared_expert_d_ff=16, ep_exchange=exchange)
     torch.manual_seed(0)
     layer = epar.MoELayer(cfg, dist.group.WORLD)  # float32: the grouped-GEMM kernel path
     x = torch.randn([6, 3][rank], 16, requires_grad=True)
@@ -58,3 +58,20 @@ def test_capacity_modes_read_only_the_host_token_table(strategy, chunks):
 def test_dropless_reads_counts_once_per_call():
     for reads in run_distributed(_host_reads, 2, "dropless", 2, timeout=60):
         assert len(reads) == 1 and reads[0][0] == "tolist", reads
+
+
+def _dedup_host_reads(rank, world):
+    return {(strategy, chunks): _host_reads(rank, world, strategy, chunks, "dedup")
+            for strategy in ("token_drop", "expert_choice", "dropless") for chunks in (1, 2)}
+
+
+def test_dedup_exchange_reads_as_the_others():
+    """ep_exchange="dedup", every strategy and chunk count in one spawn: the capacity modes
+    read only the host table (with one chunk it holds each rank's token count too, for the
+    static row bound: one column more), dropless reads once per call."""
+    for per_case in run_distributed(_dedup_host_reads, 2, timeout=120):
+        for (strategy, chunks), reads in per_case.items():
+            if strategy == "dropless":
+                assert len(reads) == 1 and reads[0][0] == "tolist", (strategy, chunks, reads)
+            else:
+                assert reads == [("tolist", (2, 4 + (chunks == 1)))], (strategy, chunks, reads)

@@ -248,3 +248,47 @@ class _ScatterCombine(torch.autograd.Function):
         grad_w = _row_dots(y_SD, g_SD).to(w_S.dtype) if ctx.needs_input_grad[1] else None
         grad_y = g_SD.mul_(w_S.unsqueeze(1)) if ctx.needs_input_grad[0] else None
         return grad_y, grad_w, None, None, None
+
+
+# ---- pieces of the deduplicated exchange (dispatch/dedup.py) ----------------------
+def bag_sum(y_SD: torch.Tensor, w_TK: torch.Tensor, row_TK: torch.Tensor, token_S: torch.Tensor,
+            valid_S: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """out[t] = sum_j w[t, j] * y[row[t, j]] over the entries with row < S (= y's row count):
+    the others are left out of the bag, never multiplied by a zero weight. token_S[i]: the
+    bag that row i of y belongs to (valid_S False: none). Accumulated in float32 or wider
+    (see _WeightedCombine); w's gradient is each row's dot product with its bag's gradient."""
+    return _WeightedCombine.apply(y_SD, w_TK, row_TK, token_S, valid_S, True, out_dtype)
+
+
+class _SumBags(torch.autograd.Function):
+    """out[t] = sum of y[row[t, j]] over the entries with row < S, in out_dtype (float32 or
+    wider, or y's dtype where the bag sum accumulates in float32 inside): the weights were
+    applied before (the deduplicated exchange's partial rows), so nothing multiplies here,
+    forward or backward. Each row's gradient is its bag's (valid_S False: exact zero)."""
+
+    @staticmethod
+    def forward(ctx, y_SD, row_TK, token_S, valid_S, out_dtype):
+        S, D = y_SD.shape
+        ctx.save_for_backward(token_S, valid_S)
+        ctx.y_dtype, ctx.has_valid = y_SD.dtype, valid_S is not None
+        T, K = row_TK.shape
+        if guard_or_false(S == 0):
+            return y_SD.new_zeros(T, D, dtype=out_dtype)
+        keep_TK = row_TK < S
+        if out_dtype == y_SD.dtype:
+            inp, offsets, _ = packed_bags(row_TK, keep_TK)
+            return F.embedding_bag(inp, y_SD, offsets, mode="sum")[:T]
+        g_TKD = y_SD.index_select(0, torch.where(keep_TK, row_TK, 0).reshape(-1)).view(T, K, D)
+        g_TKD.masked_fill_(~keep_TK.unsqueeze(-1), 0)
+        return g_TKD.sum(1, dtype=out_dtype)
+
+    @staticmethod
+    def backward(ctx, g_TD):
+        token_S, valid_S = ctx.saved_tensors
+        return _grad_rows(g_TD, token_S, valid_S if ctx.has_valid else None, ctx.y_dtype), None, None, None, None
+
+
+def sum_bags(y_SD: torch.Tensor, row_TK: torch.Tensor, token_S: torch.Tensor, valid_S: torch.Tensor | None,
+             out_dtype: torch.dtype) -> torch.Tensor:
+    """bag_sum without weights (they were applied where the rows were made)."""
+    return _SumBags.apply(y_SD, row_TK, token_S, valid_S, out_dtype)

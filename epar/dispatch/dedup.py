@@ -1,0 +1,447 @@
+"""ep_exchange="dedup": each token crosses the wire once per destination rank.
+
+Shapes: T tokens here, n ranks, L local experts per rank, K entries per row (min(top_k, L)
+for token choice, L for expert choice), N send slots, R received rows, P (row, local
+expert) pairs on the expert rank, D features, M metadata columns.
+
+Per call:
+  source   for every (token, destination rank) with at least one kept expert there, one
+           send slot: the token's row plus, packed into M extra columns of the same row
+           (raw bytes viewed as the payload dtype: the collective copies bytes, so this is
+           exact), that rank's local expert ids (int32, -1 = none) and routing weights.
+  counts   one small exchange: dropless sends its row and pair counts with the call
+           identity (all_to_all) and reads them back once; token_drop and expert_choice
+           gather every rank's (capacity, tokens) on the host group and send a static
+           min(tokens, L * capacity) rows to every rank (never more than the L * capacity
+           of the other exchanges), slots without a token being padding (ids all -1).
+  dispatch one all_to_all_single per chunk: rows and their metadata together.
+  expert   rows expanded to (row, local expert) pairs grouped by local expert (one local
+           gather), one grouped GEMM call, and each row's expert outputs summed with their
+           weights (float32 or wider accumulation) into one partial row.
+  combine  one all_to_all_single per chunk of partial rows; each token sums its partial
+           rows (at most one per destination rank), again in float32 or wider.
+Backward mirrors it: two exchanges per chunk, the dispatch's carrying the weights'
+gradient back in the metadata columns of the gradient rows.
+
+Chunks (overlap_chunks > 1) split each destination's rows; capacity modes with several
+chunks keep the one-call exchange with regrouping (see `applies`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from ..profiling.recorder import Exchange, Span, phase
+from ..routing.plan import RoutingPlan
+from . import comm
+from .permute import bag_sum, packed_bags, sum_bags
+
+_ID_DTYPE = torch.int32
+
+
+def applies(config, plan: RoutingPlan) -> bool:
+    """Dedup runs dropless at any chunk count and the capacity modes with one chunk. With
+    several chunks a capacity mode would need a static per-chunk bound on each expert's
+    pairs, up to overlap_chunks times its capacity in padding: those keep the one-call
+    exchange that regroups rows by local expert."""
+    return plan.capacity is None or config.overlap_chunks == 1
+
+
+# ---- byte packing: rows and their metadata in one payload ------------------------
+@dataclass(frozen=True)
+class _Layout:
+    """Columns of a packed row: D payload values, then the metadata bytes (K weights,
+    K int32 ids, zero padding to a whole payload element) viewed as M payload values."""
+
+    D: int
+    K: int
+    w_dtype: torch.dtype
+    dtype: torch.dtype  # payload
+
+    @property
+    def w_bytes(self) -> int:
+        return self.K * self.w_dtype.itemsize
+
+    @property
+    def meta_bytes(self) -> int:
+        return self.w_bytes + self.K * _ID_DTYPE.itemsize
+
+    @property
+    def M(self) -> int:
+        return -(-self.meta_bytes // self.dtype.itemsize)
+
+    def pack_meta(self, w_NK: torch.Tensor, ids_NK: torch.Tensor) -> torch.Tensor:
+        N = w_NK.shape[0]
+        raw = w_NK.new_zeros(N, self.M * self.dtype.itemsize, dtype=torch.uint8)
+        raw[:, : self.w_bytes] = w_NK.contiguous().view(torch.uint8)
+        raw[:, self.w_bytes : self.meta_bytes] = ids_NK.contiguous().view(torch.uint8)
+        return raw.view(self.dtype)
+
+    def unpack_meta(self, meta_NM: torch.Tensor):
+        raw = meta_NM.contiguous().view(torch.uint8)
+        w = raw[:, : self.w_bytes].contiguous().view(self.w_dtype)
+        ids = raw[:, self.w_bytes : self.meta_bytes].contiguous().view(_ID_DTYPE)
+        return w, ids
+
+
+def _pack(x_TD, w_NK, token_N, valid_N, ids_NK, layout: "_Layout") -> torch.Tensor:
+    """[N, D + M] rows to send: x[token_N] (exact zeros where valid_N is False) and the
+    packed metadata. No autograd here: _SendChunks is the node (its split sizes come
+    later, from the host, and this gather is queued before they are read)."""
+    T, N = x_TD.shape[0], token_N.shape[0]
+    out = x_TD.new_empty(N, layout.D + layout.M)
+    if N:
+        with torch.no_grad():
+            torch.index_select(x_TD.detach(), 0, token_N.clamp(max=max(T - 1, 0)), out=out[:, : layout.D])
+            if valid_N is not None:  # padding slots: zeros, not a stray token's row
+                out[:, : layout.D].masked_fill_(~valid_N.unsqueeze(1), 0)
+            out[:, layout.D :] = layout.pack_meta(w_NK.detach(), ids_NK)
+    return out
+
+
+class _SendChunks(torch.autograd.Function):
+    """The packed rows' chunks (consecutive row ranges; rows past the last are not sent),
+    as a function of x and the weights. Backward: each token's gradient is the sum of its
+    rows' (a bag of at most one row per rank: row_TN), and the weights' gradient is read
+    back from the metadata bytes. (Autograd's own slice backward would add the chunks into
+    a zero tensor: 0 + x is not bit-exact for metadata bytes that read as NaN or -0.)"""
+
+    @staticmethod
+    def forward(ctx, x_TD, w_NK, packed_NX, row_TN, layout: "_Layout", sizes: list[int]):
+        ctx.save_for_backward(row_TN)
+        ctx.N, ctx.layout, ctx.sizes = packed_NX.shape[0], layout, sizes
+        ctx.dtypes = (x_TD.dtype, w_NK.dtype)
+        return tuple(packed_NX.narrow(0, o, s) for o, s in zip(_offsets(sizes), sizes))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        (row_TN,) = ctx.saved_tensors
+        lay, S = ctx.layout, sum(ctx.sizes)
+        dev = row_TN.device
+        parts = [g if g is not None else torch.zeros(s, lay.D + lay.M, dtype=lay.dtype, device=dev)
+                 for g, s in zip(grads, ctx.sizes)]
+        g_SX = parts[0] if len(parts) == 1 else torch.cat(parts)
+        row_TN = row_TN.clamp(max=S)
+        inp, offsets, _ = packed_bags(row_TN, row_TN < S)  # rows read where they are (strided)
+        T = row_TN.shape[0]
+        g_x = F.embedding_bag(inp, g_SX[:, : lay.D], offsets, mode="sum")[:T].to(ctx.dtypes[0]) if S else \
+            torch.zeros(T, lay.D, dtype=ctx.dtypes[0], device=dev)
+        g_w = torch.zeros(ctx.N, lay.K, dtype=ctx.dtypes[1], device=dev)
+        g_w[:S] = lay.unpack_meta(g_SX[:, lay.D :])[0]
+        return g_x, g_w, None, None, None, None
+
+
+class _Receive(torch.autograd.Function):
+    """Received [R, D + M] rows -> (x of every (row, local expert) pair [P, D], the rows'
+    weights [R, K]): the expand is one gather straight from the received buffer (padding
+    pairs, valid_P False, get exact zeros). Backward: each row's gradient is the sum of its
+    pairs' (a bag over slot_RK, the pairs of each row; P = none), written with the weights'
+    gradient into one packed [R, D + M] gradient for the dispatch's reverse exchange."""
+
+    @staticmethod
+    def forward(ctx, packed_RX, row_P, valid_P, slot_RK, layout: "_Layout"):
+        R = packed_RX.shape[0]
+        ctx.save_for_backward(slot_RK)
+        ctx.P, ctx.layout = row_P.shape[0], layout
+        x_RD = packed_RX[:, : layout.D]
+        x_PD = x_RD.index_select(0, row_P.clamp(max=max(R - 1, 0))) if R else x_RD.new_zeros(row_P.shape[0], layout.D)
+        if valid_P is not None:
+            x_PD.masked_fill_(~valid_P.unsqueeze(1), 0)
+        return x_PD, layout.unpack_meta(packed_RX[:, layout.D :])[0]
+
+    @staticmethod
+    def backward(ctx, g_PD, g_RK):
+        (slot_RK,) = ctx.saved_tensors
+        lay, P = ctx.layout, ctx.P
+        R, dev = slot_RK.shape[0], slot_RK.device
+        if g_PD is None or P == 0:
+            g_RD = torch.zeros(R, lay.D, dtype=lay.dtype, device=dev)
+        else:
+            inp, offsets, _ = packed_bags(slot_RK, slot_RK < P)
+            g_RD = F.embedding_bag(inp, g_PD.to(lay.dtype), offsets, mode="sum")[:R]
+        if g_RK is None:
+            g_RK = torch.zeros(R, lay.K, dtype=lay.w_dtype, device=dev)
+        ids = torch.zeros(R, lay.K, dtype=_ID_DTYPE, device=dev)
+        return torch.cat([g_RD, lay.pack_meta(g_RK.to(lay.w_dtype), ids)], 1), None, None, None, None
+
+
+def _offsets(sizes: list[int]) -> list[int]:
+    out, o = [], 0
+    for s in sizes:
+        out.append(o)
+        o += s
+    return out
+
+
+# ---- the source side: who goes where -----------------------------------------------
+def _entries(plan: RoutingPlan, n: int, L: int, w_dtype):
+    """What each (token, rank) row carries: ids [T, n, K] (its local experts there first,
+    -1 after) and weights [T, n, K] (with the router's gradient), and every kept slot as
+    (token, rank, local expert) with a keep mask, for counting pairs."""
+    T = plan.num_tokens
+    dev = plan.token_idx_S.device
+    weight_S = plan.weight_S.to(w_dtype)
+    if plan.combine_idx_TK is None:  # expert choice: row s is expert s // C's; K = L
+        e_S = torch.arange(plan.num_rows, device=dev) // max(plan.capacity, 1)
+        flat = plan.token_idx_S * (n * L) + e_S
+        taken = torch.zeros(T * n * L, dtype=torch.bool, device=dev).index_put_(
+            (flat,), torch.ones_like(flat, dtype=torch.bool)).view(T, n, L)
+        w_TNL = weight_S.new_zeros(T * n * L).index_put((flat,), weight_S).view(T, n, L)
+        ids = torch.where(taken, torch.arange(L, device=dev, dtype=_ID_DTYPE), -1)
+        return ids, w_TNL, (plan.token_idx_S, e_S // L, e_S % L, None)
+    # Token choice: a token's k slots (S = dropped), sorted by destination rank so that
+    # the slots of each (token, rank) form a run; entry i of (t, d) is the run's i-th.
+    S, k = plan.num_rows, plan.combine_idx_TK.shape[1]
+    K = min(k, L)
+    kept_TK = plan.combine_idx_TK < S
+    w_TK = torch.cat([weight_S, weight_S.new_zeros(1)])[plan.combine_idx_TK]
+    d_TK = torch.where(kept_TK, plan.expert_TK // L, n)  # n: no rank
+    order_TK = torch.sort(d_TK, dim=1, stable=True).indices
+    count_TN = torch.zeros(T, n + 1, dtype=torch.int64, device=dev).scatter_add_(
+        1, d_TK, torch.ones_like(d_TK))[:, :n]
+    first_TN = torch.cumsum(count_TN, 1) - count_TN
+    i_K = torch.arange(K, device=dev)
+    ok = i_K < count_TN.unsqueeze(-1)
+    run = (first_TN.unsqueeze(-1) + i_K).clamp(max=k - 1).view(T, n * K)
+    slot = order_TK.gather(1, run)  # [T, n*K]: the token's slot for each entry
+    ids = torch.where(ok, (plan.expert_TK.gather(1, slot) % L).view(T, n, K), -1).to(_ID_DTYPE)
+    w = torch.where(ok, w_TK.gather(1, slot).view(T, n, K), 0)
+    t_TK = torch.arange(T, device=dev).unsqueeze(1).expand(T, k)
+    return ids, w, (t_TK.reshape(-1), d_TK.reshape(-1).clamp(max=n - 1), (plan.expert_TK % L).reshape(-1),
+                    kept_TK.reshape(-1))
+
+
+def _slots(go_TN: torch.Tensor, block_N: torch.Tensor, chunks: int, NB: int):
+    """Send slot of every (token, rank) that has a row, NB elsewhere. Rank d's rows form a
+    block of block_N[d] slots (its row count, or a static bound), split into `chunks`
+    consecutive chunks; slots are ordered by (chunk, rank, token), so each chunk is one
+    contiguous range. Also rows[j, d]: the slots chunk j holds for rank d."""
+    n = go_TN.shape[1]
+    g = go_TN.to(torch.int64)
+    pos_TN = torch.cumsum(g, 0) - g  # the token's place in its rank's block
+    j_TN = ((pos_TN + 1) * chunks - 1) // block_N.clamp(min=1)  # chunk j holds [j*b//c, (j+1)*b//c)
+    lo_cN = torch.stack([(j * block_N) // chunks for j in range(chunks + 1)])
+    rows_cN = lo_cN[1:] - lo_cN[:-1]
+    start_cN = (torch.cumsum(rows_cN.reshape(-1), 0) - rows_cN.reshape(-1)).view(chunks, n)
+    d_N = torch.arange(n, device=go_TN.device)
+    j_safe = j_TN.clamp(max=chunks - 1)
+    slot = start_cN[j_safe, d_N] + pos_TN - lo_cN[j_safe, d_N]
+    return torch.where(go_TN, slot, NB), j_safe, rows_cN
+
+
+@dataclass
+class _Send:
+    packed_NX: torch.Tensor  # every send slot, rows and metadata (no autograd: see _SendChunks)
+    w_NK: torch.Tensor  # the slots' weights, with the router's gradient
+    row_TN: torch.Tensor  # slot of each (token, rank), NB where none
+    token_N: torch.Tensor  # token of each slot, T where none (padding)
+    rows_cN: torch.Tensor  # device: slots per (chunk, rank)
+    pairs_cNL: torch.Tensor  # device: (row, local expert) pairs per (chunk, rank, local expert)
+    layout: _Layout
+
+
+def _build_send(x_TD, plan: RoutingPlan, n: int, L: int, chunks: int, w_dtype, bound: int | None) -> _Send:
+    """Everything the dispatch sends, from the plan alone (no host read). `bound`: rows per
+    rank for the capacity modes (static; slots past a rank's rows are padding); None for
+    dropless, whose slots past its row count are never sent."""
+    T, D, dev = x_TD.shape[0], x_TD.shape[1], x_TD.device
+    ids_TNK, w_TNK, (t_X, d_X, l_X, kept_X) = _entries(plan, n, L, w_dtype)
+    K = ids_TNK.shape[2]
+    go_TN = (ids_TNK >= 0).any(-1)
+    if bound is None:  # a token needs at most one row per rank, and per chosen expert
+        NB = min(n, plan.combine_idx_TK.shape[1]) * T
+        block_N = go_TN.to(torch.int64).sum(0)
+    else:
+        NB = n * bound
+        block_N = torch.full((n,), bound, dtype=torch.int64, device=dev)
+    row_TN, j_TN, rows_cN = _slots(go_TN, block_N, chunks, NB)
+    flat = row_TN.reshape(-1)
+    token_N = torch.full((NB + 1,), T, dtype=torch.int64, device=dev).index_put_(
+        (flat,), torch.arange(T, device=dev).repeat_interleave(n))[:NB]
+    ids_NK = torch.full((NB + 1, K), -1, dtype=_ID_DTYPE, device=dev).index_put_(
+        (flat,), ids_TNK.reshape(T * n, K))[:NB]
+    w_NK = w_TNK.new_zeros(NB + 1, K).index_put((flat,), w_TNK.reshape(T * n, K))[:NB]
+    layout = _Layout(D, K, w_dtype, x_TD.dtype)
+    valid_N = token_N < T if bound is not None else None
+    packed = _pack(x_TD, w_NK, token_N, valid_N, ids_NK, layout)
+    # Pairs per (chunk, rank, local expert): what each expert rank's grouped GEMM gets.
+    key = (j_TN[t_X, d_X] * n + d_X) * L + l_X
+    if kept_X is not None:
+        key = torch.where(kept_X, key, chunks * n * L)
+    pairs = torch.zeros(chunks * n * L + 1, dtype=torch.int64, device=dev).scatter_add_(
+        0, key, torch.ones_like(key))[:-1]
+    return _Send(packed, w_NK, row_TN, token_N, rows_cN, pairs.view(chunks, n, L), layout)
+
+
+# ---- split sizes -------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Sizes:
+    send: list[list[int]]  # [chunk][rank] rows this rank sends
+    recv: list[list[int]]  # [chunk][rank] rows it receives
+    slots: list[list[list[int]]]  # [chunk][rank][local expert] pair slots of received rows
+    exact: bool  # slots are exact counts (dropless) rather than bounds with padding
+
+
+def _dropless_sizes(d, send: _Send, ident: list[int], chunks: int) -> _Sizes:
+    """One all-to-all of (rows, pairs) per chunk plus the call identity, then the call's
+    one device-to-host read."""
+    n, L = d.world, d.local_experts
+    rows_NC = send.rows_cN.t()  # to rank d: its rows in each chunk
+    pairs_NX = send.pairs_cNL.permute(1, 0, 2).reshape(n, chunks * L)
+    columns = [torch.full((n, 1), v, dtype=torch.int64, device=rows_NC.device) for v in ident]
+    send_NX = torch.cat([rows_NC, pairs_NX] + columns, dim=1).contiguous()
+    recv_NX = torch.empty_like(send_NX)
+    work = dist.all_to_all_single(recv_NX, send_NX, group=d.group, async_op=True)
+    comm.wait_work(work, "dedup count exchange", d.group)
+    width = send_NX.shape[1]
+    host = torch.cat([send_NX.reshape(-1), recv_NX.reshape(-1)]).tolist()
+    mine, theirs = host[: n * width], host[n * width :]
+    sent = [mine[r * width : (r + 1) * width] for r in range(n)]
+    got = [theirs[s * width : (s + 1) * width] for s in range(n)]
+    d._check_peers([g[chunks + chunks * L :] for g in got], ident)
+    return _Sizes(send=[[sent[r][j] for r in range(n)] for j in range(chunks)],
+                  recv=[[got[s][j] for s in range(n)] for j in range(chunks)],
+                  slots=[[got[s][chunks + j * L : chunks + (j + 1) * L] for s in range(n)] for j in range(chunks)],
+                  exact=True)
+
+
+def _capacity_sizes(d, plan: RoutingPlan, ident: list[int]) -> tuple[_Sizes, int]:
+    """Every rank's (capacity, tokens), gathered on the host: host numbers only. Rank s
+    sends min(tokens_s, L * capacity_s) rows to every rank (it has no more distinct tokens,
+    nor more than L * capacity slots for that rank's experts); at most min(capacity_s, rows)
+    of them go to each local expert. Returns the sizes and this rank's bound."""
+    n, L = d.world, d.local_experts
+    meta = [plan.capacity, plan.num_tokens] + ident
+    group = d.host_group if d.host_group is not None else d.group
+    dev = "cpu" if d.host_group is not None else plan.token_idx_S.device
+    mine = torch.tensor(meta, dtype=torch.int64, device=dev)
+    gathered = [torch.empty_like(mine) for _ in range(n)]
+    comm.wait_work(dist.all_gather(gathered, mine, group=group, async_op=True), "token-count exchange", group)
+    table = torch.stack(gathered).tolist()
+    d._check_peers([row[2:] for row in table], ident)
+    bounds = [min(T, L * C) for C, T in (row[:2] for row in table)]
+    caps = [row[0] for row in table]
+    sizes = _Sizes(send=[[bounds[d.rank]] * n], recv=[bounds],
+                   slots=[[[min(c, b)] * L for c, b in zip(caps, bounds)]], exact=False)
+    return sizes, bounds[d.rank]
+
+
+# ---- the expert side ---------------------------------------------------------------
+def _expert_side(packed_RX, layout, recv: list[int], slots_SL: list[list[int]], exact: bool,
+                 experts, L: int):
+    """Expand received rows to (row, local expert) pairs grouped by local expert, then by
+    source rank (one gather), run the experts, and sum each row's outputs with its weights
+    into one partial row.
+
+    Router weights: elsewhere in epar they apply after the combine, on the token's rank, so
+    their gradients never cross ranks. Here each row's expert outputs are summed on the
+    expert rank, so the weights came along with the rows and multiply here; their gradient
+    (each row's dot product with its gradient) goes back in the dispatch's backward
+    exchange (_Receive / _SendChunks)."""
+    with torch.no_grad():
+        ids_RK = layout.unpack_meta(packed_RX[:, layout.D :])[1]
+    R, K = ids_RK.shape
+    n, dev = len(recv), packed_RX.device
+    src_R = torch.repeat_interleave(torch.arange(n, device=dev), torch.tensor(recv, device=dev), output_size=R)
+    valid_RK = ids_RK >= 0
+    key = torch.where(valid_RK, ids_RK.to(torch.int64) * n + src_R.unsqueeze(1), L * n).reshape(-1)
+    # Place of each pair within its (local expert, source) group, in row order.
+    count = torch.zeros(L * n + 1, dtype=torch.int64, device=dev).scatter_add_(0, key, torch.ones_like(key))
+    order = torch.argsort(key, stable=True)
+    first = torch.cumsum(count, 0) - count
+    rank = torch.empty_like(key)
+    rank[order] = torch.arange(key.shape[0], device=dev) - first[key[order]]
+    # Slot layout: local expert major, then source: slots_SL from the host.
+    per_key = [slots_SL[s][l] for l in range(L) for s in range(n)]
+    P = sum(per_key)
+    base = torch.tensor(_offsets(per_key) + [P], dtype=torch.int64, device=dev)
+    slot_RK = torch.where(valid_RK.reshape(-1), base[key] + rank, P).view(R, K)
+    row_P = torch.full((P + 1,), R, dtype=torch.int64, device=dev).index_put_(
+        (slot_RK.reshape(-1),), torch.arange(R, device=dev).repeat_interleave(K))[:P]
+    valid_P = None if exact else row_P < R  # capacity modes: padding slots
+    counts_L = torch.tensor([sum(slots_SL[s][l] for s in range(n)) for l in range(L)], dtype=torch.int64,
+                            device=dev)
+    x_PD, w_RK = _Receive.apply(packed_RX, row_P, valid_P, slot_RK, layout)
+    y_PD = experts(x_PD, counts_L)
+    return bag_sum(y_PD, w_RK, slot_RK, row_P, valid_P, layout.dtype)
+
+
+# ---- one call ------------------------------------------------------------------------
+def dispatch(d, x_TD, plan: RoutingPlan, experts, acc_dtype, info, shared_fn, out_dtype, edge):
+    """The deduplicated exchange for AllToAllDispatcher `d` (see the module docstring);
+    returns (y_TD, shared expert output or None)."""
+    from .dispatcher import _side_stream, run_on_side_stream  # no import cycle at load time
+
+    rec, dev, lid, call = info.recorder, x_TD.device, info.layer_id, info.call_no
+    n, L, c = d.world, d.local_experts, d.config.overlap_chunks
+    ident = d._identity(info, x_TD.dtype)
+
+    with phase(rec, lid, call, "permute", dev):
+        if plan.capacity is None:
+            # Queue the gather before the split sizes' read (the call's one), as late as can be.
+            send = _build_send(edge(x_TD, ends=[("permute", 0)]), plan, n, L, c, acc_dtype, None)
+            with phase(rec, lid, call, "wait", dev):
+                sizes = _dropless_sizes(d, send, ident, c)
+        else:
+            with phase(rec, lid, call, "wait", dev):
+                sizes, bound = _capacity_sizes(d, plan, ident)
+            send = _build_send(edge(x_TD, ends=[("permute", 0)]), plan, n, L, 1, acc_dtype, bound)
+        lay = send.layout
+        chunks = _SendChunks.apply(x_TD, send.w_NK, send.packed_NX, send.row_TN, lay, [sum(s) for s in sizes.send])
+        chunks = [edge(t, ends=[("dispatch", j)], starts=[("permute", j)]) for j, t in enumerate(chunks)]
+
+    def record(name, j, splits, recv_splits, like):
+        if rec:
+            row_bytes = like.shape[1] * like.element_size()
+            total = row_bytes * sum(splits)
+            rec.add_exchange(Exchange(lid, call, name, j, total - row_bytes * splits[d.rank], total),
+                             d.group, splits, recv_splits, like)
+
+    def finish(name, j, started):
+        t0, buf, pend = started
+        t_wait = rec.mark(dev) if rec else None
+        out = comm.wait(buf, pend)
+        if rec:
+            rec.add_span(Span(lid, call, name, j, t0, rec.mark(dev), "comm", t_wait))
+        return out
+
+    dispatches = []
+    for j, rows in enumerate(chunks):
+        t0 = rec.mark(dev) if rec else None
+        dispatches.append((t0,) + comm.start(rows, d.group, [sizes.recv[j]], [sizes.send[j]],
+                                             "dedup dispatch all_to_all_single"))
+        record("dispatch", j, sizes.send[j], sizes.recv[j], rows)
+
+    shared_out = None
+    if shared_fn is not None:
+        stream = "side" if dev.type == "cuda" else "compute"
+        shared_out = run_on_side_stream(shared_fn, dev, lambda: phase(rec, lid, call, "shared", dev, stream=stream))
+
+    combines = []
+    for j in range(c):
+        recv = edge(finish("dispatch", j, dispatches[j]), ends=[("experts", j)], starts=[("dispatch", j)])
+        with phase(rec, lid, call, "experts", dev, j):  # expand, experts, weighted partial sums
+            part_RD = _expert_side(recv, lay, sizes.recv[j], sizes.slots[j], sizes.exact, experts, L)
+            part_RD = edge(part_RD, ends=[("combine", j)], starts=[("experts", j)])
+        t0 = rec.mark(dev) if rec else None
+        combines.append((t0,) + comm.start(part_RD, d.group, [sizes.send[j]], [sizes.recv[j]],
+                                           "dedup combine all_to_all_single"))
+        record("combine", j, sizes.recv[j], sizes.send[j], part_RD)
+    backs = [edge(finish("combine", j, s), ends=[("unpermute", None)], starts=[("combine", j)])
+             for j, s in enumerate(combines)]
+
+    if shared_out is not None and dev.type == "cuda":
+        torch.cuda.current_stream(dev).wait_stream(_side_stream(dev))
+    with phase(rec, lid, call, "unpermute", dev):
+        # Partial rows come back in slot order; each token sums its own (at most n).
+        y_SD = backs[0] if len(backs) == 1 else torch.cat(backs)
+        S = y_SD.shape[0]
+        row_TN = send.row_TN.clamp(max=S)
+        token_S = send.token_N[:S]
+        valid_S = None if plan.capacity is None else token_S < plan.num_tokens
+        y_TD = edge(sum_bags(y_SD, row_TN, token_S, valid_S, out_dtype), starts=[("unpermute", None)])
+    return y_TD, shared_out
