@@ -16,7 +16,7 @@ DROP_POLICIES = ("probs", "position")
 SCORE_FUNCS = ("softmax", "sigmoid")
 ACTIVATIONS = ("swiglu", "gelu", "relu")
 AUX_LOSS_SCOPES = ("micro_batch", "global", "sequence")
-EP_EXCHANGES = ("per_expert", "regroup", "dedup")
+EP_EXCHANGES = ("per_expert", "regroup", "dedup", "hierarchical")
 
 
 def _fail(field: str, value, allowed: str) -> None:
@@ -71,7 +71,9 @@ class MoEConfig:
     # all_to_all_single per local expert, so they land grouped; "regroup" sends one per
     # chunk and permutes the received rows (and back). See the dispatcher. "dedup" sends
     # each token once per destination rank, with its local experts and weights, and sums
-    # its expert outputs there (epar/dispatch/dedup.py).
+    # its expert outputs there (epar/dispatch/dedup.py). "hierarchical" sends it once per
+    # destination node across nodes and forwards it inside the node (needs build_groups'
+    # node topology and "dropless"; else it runs as "dedup"): epar/dispatch/hierarchical.py.
     ep_exchange: str = "per_expert"
     # Group-limited routing (DeepSeek-V3): experts in num_expert_groups equal groups of
     # consecutive ids; each token picks top_k only inside its topk_groups best groups.
