@@ -31,19 +31,20 @@ class CrossNodeRows:
     """Wraps dist.all_to_all_single: counts every call, and the payload rows (floating
     dtypes; the count exchanges are int64) this rank sends to ranks on other nodes."""
 
-    def __init__(self):
-        self.calls, self.rows = 0, 0
+    def __init__(self, rpn: int = RPN):
+        self.calls, self.rows, self.rpn = 0, 0, rpn
 
     def __enter__(self):
         self.saved = dist.all_to_all_single
-        me = dist.get_rank() // RPN
+        rpn = self.rpn
+        me = dist.get_rank() // rpn
 
         def wrapped(out, inp, output_split_sizes=None, input_split_sizes=None, group=None, async_op=False):
             self.calls += 1
             if inp.is_floating_point():
                 ranks = dist.get_process_group_ranks(group)
                 splits = input_split_sizes or [inp.shape[0] // len(ranks)] * len(ranks)
-                self.rows += sum(s for s, r in zip(splits, ranks) if r // RPN != me)
+                self.rows += sum(s for s, r in zip(splits, ranks) if r // rpn != me)
             return self.saved(out, inp, output_split_sizes, input_split_sizes, group=group, async_op=async_op)
 
         dist.all_to_all_single = wrapped
@@ -53,34 +54,34 @@ class CrossNodeRows:
         dist.all_to_all_single = self.saved
 
 
-def _foreign_nodes(layer, x: torch.Tensor, rank: int) -> torch.Tensor:
+def _foreign_nodes(layer, x: torch.Tensor, rank: int, rpn: int) -> torch.Tensor:
     """From this rank's plan: tokens[b] = its tokens with an expert on node b, b != its own."""
     plan = layer.strategy.plan(layer.router(x), None, None)
-    nodes = layer.ep_size // RPN
+    nodes = layer.ep_size // rpn
     per_node = layer.config.num_experts // nodes
     kept_TK = plan.combine_idx_TK < plan.num_rows
     node_TK = torch.where(kept_TK, plan.expert_TK // per_node, nodes)
     hit_TB = torch.zeros(x.shape[0], nodes + 1, dtype=torch.int64).scatter_(1, node_TK, 1)[:, :nodes]
-    hit_TB[:, rank // RPN] = 0
+    hit_TB[:, rank // rpn] = 0
     return hit_TB.sum(0)
 
 
-def _step_counted(layer, ref, x, group, rank, world):
+def _step_counted(layer, ref, x, group, rank, world, rpn: int = RPN):
     """One forward + backward through run_and_compare's checks, with the cross-node rows and
     the all_to_all_single calls of each direction; returns them with the plan's expected
     rows: this rank's tokens to other nodes, plus the rows its node-level peers sent it."""
-    mine_B = _foreign_nodes(layer, x, rank)
+    mine_B = _foreign_nodes(layer, x, rank, rpn)
     table = [torch.zeros_like(mine_B) for _ in range(world)]
     dist.all_gather(table, mine_B)
-    incoming = sum(int(table[r][rank // RPN]) for r in range(world) if r % RPN == rank % RPN)
+    incoming = sum(int(table[r][rank // rpn]) for r in range(world) if r % rpn == rank % rpn)
     expected = int(mine_B.sum()) + incoming
 
     x_ep, x_ref = x.clone().requires_grad_(), x.clone().requires_grad_()
-    with CrossNodeRows() as fwd:
+    with CrossNodeRows(rpn) as fwd:
         out = layer(x_ep)
     out_ref = ref(x_ref)
     gy = torch.randn(out_ref.y.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-    with CrossNodeRows() as bwd:
+    with CrossNodeRows(rpn) as bwd:
         ((out.y * gy).sum() + out.aux_loss).backward()
     ((out_ref.y * gy).sum() + out_ref.aux_loss).backward()
     torch.testing.assert_close(out.y, out_ref.y, atol=1e-12, rtol=1e-10)
