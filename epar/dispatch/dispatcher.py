@@ -286,11 +286,12 @@ class AllToAllDispatcher:
         rec, dev, lid, call = info.recorder, x_TD.device, info.layer_id, info.call_no
         row_bytes = x_TD.shape[1] * x_TD.element_size()
 
-        def record_exchange(name: str, j: int, splits: list[int], recv_splits: list[int]) -> None:
+        def record_exchange(name: str, j: int, splits: list[int], recv_splits: list[int],
+                            parts=None, recv_parts=None) -> None:
             if rec:
                 total = row_bytes * sum(splits)
                 rec.add_exchange(Exchange(lid, call, name, j, total - row_bytes * splits[self.rank], total),
-                                 self.group, splits, recv_splits, x_TD)
+                                 self.group, splits, recv_splits, x_TD, parts, recv_parts)
 
         def finish_exchange(name: str, j: int, started) -> torch.Tensor:
             t0, buf, pend = started
@@ -322,7 +323,7 @@ class AllToAllDispatcher:
             t0 = rec.mark(dev) if rec else None
             dispatches.append((t0,) + comm.start(sends[j], self.group, ch.out_parts, ch.in_parts,
                                                  "dispatch all_to_all_single"))
-            record_exchange("dispatch", j, ch.in_splits, ch.out_splits)
+            record_exchange("dispatch", j, ch.in_splits, ch.out_splits, ch.in_parts, ch.out_parts)
 
         shared_out = None
         if shared_fn is not None:
@@ -340,7 +341,7 @@ class AllToAllDispatcher:
             t0 = rec.mark(dev) if rec else None
             combines.append((t0,) + comm.start(out_RD, self.group, ch.in_parts, ch.out_parts,
                                                "combine all_to_all_single"))
-            record_exchange("combine", j, ch.out_splits, ch.in_splits)
+            record_exchange("combine", j, ch.out_splits, ch.in_splits, ch.out_parts, ch.in_parts)
         backs = [edge(finish_exchange("combine", j, started), ends=[("unpermute", None)], starts=[("combine", j)])
                  for j, started in enumerate(combines)]
 

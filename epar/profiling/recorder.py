@@ -8,15 +8,19 @@ Besides the per-phase markers the recorder keeps
   - backward marks: identity autograd nodes (`backward_edge`) placed between the
     forward phases; when the gradient passes one of them it closes the backward of the
     phase after it and opens the backward of the phase before it;
-  - the split sizes of every token exchange, which `step()` (or `finish()`) replays
-    once per exchange as an isolated, synchronised all_to_all_single: the transfer's
-    own time, free of the compute it overlapped in the layer (report: `transfer_ms`);
+  - the split sizes of every token exchange, in the parts it was issued in, which
+    `step()` (or `finish()`) replays as an isolated, synchronised exchange of the same
+    calls (one all_to_all_single per part and chunk, as the layer issued them): the
+    transfer's own time, free of the compute it overlapped in the layer (report:
+    `transfer_ms`); and what each exchange sent to other ranks (rows, and bytes inside
+    this rank's node and across nodes; nodes from LOCAL_WORLD_SIZE);
   - step boundaries (`step()`), for the trace and the per-step totals.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -57,6 +61,11 @@ class Exchange:
     chunk: int | None
     bytes_to_others: int  # payload bytes this rank sent to other ranks
     bytes_total: int  # including the part it kept for itself
+    # Filled in by add_exchange from the split sizes, when it gets them:
+    rows_to_others: int = 0  # rows this rank sent to other ranks
+    bytes_intra_node: int = 0  # of bytes_to_others: to ranks on this rank's node
+    bytes_inter_node: int = 0  # ... and to ranks on other nodes
+    collectives: int = 1  # all_to_all_single calls this chunk of the exchange issued
 
 
 @dataclass
@@ -67,8 +76,9 @@ class _Replay:
     call: int
     phase: str
     group: object
-    in_splits: list[int]
+    in_splits: list[int]  # chunks and parts summed
     out_splits: list[int]
+    calls: list  # (in_splits, out_splits) of every all_to_all_single the exchange issued, in order
     row_shape: tuple
     dtype: torch.dtype
     device: torch.device
@@ -104,6 +114,7 @@ class PhaseRecorder:
         self._bwd_end: dict = {}
         self._replays: dict = {}  # (layer, call, phase) -> _Replay, not yet replayed
         self.replayed: list[_Replay] = []
+        self._nodes: dict = {}  # group -> for each of its ranks, whether it is on this rank's node
         self._device: torch.device | None = None
         self._step_start = None
         self._origin = None  # the first marker: time 0 of this rank's rows
@@ -147,22 +158,48 @@ class PhaseRecorder:
         self.spans.append(span)
 
     def add_exchange(self, ex: Exchange, group=None, in_splits: list[int] | None = None,
-                     out_splits: list[int] | None = None, like: torch.Tensor | None = None) -> None:
+                     out_splits: list[int] | None = None, like: torch.Tensor | None = None,
+                     in_parts: list[list[int]] | None = None, out_parts: list[list[int]] | None = None) -> None:
         """One chunk of a token exchange. With `group`, the splits and a row template
-        (`like`), the exchange (its chunks summed) is replayed in isolation at `step()`."""
+        (`like`), the exchange (its chunks together) is replayed in isolation at `step()`,
+        call for call: `in_parts` / `out_parts` are the split sizes of each
+        all_to_all_single the chunk issued (default: one call of `in_splits`)."""
         self.exchanges.append(ex)
         if group is None or in_splits is None or like is None:
             return
+        if in_parts is None or out_parts is None:
+            in_parts, out_parts = [list(in_splits)], [list(out_splits)]
+        me = dist.get_rank(group)
         meta = self.layers.setdefault(ex.layer, {})
         meta["ep_size"] = dist.get_world_size(group)
+        meta["ep_rank"] = me
+        row_bytes = ex.bytes_total // sum(in_splits) if sum(in_splits) else 0
+        same_node = self._same_node(group)
+        ex.rows_to_others = sum(in_splits) - in_splits[me]
+        ex.bytes_intra_node = row_bytes * sum(n for d, n in enumerate(in_splits) if d != me and same_node[d])
+        ex.bytes_inter_node = row_bytes * sum(n for d, n in enumerate(in_splits) if not same_node[d])
+        ex.collectives = len(in_parts)
         key = (ex.layer, ex.call, ex.phase)
+        calls = [(list(i), list(o)) for i, o in zip(in_parts, out_parts)]
         r = self._replays.get(key)
         if r is None:
             self._replays[key] = _Replay(ex.layer, ex.call, ex.phase, group, list(in_splits), list(out_splits),
-                                         tuple(like.shape[1:]), like.dtype, like.device)
+                                         calls, tuple(like.shape[1:]), like.dtype, like.device)
         else:  # another chunk of the same exchange
             r.in_splits = [a + b for a, b in zip(r.in_splits, in_splits)]
             r.out_splits = [a + b for a, b in zip(r.out_splits, out_splits)]
+            r.calls += calls
+
+    def _same_node(self, group) -> list[bool]:
+        """For each rank of `group`: whether it is on this rank's node. A node is
+        LOCAL_WORLD_SIZE consecutive global ranks (torchrun's layout); without it, every
+        rank is on one node."""
+        if group not in self._nodes:  # once per group and recorder: layer calls pay a lookup
+            per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "0") or 0) or dist.get_world_size()
+            mine = dist.get_rank() // per_node
+            ranks = dist.get_process_group_ranks(group) if group is not None else range(dist.get_world_size())
+            self._nodes[group] = [g // per_node == mine for g in ranks]
+        return self._nodes[group]
 
     def add_stats(self, layer: int, call: int, stats: dict, **layer_meta) -> None:
         # Tensors stay on the device until finish(): no sync inside the step.
@@ -214,9 +251,11 @@ class PhaseRecorder:
 
     def replay(self) -> None:
         """Time every exchange recorded since the last replay, alone, `repeats` times:
-        barrier, then one all_to_all_single of the same split sizes (chunks summed) on
-        the same group. The report keeps each call's fastest repeat (a stall of this
-        process only ever adds time) and the median over calls."""
+        barrier, then the exchange's own calls (one all_to_all_single per part and chunk,
+        of the same split sizes, each between contiguous row ranges, all issued before
+        the first is waited on, as comm.start does) on the same group. The report keeps
+        each call's fastest repeat (a stall of this process only ever adds time) and the
+        median over calls."""
         pending, self._replays = list(self._replays.values()), {}
         for r in pending:
             inp = torch.zeros((sum(r.in_splits),) + r.row_shape, dtype=r.dtype, device=r.device)
@@ -226,7 +265,14 @@ class PhaseRecorder:
                 if r.device.type == "cuda":
                     torch.cuda.synchronize(r.device)
                 start = self._raw_mark(r.device)
-                dist.all_to_all_single(out, inp, r.out_splits, r.in_splits, group=r.group)
+                works, i, o = [], 0, 0
+                for in_splits, out_splits in r.calls:
+                    ni, no = sum(in_splits), sum(out_splits)
+                    works.append(dist.all_to_all_single(out[o:o + no], inp[i:i + ni], out_splits, in_splits,
+                                                        group=r.group, async_op=True))
+                    i, o = i + ni, o + no
+                for w in works:
+                    w.wait()
                 r.times.append((start, self._raw_mark(r.device)))
             r.group = None  # nothing else needs it
             self.replayed.append(r)

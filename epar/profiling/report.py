@@ -14,10 +14,15 @@ Conventions
               part of it during which other timed work ran (other phases of the call, or
               the compute side blocked on the other exchange); exposed = in flight - hidden.
               Nothing beside the exchange: hidden is exactly 0.
-              transfer = the same exchange replayed alone (barrier, then one synchronous
-              all_to_all_single of the same split sizes, chunks summed; the fastest of
-              a few repeats per call, median over calls): the transfer's own time,
-              which bandwidth is computed from
+              transfer = the same exchange replayed alone (barrier, then the same
+              all_to_all_single calls it issued: one per part and chunk, of the same
+              split sizes; the fastest of a few repeats per call, median over calls):
+              the transfer's own time, per-call latency included, which bandwidth is
+              computed from
+  wire        rows and bytes each rank sent to other ranks per exchange, split into
+              its own node and other nodes (a node: LOCAL_WORLD_SIZE consecutive
+              ranks; without it one node); per layer, over all ranks, rows per token
+              against the routed slots per token that leave their rank
   bandwidth   nccl-tests all-to-all convention, so figures compare with alltoall_perf:
               algbw = bytes_total / transfer time (the whole send buffer, self block
               included), busbw = algbw * (n-1)/n, n = EP group size; GB = 1e9 bytes
@@ -38,6 +43,9 @@ import torch.distributed as dist
 from .recorder import BACKWARD_PHASES, PHASES, PhaseRecorder
 
 SCHEMA = "epar.profile/2"
+# What the recorder keeps of each exchange chunk, summed over chunks per call.
+SIZE_FIELDS = ("bytes_total", "bytes_to_others", "rows_to_others", "bytes_intra_node", "bytes_inter_node",
+               "collectives")
 EXCHANGE_PHASES = ("dispatch", "combine")
 MIRROR = {"dispatch": "combine", "combine": "dispatch"}
 # Phases that, when timed on the compute stream, never overlap each other: with the
@@ -151,8 +159,8 @@ def _pass_figures(rows: list[dict], calls: list[int], sizes: dict, transfer: dic
             f, e = exchange_intervals(by_call[c], name)
             flight, exposed = flight + _length(f), exposed + _length(e)
         source = MIRROR[name] if mirror else name  # whose bytes and replay this exchange mirrors
-        bytes_total = sum(sizes.get((c, source), (0, 0))[0] for c in calls) / n
-        to_others = sum(sizes.get((c, source), (0, 0))[1] for c in calls) / n
+        size = {f: sum(sizes.get((c, source), {}).get(f, 0) for c in calls) / n for f in SIZE_FIELDS}
+        bytes_total, to_others = size["bytes_total"], size["bytes_to_others"]
         replays = [transfer[(c, source)] for c in calls if (c, source) in transfer]
         transfer_ms = statistics.median(replays) if replays else 0.0  # one stalled replay must not skew it
         algbw = _gbps(bytes_total, transfer_ms)
@@ -161,6 +169,10 @@ def _pass_figures(rows: list[dict], calls: list[int], sizes: dict, transfer: dic
             "chunks": len({r["chunk"] for r in rows if r["phase"] == name}),
             "bytes_to_others": to_others,
             "bytes_total": bytes_total,
+            "rows_to_others": size["rows_to_others"],
+            "bytes_intra_node": size["bytes_intra_node"],
+            "bytes_inter_node": size["bytes_inter_node"],
+            "collectives": size["collectives"],
             "in_flight_ms": flight / n,
             "exposed_ms": exposed / n,
             "hidden_ms": (flight - exposed) / n,
@@ -183,11 +195,12 @@ def rank_figures(summary: dict, layer: int, ep_size: int) -> dict:
     fwd = [r for r in rows if r.get("direction", "forward") == "forward"]
     bwd = [r for r in rows if r.get("direction") == "backward"]
     calls = sorted({r["call"] for r in fwd if r["phase"] == "total"})
-    sizes: dict = {}
+    sizes: dict = {}  # (call, exchange) -> {field: sum over chunks}
     for e in summary["exchanges"]:
         if e["layer"] == layer:
-            b = sizes.get((e["call"], e["phase"]), (0, 0))
-            sizes[(e["call"], e["phase"])] = (b[0] + e["bytes_total"], b[1] + e["bytes_to_others"])
+            b = sizes.setdefault((e["call"], e["phase"]), dict.fromkeys(SIZE_FIELDS, 0))
+            for f in SIZE_FIELDS:
+                b[f] += e.get(f, 0)
     transfer: dict = {}  # (call, exchange) -> fastest isolated repeat
     for i in summary.get("isolated", []):
         if i["layer"] == layer:
@@ -197,6 +210,10 @@ def rank_figures(summary: dict, layer: int, ep_size: int) -> dict:
     backward = _pass_figures(bwd, calls, sizes, transfer, ep_size, BACKWARD_PHASES, mirror=True)
     stats = [s for s in summary["stats"] if s["layer"] == layer]
     tokens_per_expert = [sum(col) for col in zip(*(s["tokens_per_expert"] for s in stats))]
+    # Kept slots whose expert is on another EP rank (rank r holds a contiguous block).
+    ep_rank = summary.get("layers", {}).get(layer, {}).get("ep_rank", summary["rank"] % max(ep_size, 1))
+    L = len(tokens_per_expert) // ep_size if tokens_per_expert and len(tokens_per_expert) % ep_size == 0 else 0
+    slots_to_others = sum(tokens_per_expert) - sum(tokens_per_expert[ep_rank * L:(ep_rank + 1) * L]) if L else 0
     return {
         "rank": summary["rank"],
         "calls": len(calls),
@@ -211,6 +228,7 @@ def rank_figures(summary: dict, layer: int, ep_size: int) -> dict:
         "dropped_slots": sum(s["dropped_slots"] for s in stats),
         "unrouted_tokens": sum(s["unrouted_tokens"] for s in stats),
         "tokens_total": sum(s["num_tokens"] for s in stats),
+        "slots_to_others": slots_to_others,
     }
 
 
@@ -273,6 +291,32 @@ def _exchange_spread(ranks: list[dict], key: str) -> dict:
     return out
 
 
+def _wire(ranks: list[dict]) -> dict:
+    """Each forward exchange over all ranks and calls, per token (real tokens of every
+    rank): rows and bytes sent to other ranks, and the routed slots whose expert is on
+    another rank (what an exchange sending every slot as a row would send; each comes
+    back in the combine). Backward moves the same rows (it mirrors both exchanges)."""
+    tokens = sum(r["tokens_total"] for r in ranks)
+    slots = sum(r["slots_to_others"] for r in ranks)
+    out = {}
+    for name in EXCHANGE_PHASES:
+        if not any(name in r["exchanges"] for r in ranks):
+            continue
+        total = {f: sum(r["exchanges"].get(name, {}).get(f, 0.0) * r["calls"] for r in ranks)
+                 for f in ("rows_to_others", "bytes_to_others", "bytes_intra_node", "bytes_inter_node")}
+        per = (lambda v: v / tokens) if tokens else (lambda v: 0.0)
+        # Rows of one exchange are all one size: rows per link class follow from its bytes.
+        row_bytes = total["bytes_to_others"] / total["rows_to_others"] if total["rows_to_others"] else 0.0
+        rows_of = (lambda b: b / row_bytes) if row_bytes else (lambda b: 0.0)
+        out[name] = {"slots_per_token": per(slots), "rows_per_token": per(total["rows_to_others"]),
+                     "intra_node_rows_per_token": per(rows_of(total["bytes_intra_node"])),
+                     "inter_node_rows_per_token": per(rows_of(total["bytes_inter_node"])),
+                     "bytes_per_token": per(total["bytes_to_others"]),
+                     "intra_node_bytes_per_token": per(total["bytes_intra_node"]),
+                     "inter_node_bytes_per_token": per(total["bytes_inter_node"])}
+    return out
+
+
 def _layer_meta(per_rank: list[dict], layer: int) -> dict:
     meta: dict = {}
     for s in per_rank:
@@ -304,6 +348,7 @@ def make_report(per_rank: list[dict], ep_size: int | None = None, top_k: int | N
             "backward": {"phases": {p: spread([r["backward_phases_ms"].get(p, 0.0) for r in ranks]) for p in bnames},
                          "exchanges": _exchange_spread(ranks, "backward_exchanges")},
             "load": _load(ranks, k, n),
+            "wire": _wire(ranks),
             "ranks": ranks,
         })
     ep_sizes = {lay["ep_size"] for lay in layers}
@@ -451,16 +496,27 @@ def _exchange_table(title: str, exchanges: dict):
     from rich.table import Table
 
     t = Table(title=title)
-    for col in ("exchange", "chunks", "to others", "in flight ms", "exposed ms", "hidden ms", "transfer ms",
-                "waiting ms", "algbw GB/s", "busbw GB/s"):
+    for col in ("exchange", "chunks", "calls", "to others", "rows", "intra / inter node", "in flight ms",
+                "exposed ms", "hidden ms", "transfer ms", "waiting ms", "algbw GB/s", "busbw GB/s"):
         t.add_column(col, justify="right")
     for name, x in exchanges.items():
         bw = lambda k: " / ".join(f"{x[k][q]:.3g}" for q in ("min", "median", "max"))  # noqa: E731
-        t.add_row(name, str(x["chunks"]), _fmt_bytes(x["bytes_to_others"]["median"]),
+        med = lambda k: x.get(k, {}).get("median", 0)  # noqa: E731
+        t.add_row(name, str(x["chunks"]), f"{med('collectives'):.0f}", _fmt_bytes(x["bytes_to_others"]["median"]),
+                  f"{med('rows_to_others'):.0f}",
+                  f"{_fmt_bytes(med('bytes_intra_node'))} / {_fmt_bytes(med('bytes_inter_node'))}",
                   *(f"{x[k]['median']:.3f}" for k in ("in_flight_ms", "exposed_ms", "hidden_ms", "transfer_ms",
                                                       "waiting_ms")),
                   bw("algbw_gbps"), bw("busbw_gbps"))
     return t
+
+
+def wire_line(wire: dict) -> str:
+    """Rows per token on the wire, all ranks: slots leaving a rank -> rows actually sent."""
+    parts = [f"{name} {w['slots_per_token']:.2f} slots -> {w['rows_per_token']:.2f} rows "
+             f"({w['intra_node_rows_per_token']:.2f} in node, {w['inter_node_rows_per_token']:.2f} across nodes), "
+             f"{_fmt_bytes(w['bytes_per_token'])}" for name, w in wire.items()]
+    return "wire per token, to other ranks (all ranks): " + "; ".join(parts)
 
 
 def load_lines(load: dict) -> str:
@@ -495,8 +551,11 @@ def print_report(report: dict, console=None) -> None:
                                    f"across {n} ranks", lay["phases"]))
         if lay["exchanges"]:
             console.print(_exchange_table(
-                f"exchanges, forward (median across ranks; bandwidth from the isolated transfer, "
-                f"min / median / max, EP size {lay['ep_size']})", lay["exchanges"]))
+                f"exchanges, forward (median across ranks; calls = all_to_all_singles per exchange, replayed "
+                f"alone as issued for transfer ms; bandwidth from that transfer, min / median / max, "
+                f"EP size {lay['ep_size']})", lay["exchanges"]))
+            if lay.get("wire"):
+                console.print(wire_line(lay["wire"]))
         if lay["backward"]["phases"]:
             console.print(_phase_table(f"layer {lay['layer']}: backward by phase, ms per call",
                                        lay["backward"]["phases"]))

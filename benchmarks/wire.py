@@ -1,0 +1,379 @@
+#!/usr/bin/env python
+"""Rows and bytes per token on the wire, for every `ep_exchange` (issues 17 and 18).
+
+Two parts, one JSON (benchmarks/results/wire.json):
+
+real       EP 2 and EP 4 in 4 real gloo processes (EP 2: two EP groups side by side),
+           the three shapes scaled down (d_model,
+           d_ff, tokens / --scale; experts and top_k kept), `dropless`, bf16, one
+           forward + backward per exchange in epar.config.EP_EXCHANGES (whatever exists
+           when this runs). torch.distributed's collectives are wrapped while the layer
+           runs: every all_to_all_single counts the rows this rank sends to other ranks
+           (payload: floating rows at least d_model wide; narrower or integer ones are
+           metadata, counted in bytes and collectives only), and every collective
+           counts towards the collectives per layer step. Each rank also counts, from the
+           plan its layer call made (MoEOutput.routing.plan), the rows its exchange's
+           scheme implies (epar.wire); the two must agree exactly, forward and backward,
+           for every exchange that has a scheme, or the run fails.
+simulated  EP 8 to 256 from the routing alone (no processes): a router's choices and
+           the expert-to-rank map decide every row. Routing: `random` (each token's
+           top-k a uniform random set) or `zipf` (expert popularity 1 / rank^1.0 over a
+           random permutation of the experts; top-k sampled without replacement in
+           proportion to it, by Gumbel top-k). Scores go through epar's own Dropless
+           strategy, so node-limited routing is epar's group-limited top-k with one group
+           per node (num_expert_groups = nodes, topk_groups = M). 8 ranks per node.
+
+Rows are per token per direction (dispatch; the combine returns as many, and backward
+mirrors both: a step moves 4x). Bytes in the simulated rows are rows x d_model x 2
+(bf16 payload; whatever metadata a scheme needs is not in them); in the real rows they
+are what the collectives moved, metadata included, at the scaled d_model.
+
+    python benchmarks/wire.py [--tiny] [--scale 16] [--tokens 8192] [--out PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import socket
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+HERE = Path(__file__).resolve().parent
+RANKS_PER_NODE = 8
+SIM_EP = (8, 16, 32, 64, 128, 256)
+NODE_LIMIT = 4  # DeepSeek-V3's M: nodes each token may reach
+# Simulated shapes: the three benchmark shapes, plus DeepSeek-V3's routed experts.
+SIM_SHAPES = {"deepseek-v3-like": dict(d_model=7168, num_experts=256, top_k=8)}
+COLLECTIVES = ("all_to_all_single", "all_to_all", "all_gather", "all_gather_into_tensor", "all_reduce",
+               "broadcast", "reduce_scatter_tensor", "gather", "scatter", "send", "recv", "isend", "irecv")
+
+
+# ---- real processes ------------------------------------------------------------------
+class WireCounter:
+    """Wraps torch.distributed's collectives; counts only while `on` is set."""
+
+    def __init__(self, d_model: int):
+        self.d_model = d_model
+        self.on = False
+        self.reset()
+        self._orig = {}
+        for name in COLLECTIVES:
+            if hasattr(dist, name):
+                self._orig[name] = getattr(dist, name)
+                setattr(dist, name, self._wrap(name, self._orig[name]))
+
+    def reset(self) -> None:
+        self.payload_rows = 0
+        self.payload_bytes = 0
+        self.meta_bytes = 0
+        self.calls: dict[str, int] = {}
+
+    def restore(self) -> None:
+        for name, fn in self._orig.items():
+            setattr(dist, name, fn)
+
+    def _wrap(self, name, fn):
+        def wrapped(*args, **kwargs):
+            if self.on:
+                self.calls[name] = self.calls.get(name, 0) + 1
+                if name == "all_to_all_single":
+                    self._count_a2a(*args, **kwargs)
+            return fn(*args, **kwargs)
+        return wrapped
+
+    def _count_a2a(self, output, input, output_split_sizes=None, input_split_sizes=None, group=None,
+                   async_op=False):
+        n = dist.get_world_size(group)
+        me = dist.get_rank(group)
+        splits = list(input_split_sizes) if input_split_sizes else [input.shape[0] // n] * n
+        rows = sum(splits) - splits[me]
+        row_numel = input[0].numel() if input.shape[0] else 0
+        nbytes = rows * row_numel * input.element_size()
+        if input.is_floating_point() and row_numel >= self.d_model:
+            self.payload_rows += rows
+            self.payload_bytes += nbytes
+        else:
+            self.meta_bytes += nbytes
+
+
+def _measure_exchange(cfg, group, rank, world, tokens, seed) -> dict:
+    import epar
+    from epar import wire
+
+    counter = WireCounter(cfg.d_model)
+    try:
+        torch.manual_seed(0)  # the same router on every rank
+        layer = epar.MoELayer(cfg, group).to(torch.bfloat16)
+        x = torch.randn(tokens, cfg.d_model, generator=torch.Generator().manual_seed(seed))
+        x = x.to(torch.bfloat16).requires_grad_()
+        counter.on = True
+        out = layer(x)
+        fwd = (counter.payload_rows, counter.payload_bytes, counter.meta_bytes, dict(counter.calls))
+        counter.reset()
+        (out.y.float().square().mean() + out.aux_loss).backward()
+        bwd = (counter.payload_rows, counter.payload_bytes, counter.meta_bytes, dict(counter.calls))
+        counter.on = False
+    finally:
+        counter.restore()
+    plan = wire.count_plan(out.routing.plan, rank, cfg.num_experts, world)
+    to_ranks = wire.rows_to_each_rank(*wire.plan_pairs(out.routing.plan), cfg.num_experts, world)
+    return {"tokens": tokens, "forward": fwd, "backward": bwd,
+            "plan_rows": {s: int(plan.rows[s]["leave_rank"].sum()) for s in wire.SCHEMES},
+            "plan_to_ranks": {s: v.tolist() for s, v in to_ranks.items()}}
+
+
+def _rank_main(rank: int, world: int, port: int, eps: tuple, shapes: dict, exchanges: list, queue) -> None:
+    """One process of `world`; each EP size in `eps` runs as (world / ep) EP groups side by side."""
+    import epar
+    from epar.parallel import build_groups
+
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=300))
+    try:
+        res = {}
+        for ep in eps:
+            group = build_groups(ep).ep_group
+            members = dist.get_process_group_ranks(group)
+            for name, s in shapes.items():
+                for exchange in exchanges:
+                    cfg = epar.MoEConfig(d_model=s["d_model"], d_ff=s["d_ff"], num_experts=s["num_experts"],
+                                         top_k=s["top_k"], strategy="dropless", ep_exchange=exchange)
+                    r = _measure_exchange(cfg, group, dist.get_rank(group), ep, s["tokens"], 100 + rank)
+                    res[(ep, name, exchange)] = {**r, "group": members}
+        queue.put((rank, res))
+    except BaseException as e:
+        queue.put((rank, e))
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ranks(eps: tuple, shapes: dict, exchanges: list) -> dict:
+    """{(ep, shape, exchange): [EP groups, each its ranks' results in EP-rank order]} from
+    max(eps) gloo processes."""
+    world = max(eps)
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_rank_main, args=(r, world, port, eps, shapes, exchanges, queue), daemon=True)
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    per_rank = {}
+    try:
+        for _ in procs:
+            rank, res = queue.get(timeout=900)
+            if isinstance(res, BaseException):
+                raise RuntimeError(f"rank {rank} failed: {res!r}")
+            per_rank[rank] = res
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    out = {}
+    for key in per_rank[0]:
+        groups = sorted({tuple(per_rank[r][key]["group"]) for r in per_rank})
+        out[key] = [[per_rank[r][key] for r in g] for g in groups]
+    return out
+
+
+def expected_sends(ranks: list, scheme: str, me: int) -> int:
+    """Payload rows rank `me` sends to other ranks in one forward, from every rank's plan:
+    its dispatch rows (its plan, to the others) and its combine rows (what each other
+    rank's plan sent it, sent back). Backward sends the same: its exchanges mirror these."""
+    mine = sum(v for d, v in enumerate(ranks[me]["plan_to_ranks"][scheme]) if d != me)
+    theirs = sum(r["plan_to_ranks"][scheme][me] for s, r in enumerate(ranks) if s != me)
+    return mine + theirs
+
+
+def real_row(world: int, name: str, shape: dict, full_d: int, exchange: str, groups: list) -> dict:
+    """One (EP size, shape, exchange): every EP group's ranks together."""
+    from epar import wire
+
+    ranks = [r for g in groups for r in g]
+    tokens = sum(r["tokens"] for r in ranks)
+    fwd_rows = sum(r["forward"][0] for r in ranks)
+    fwd_bytes = sum(r["forward"][1] + r["forward"][2] for r in ranks)
+    calls = [sum(r["forward"][3].values()) + sum(r["backward"][3].values()) for r in ranks]
+    kinds: dict = {}
+    for part in ("forward", "backward"):
+        for k, v in ranks[0][part][3].items():
+            kinds[k] = kinds.get(k, 0) + v
+    plan = {s: sum(r["plan_rows"][s] for r in ranks) / tokens for s in wire.SCHEMES}
+    scheme = wire.EXCHANGE_SCHEME.get(exchange)
+    agrees = None
+    if scheme:
+        agrees = all(r["forward"][0] == r["backward"][0] == expected_sends(g, scheme, i)
+                     for g in groups for i, r in enumerate(g))
+    rows = fwd_rows / 2 / tokens
+    return {"ep_size": world, "ep_groups": len(groups), "shape": name, "ep_exchange": exchange,
+            "strategy": "dropless", "d_model": shape["d_model"], "tokens_per_rank": shape["tokens"],
+            "rows_per_token": rows,
+            "bytes_per_token": fwd_bytes / 2 / tokens,
+            "metadata_bytes_per_token": sum(r["forward"][2] for r in ranks) / 2 / tokens,
+            "row_bytes_per_token_full_d_bf16": rows * full_d * 2,
+            "backward_rows_per_token": sum(r["backward"][0] for r in ranks) / 2 / tokens,
+            "collectives_per_step": max(calls), "collectives_by_kind_rank0": kinds,
+            "plan_rows_per_token": plan, "agrees_with_plan": agrees,
+            "per_rank_rows_forward": [r["forward"][0] for r in ranks],
+            "per_rank_plan_rows": [r["plan_rows"] for r in ranks]}
+
+
+# ---- simulated -------------------------------------------------------------------------
+def routed_plan(num_experts: int, top_k: int, tokens: int, routing: str, seed: int,
+                groups: int = 1, topk_groups: int | None = None):
+    """A Dropless plan over `tokens` tokens from synthetic scores (see the module doc)."""
+    import epar
+    from epar.routing.router import RouterOutput
+    from epar.routing.strategies import make_strategy
+
+    g = torch.Generator().manual_seed(seed)
+    log_pop = torch.zeros(num_experts)
+    if routing == "zipf":
+        ranks = torch.randperm(num_experts, generator=g).double() + 1.0
+        log_pop = (-torch.log(ranks)).float()
+    elif routing != "random":
+        raise ValueError(f"routing={routing!r}: choose random or zipf")
+    u = torch.rand(tokens, num_experts, generator=g).clamp_min(1e-12)
+    select = log_pop - torch.log(-torch.log(u))  # Gumbel top-k: sampling without replacement
+    cfg = epar.MoEConfig(d_model=8, d_ff=8, num_experts=num_experts, top_k=top_k, strategy="dropless",
+                         num_expert_groups=groups, topk_groups=topk_groups)
+    return make_strategy(cfg).plan(RouterOutput(select, torch.softmax(select, -1), select))
+
+
+def simulate(name: str, shape: dict, ep: int, routing: str, tokens: int, node_limit: int | None) -> dict:
+    from epar import wire
+
+    E, k, rpn = shape["num_experts"], shape["top_k"], min(RANKS_PER_NODE, ep)
+    nodes = ep // rpn
+    plan = routed_plan(E, k, tokens, routing, seed=1000 + ep,
+                       groups=nodes if node_limit else 1, topk_groups=node_limit)
+    token_P, expert_P = wire.plan_pairs(plan)
+    src_T = torch.arange(tokens) * ep // tokens  # tokens spread evenly over the ranks
+    counts = wire.count_rows(token_P, expert_P, src_T, E, ep, rpn)
+    table = counts.table()
+    row_bytes = shape["d_model"] * 2
+    max_nodes = int(wire.nodes_per_token(token_P, expert_P, tokens, E, ep, rpn).max())
+    return {"shape": name, "num_experts": E, "top_k": k, "ep_size": ep, "ranks_per_node": rpn,
+            "routing": routing, "nodes_per_token_limit": node_limit, "max_nodes_per_token": max_nodes,
+            "tokens": tokens, "rows_per_token": table,
+            "bytes_per_token_bf16": {s: {c: v * row_bytes for c, v in table[s].items()} for s in table}}
+
+
+def simulated_rows(tokens: int, sim_eps=SIM_EP) -> list[dict]:
+    from epar.shapes import BENCH_SHAPES
+
+    shapes = {**{n: dict(s) for n, s in BENCH_SHAPES.items()}, **SIM_SHAPES}
+    rows = []
+    for name, shape in shapes.items():
+        for ep in sim_eps:
+            if shape["num_experts"] % ep:
+                continue
+            for routing in ("random", "zipf"):
+                rows.append(simulate(name, shape, ep, routing, tokens, None))
+                nodes = ep // min(RANKS_PER_NODE, ep)
+                if nodes > NODE_LIMIT and shape["num_experts"] % nodes == 0 and name != "mixtral-like":
+                    rows.append(simulate(name, shape, ep, routing, tokens, NODE_LIMIT))
+    return rows
+
+
+# ---- output ----------------------------------------------------------------------------
+def print_tables(results: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    con = Console(width=200)
+    t = Table(title=f"real gloo ranks, dropless, shapes / {results['scale']}: rows per token leaving a rank, "
+                    "each direction (measured | from the plan: every slot / per rank / per node)")
+    for col in ("EP", "shape", "ep_exchange", "rows/token", "plan", "agrees", "bytes/token (scaled d)",
+                "bytes/token full d", "collectives/step"):
+        t.add_column(col, justify="right")
+    for r in results["real"]:
+        p = r["plan_rows_per_token"]
+        t.add_row(str(r["ep_size"]), r["shape"], r["ep_exchange"], f"{r['rows_per_token']:.2f}",
+                  f"{p['every_slot']:.2f} / {p['per_rank']:.2f} / {p['per_node']:.2f}", str(r["agrees_with_plan"]),
+                  f"{r['bytes_per_token']:.0f}", f"{r['row_bytes_per_token_full_d_bf16'] / 1024:.1f} KiB",
+                  str(r["collectives_per_step"]))
+    con.print(t)
+    t = Table(title=f"simulated, {RANKS_PER_NODE} ranks per node: rows per token leaving a rank "
+                    "| crossing the node boundary (every slot / per rank / per node)")
+    for col in ("shape", "EP", "routing", "nodes/token ≤", "leave rank", "cross node", "KiB/token cross node (bf16)"):
+        t.add_column(col, justify="right")
+    for r in results["simulated"]:
+        rt = r["rows_per_token"]
+        fmt = lambda c: " / ".join(f"{rt[s][c]:.2f}" for s in ("every_slot", "per_rank", "per_node"))  # noqa: E731
+        kib = " / ".join(f"{r['bytes_per_token_bf16'][s]['cross_node'] / 1024:.1f}"
+                         for s in ("every_slot", "per_rank", "per_node"))
+        t.add_row(r["shape"], str(r["ep_size"]), r["routing"], str(r["nodes_per_token_limit"] or "-"),
+                  fmt("leave_rank"), fmt("cross_node"), kib)
+    con.print(t)
+
+
+def scaled(shape: dict, scale: int) -> dict:
+    def shrink(n):  # a multiple of 8 keeps bf16 rows 16-byte aligned for the grouped GEMM
+        return max(8, math.ceil(n / scale / 8) * 8)
+    return {**shape, "d_model": shrink(shape["d_model"]), "d_ff": shrink(shape["d_ff"]),
+            "tokens": shrink(shape["tokens"])}
+
+
+def main(argv=None) -> int:
+    from epar.config import EP_EXCHANGES
+    from epar.shapes import BENCH_SHAPES
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tiny", action="store_true",
+                    help="real: mixtral-like / 256; simulated: 512 tokens, EP 8 and 64 (a test)")
+    ap.add_argument("--scale", type=int, default=16, help="real runs: divide d_model, d_ff, tokens by this")
+    ap.add_argument("--tokens", type=int, default=16384, help="simulated tokens (spread over the ranks)")
+    ap.add_argument("--real-shapes", nargs="+", default=None,
+                    help="shapes of the real runs (default: all three; --tiny: mixtral-like)")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+    real_names = args.real_shapes or (["mixtral-like"] if args.tiny else list(BENCH_SHAPES))
+    unknown = [n for n in real_names if n not in BENCH_SHAPES]
+    if unknown:
+        ap.error(f"--real-shapes: unknown {unknown}; choose from {list(BENCH_SHAPES)}")
+    scale = 256 if args.tiny else args.scale
+    tokens = 512 if args.tiny else args.tokens
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    shapes = {n: scaled(BENCH_SHAPES[n], scale) for n in real_names}
+    results = {"what": "rows and bytes per token on the wire, each direction, per ep_exchange",
+               "torch": torch.__version__, "date": datetime.date.today().isoformat(), "tiny": args.tiny,
+               "scale": scale, "ranks_per_node": RANKS_PER_NODE, "ep_exchanges": list(EP_EXCHANGES),
+               "real_shapes": shapes, "real": [], "simulated": []}
+    raw = run_ranks((2, 4), shapes, list(EP_EXCHANGES))  # 4 processes: EP 2 as two groups, then EP 4
+    for (ep, name, exchange), groups in raw.items():
+        results["real"].append(real_row(ep, name, shapes[name], BENCH_SHAPES[name]["d_model"], exchange, groups))
+    results["simulated"] = simulated_rows(tokens, (8, 64) if args.tiny else SIM_EP)
+    print_tables(results)
+    out = args.out or HERE / "results" / ("wire_tiny.json" if args.tiny else "wire.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1))
+    print(f"wrote {out}")
+    bad = [(r["ep_size"], r["shape"], r["ep_exchange"]) for r in results["real"] if r["agrees_with_plan"] is False]
+    if bad:
+        print(f"measured rows differ from the plan's count: {bad}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
