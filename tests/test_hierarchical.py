@@ -5,7 +5,8 @@ float64 (outputs, input grads, every weight grad, aux loss) for dropless at over
 by source rank; the capacity strategies and a one-node EP group fall back to dedup (equal
 too) with a one-time notice. A wrapper around the collectives counts the rows each rank
 sends across the node boundary, forward and backward, against the plan (distinct
-destination nodes per token other than its own), and the collectives per layer step.
+destination nodes per token other than its own), and the collectives per layer step; the
+profiler records the node-level rows as inter-node.
 
 One spawn (world 4) runs every case."""
 
@@ -108,6 +109,20 @@ def _hierarchical(rank, world):
         layer.zero_grad(), ref.zero_grad()
         x = tagged_batch(rank, sizes[rank] + 4, seed=5)
         out[("count", E, chunks, max_nodes)] = _step_counted(layer, ref, x, ep, rank, world)
+    # Under the profiler: the same output, and the node-level dispatch recorded as this
+    # rank's rows to other nodes (all of its bytes inter-node); the report builds.
+    cfg = epar.MoEConfig(d_model=D, d_ff=FF, num_experts=8, top_k=3, ep_exchange="hierarchical")
+    layer, ref = make_pair(cfg, ep, seed=6)
+    x = tagged_batch(rank, sizes[rank] + 4, seed=6)
+    with epar.profiling.record() as rec:
+        y = layer(x).y
+        y.sum().backward()
+        rec.step()
+    torch.testing.assert_close(y, ref(x).y, atol=1e-12, rtol=1e-10)
+    sent = [e for e in rec.exchanges if e.phase == "dispatch"]
+    out["profiled"] = ([(e.rows_to_others, e.bytes_inter_node == e.bytes_to_others, e.bytes_intra_node)
+                        for e in sent], int(_foreign_nodes(layer, x, rank, RPN).sum()))
+    epar.profiling.summarize(rec)
     # Capacity strategies: the deduplicated exchange (one notice), still equal.
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -144,3 +159,6 @@ def test_hierarchical_equals_one_device_and_crosses_nodes_once_per_node():
             # counts, dispatch, combine. Backward: the four row exchanges per chunk.
             assert (fwd_calls, bwd_calls) == (1 + 5 * chunks, 4 * chunks), (rank, key, fwd_calls, bwd_calls)
     assert sum(r[("count", 8, 1, None)][0] for r in res) > 0  # tokens did cross nodes
+    for r in res:
+        recorded, expected = r["profiled"]
+        assert recorded == [(expected, True, 0)], r["profiled"]

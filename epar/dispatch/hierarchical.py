@@ -31,8 +31,8 @@ Fallbacks (to the deduplicated exchange, with a one-time notice): an EP group in
 node or made without build_groups (no topology), and the capacity strategies (token_drop,
 expert_choice): the received rows' pair counts at the rank level are known on the host
 only by reading them back from the device, which those modes never do.
-Profiling: the node-level exchanges are recorded (bytes to other nodes); the rank-level
-ones inside the node are not.
+Profiling: the node-level exchanges are recorded (rows and bytes to other nodes, not
+replayed); the rank-level ones inside the node are not recorded yet.
 """
 
 from __future__ import annotations
@@ -159,10 +159,12 @@ def dispatch(d, topology, x_TD, plan: RoutingPlan, experts, acc_dtype, info, sha
         chunks = [edge(t, ends=[("dispatch", j)], starts=[("permute", j)]) for j, t in enumerate(chunks)]
 
     def record(name, j, splits, like):
-        if rec:  # bytes only: the node-level exchange runs on the inter-node group
+        if rec:  # sizes only (no replay: that would take the inter-node group for the EP group)
             row_bytes = like.shape[1] * like.element_size()
             total = row_bytes * sum(splits)
-            rec.add_exchange(Exchange(lid, call, name, j, total - row_bytes * splits[inter.rank], total))
+            others = sum(splits) - splits[inter.rank]  # every peer is on another node
+            rec.add_exchange(Exchange(lid, call, name, j, row_bytes * others, total, rows_to_others=others,
+                                      bytes_inter_node=row_bytes * others))
 
     def finish(name, j, started):
         t0, buf, pend = started
