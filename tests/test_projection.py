@@ -65,3 +65,23 @@ def test_sweep_projects_without_torchrun(tmp_path, capsys):
         cli.main(["sweep", "--intra-gbps", "370"])
     assert exc.value.code == 2
     assert "--inter-gbps must be a bandwidth > 0" in capsys.readouterr().err
+
+
+def test_readme_projection_table_is_what_the_command_prints(tmp_path):
+    """The README's projection command, run as written, gives the README's table."""
+    import os
+    import re
+    import shlex
+
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
+    line = next(ln for ln in readme.splitlines() if ln.startswith("python -m epar sweep --intra-gbps"))
+    out = tmp_path / "p.json"
+    assert cli.main(shlex.split(line)[3:] + ["--json", str(out)]) == 0
+    got = {(r["ep_size"], r["exchange"]): r for r in json.loads(out.read_text())["rows"]}
+    table = re.findall(r"^\| (\d+) \| (\d+) \| (\w+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.-]+) \|$", readme, re.M)
+    assert len(table) == 9
+    for ep, nodes, ex, r_in, r_across, ms, gbps in table:
+        r = got[(int(ep), ex)]
+        shown = (nodes, r_in, r_across, ms, gbps)
+        assert shown == (str(r["nodes"]), f"{r['intra_rows_per_token']:.2f}", f"{r['inter_rows_per_token']:.2f}",
+                         f"{r['exchange_ms']:.2f}", "-" if r["inter_gbps"] is None else f"{r['inter_gbps']:.1f}"), (ep, ex)

@@ -18,7 +18,9 @@ parallel.NodeTopology). Experts lie node by node, so node b holds the rpn * L ex
   back         that row crosses the node boundary back; the source sums its (at most one
                per node) partial rows, in float32 or wider.
 
-So each direction of each link carries one row per (token, destination): per destination
+Rows travel in the payload dtype (bf16 on GPUs), partial sums included: a token's output
+is rounded once on its expert rank and once on its forwarding peer, each sum before that
+in float32 or wider. So each direction of each link carries one row per (token, destination): per destination
 node across nodes, per destination rank inside a node. The weights travel with the rows
 at both levels and are applied on the expert rank; their gradient travels back in the
 metadata columns of the dispatch gradients (as in dedup). Backward mirrors the forward.
