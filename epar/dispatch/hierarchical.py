@@ -33,16 +33,19 @@ Fallbacks (to the deduplicated exchange, with a one-time notice): an EP group in
 node or made without build_groups (no topology), and the capacity strategies (token_drop,
 expert_choice): the received rows' pair counts at the rank level are known on the host
 only by reading them back from the device, which those modes never do.
-Profiling: the node-level exchanges are recorded (rows and bytes to other nodes, not
-replayed); the rank-level ones inside the node are not recorded yet.
+Profiling: the exchanges of both levels are recorded under the layer's "dispatch" and
+"combine" (their rows and bytes, inter-node at the node level, intra-node inside it),
+with the node level's spans; none is replayed in isolation (no bandwidth figure).
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import replace
 from types import SimpleNamespace
 
 import torch
+import torch.distributed as dist
 
 from .. import parallel
 from ..profiling.recorder import Exchange, Span, phase
@@ -119,6 +122,28 @@ def _node_plan(ids_RK: torch.Tensor, w_RK: torch.Tensor, num_experts: int) -> Ro
                        dropped_slots=zero, unrouted_tokens=zero, expert_TK=expert_RK)
 
 
+class _InNodeSizes:
+    """What dedup records of the exchanges inside the node, for a recorder: their sizes
+    only (rows and bytes, all intra-node), under the layer's phases; no spans (they run
+    inside the node level's "experts" phase) and no replay (that would take the
+    intra-node group for the EP group)."""
+
+    def __init__(self, rec):
+        self.rec = rec
+
+    def add_exchange(self, ex, group=None, in_splits=None, out_splits=None, like=None, *rest, **kw):
+        if in_splits is not None:
+            ex.rows_to_others = sum(in_splits) - in_splits[dist.get_rank(group)]
+        ex.bytes_intra_node, ex.bytes_inter_node = ex.bytes_to_others, 0
+        self.rec.add_exchange(ex)
+
+    def phase(self, *args, **kwargs):
+        return contextlib.nullcontext()
+
+    def __getattr__(self, name):  # mark, add_span, ...: nothing to record
+        return lambda *args, **kwargs: None
+
+
 def _node_side(packed_RX, layout, intra: _Level, experts, acc_dtype, info):
     """On the forwarding peer: the received rows through the intra-node deduplicated
     exchange (experts on their ranks, partial sums back here); one partial row per
@@ -127,7 +152,7 @@ def _node_side(packed_RX, layout, intra: _Level, experts, acc_dtype, info):
         ids_RK = layout.unpack_meta(packed_RX[:, layout.D :])[1]
     x_RD, w_RK = _Unpack.apply(packed_RX, layout)
     plan = _node_plan(ids_RK, w_RK, intra.world * intra.local_experts)
-    inner = replace(info, recorder=None)  # see the module docstring: not recorded
+    inner = replace(info, recorder=None if info.recorder is None else _InNodeSizes(info.recorder))
 
     def no_edge(t, ends=(), starts=()):
         return t
