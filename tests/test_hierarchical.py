@@ -102,8 +102,9 @@ def _hierarchical(rank, world):
         layer, _ = make_pair(cfg, ep, seed=E + chunks)
         ref = epar.MoELayer(layer.config).double()  # the resolved (node-limited) routing
         ref.load_state_dict(make_pair(cfg, None, seed=E + chunks)[1].state_dict())
-        for seed in (0, 1):
-            run_and_compare(layer, ref, tagged_batch(rank, sizes[(rank + seed) % 4], seed), ep)
+        # Rank 3 empty; then local rank 1 empty on both nodes (its peers receive nothing).
+        for seed, batch in enumerate((sizes, [5, 0, 3, 0])):
+            run_and_compare(layer, ref, tagged_batch(rank, batch[rank], seed), ep)
             out["equal"] += 1
         # Rows across the node boundary, against the plan, forward and backward.
         layer.zero_grad(), ref.zero_grad()
