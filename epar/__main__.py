@@ -1,18 +1,19 @@
-"""`python -m epar <command>`: profile and sweep (run them under torchrun), demo."""
+"""`python -m epar <command>`, run under torchrun (e.g. `.venv/bin/torchrun --nproc-per-node 2 -m epar profile`):
 
-import importlib.util
+profile  where the time of an MoE layer goes, per phase and rank (epar.profiling)
+sweep    all_to_all_single bandwidth over message sizes, and a fitted latency + bandwidth
+
+`python -m epar --help` and `python -m epar <command> --help` list the options. The demo
+is a script, not a command: `bash scripts/demo.sh`.
+"""
+
 import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["demo"] and importlib.util.find_spec("epar.demo") is not None:
-        from .demo import main as demo  # written separately; not part of the profiling CLI
-
-        return demo(argv[1:])
     from .profiling.cli import main as cli
 
-    return cli(argv)
+    return cli(sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":

@@ -49,24 +49,70 @@ def _check_float(field: str, value, minimum: float, strict: bool) -> None:
 
 @dataclass(frozen=True)
 class MoEConfig:
+    """Every setting of an MoE layer; frozen, validated at construction.
+
+    Each field's docstring says what it does and its allowed values; a value outside
+    them raises ValueError naming the field. Presets: `MoEConfig.switch(...)`,
+    `MoEConfig.mixtral(...)`. All ranks of an EP group must use equal configs (the
+    layer compares them at construction).
+    """
+
     d_model: int
+    """Model width: the last dimension of the layer's input and output. int >= 1."""
     d_ff: int  # hidden size of each routed expert
+    """Hidden size of each routed expert (for swiglu, each of its gate and up halves).
+    int >= 1."""
     num_experts: int
+    """Global number of routed experts; must be divisible by the EP size. int >= 1."""
     top_k: int = 2
+    """Experts per token for token-choice strategies; for expert choice it sets the
+    capacity (k slots per token on average). int in 1..num_experts, and at most the
+    experts in the kept groups (see topk_groups)."""
     strategy: str = "dropless"
+    """Routing strategy: "dropless" (every selected slot is computed), "token_drop"
+    (each expert keeps at most capacity(T) slots, the rest are dropped) or
+    "expert_choice" (each expert picks its capacity(T) best tokens)."""
     capacity_factor: float = 1.25
+    """Capacity per expert for token_drop and expert_choice: ceil(capacity_factor * T *
+    top_k / num_experts) slots (at most T for expert choice). A finite number > 0;
+    unused by dropless."""
     drop_policy: str = "probs"
+    """Which slots token_drop keeps when an expert is over capacity: "probs" (the
+    highest router scores) or "position" (the earliest: choice rank, then token index)."""
     score_func: str = "softmax"
+    """Router scores from the logits: "softmax" over experts or "sigmoid" per expert.
+    Computed in float32 (float64 inputs stay float64)."""
     normalize_topk: bool = True
+    """Divide each token's selected weights by their sum (True or False); with top_k=1
+    the weight is then exactly 1."""
     activation: str = "swiglu"
+    """Expert activation: "swiglu" (silu(gate) * up, w_in holds both halves), "gelu"
+    (exact erf form) or "relu"."""
     shared_expert_d_ff: int = 0  # 0 = no shared expert
+    """Hidden size of a dense shared expert every token goes through, added to the
+    routed output; 0 (default) for none. int >= 0."""
     shared_expert_gate: bool = False
+    """Scale the shared expert's output by sigmoid(x @ gate) per token (Qwen2-MoE). True
+    needs shared_expert_d_ff > 0."""
     router_jitter_eps: float = 0.0
+    """Training only: multiply the router's input by uniform noise in [1 - eps, 1 +
+    eps]. A number in [0, 1); 0 is off."""
     router_noise_std: float = 0.0
+    """Training only: Gaussian noise of this std added to the logits that select experts
+    (noisy top-k); the weights use the clean scores. A number >= 0; 0 is off."""
     aux_loss_coef: float = 0.01
+    """Coefficient of the load-balancing loss in MoEOutput.aux_loss. A finite number >= 0;
+    0 leaves it out."""
     z_loss_coef: float = 0.0
+    """Coefficient of the router z-loss (mean squared logsumexp of the logits) in
+    MoEOutput.aux_loss. A finite number >= 0; 0 leaves it out."""
     expert_bias_rate: float = 0.0
+    """Aux-loss-free balancing: call layer.update_expert_bias() after each optimizer
+    step to move each expert's selection bias by this rate toward even load. A number >=
+    0; 0 is off (update_expert_bias then raises)."""
     overlap_chunks: int = 1  # pipeline the exchange in this many chunks
+    """Split each exchange into this many chunks so one chunk's transfer overlaps
+    another's expert compute (EP > 1 only). int >= 1; 1 is no pipelining."""
     # How received rows get grouped by local expert (EP > 1): "per_expert" sends one
     # all_to_all_single per local expert, so they land grouped; "regroup" sends one per
     # chunk and permutes the received rows (and back). See the dispatcher. "dedup" sends
@@ -75,17 +121,31 @@ class MoEConfig:
     # destination node across nodes and forwards it inside the node (needs build_groups'
     # node topology and "dropless"; else it runs as "dedup"): epar/dispatch/hierarchical.py.
     ep_exchange: str = "per_expert"
+    """How tokens cross ranks at EP > 1: "per_expert", "regroup", "dedup" or
+    "hierarchical" (see the comment above)."""
     # Group-limited routing (DeepSeek-V3): experts in num_expert_groups equal groups of
     # consecutive ids; each token picks top_k only inside its topk_groups best groups.
     num_expert_groups: int = 1
+    """Group-limited routing: experts in this many equal groups of consecutive ids. int
+    >= 1 dividing num_experts; > 1 needs a token-choice strategy."""
     topk_groups: int | None = None  # None = all groups
+    """Expert groups each token may pick from (its best groups): None (all) or an int in
+    1..num_expert_groups."""
     # Node-limited routing (DeepSeek-V3's M): each token's experts lie on at most this many
     # nodes. Resolved by MoELayer against its EP group's nodes (parallel.build_groups) to
     # num_expert_groups = nodes spanned, topk_groups = min(M, nodes): experts are laid out
     # node by node. No effect where the EP group sits in one node. None = no limit.
     max_nodes_per_token: int | None = None
+    """Node-limited routing: each token's experts on at most this many nodes of the EP
+    group (resolved by MoELayer to one expert group per node). None or an int >= 1;
+    token-choice strategies only."""
     routed_scaling_factor: float = 1.0  # multiplies the routed experts' combined output
+    """Multiplies the routed experts' combined output (after normalize_topk), never the
+    shared expert's. A number > 0."""
     aux_loss_scope: str = "micro_batch"  # where the load-balancing statistics are pooled
+    """Where the load-balancing statistics are pooled: "micro_batch" (this call's
+    tokens), "global" (counts summed over router_group first, one all-reduce per call)
+    or "sequence" (per sequence of x[..., S, D], averaged; DeepSeek-V3)."""
 
     def __post_init__(self) -> None:
         _check_int("d_model", self.d_model, 1)

@@ -8,10 +8,13 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed import ProcessGroup
+from torch.distributed.device_mesh import DeviceMesh
 
 from . import parallel, profiling
 from .config import MoEConfig
-from .dispatch.dispatcher import AllToAllDispatcher, CallInfo, LocalDispatcher
+from .dispatch import dedup
+from .dispatch.dispatcher import AllToAllDispatcher, CallInfo, LocalDispatcher, _backward_edges
 from .experts import GroupedExperts, SharedExpert
 from .routing.info import RoutingInfo
 from .routing.losses import aux_loss
@@ -46,7 +49,25 @@ def _check_same_config(config: MoEConfig, group) -> None:
 
 
 class MoELayer(nn.Module):
-    def __init__(self, config: MoEConfig, ep_group=None, router_group=None):
+    """A Mixture-of-Experts feed-forward layer, its experts sharded over an EP group.
+
+    `layer(x)` takes `x[..., d_model]` (any float dtype) and returns an `MoEOutput`: `y`
+    (same shape and dtype as x), `aux_loss` (the load-balancing and z-loss terms with
+    their coefficients applied: add it to the training loss), `stats` (this rank's
+    per-expert load) and `routing` (where each token went, computed when read). Each
+    call: the router scores this rank's tokens, the strategy (`config.strategy`) turns
+    the scores into a plan, the dispatcher sends each routed row to the rank holding its
+    expert and back, and the weighted expert outputs are summed per token (+ the shared
+    expert). Rank r of an EP group of size n holds global experts [r*E/n, (r+1)*E/n).
+
+    Every rank of the EP group must build the layer with the same config and call it
+    equally often (the exchanges are collectives). The layer never reduces gradients:
+    see `epar.parallel.reduce_gradients`. To use it where a module returning a plain
+    tensor is expected, wrap it: `epar.MoEFeedForward`.
+    """
+
+    def __init__(self, config: MoEConfig, ep_group: ProcessGroup | DeviceMesh | None = None,
+                 router_group: ProcessGroup | DeviceMesh | None = None):
         """ep_group: ProcessGroup or 1-D DeviceMesh over which experts are sharded (None:
         one device). router_group: every rank holding a copy of this layer's router (at
         dp x ep, the world); default ep_group. update_expert_bias and
@@ -85,6 +106,27 @@ class MoELayer(nn.Module):
             self.dispatcher = LocalDispatcher()
         self.layer_id = next(_layer_ids)
         self._calls = 0
+
+    def extra_repr(self) -> str:
+        cfg = self.config
+        first = self.ep_rank * self.num_local_experts
+        return (f"d_model={cfg.d_model}, d_ff={cfg.d_ff}, num_experts={cfg.num_experts}, "
+                f"strategy={cfg.strategy!r}, top_k={cfg.top_k}, ep_size={self.ep_size}, "
+                f"ep_rank={self.ep_rank}, local_experts={self.num_local_experts} "
+                f"(global {first}..{first + self.num_local_experts - 1})")
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Re-initialise every weight as construction does, in the same order (router,
+        experts, shared expert), so under the same seed the weights equal a freshly built
+        layer's; the expert-selection bias and the expert-bias counts go back to zero.
+        Also the step after building on the meta device and `to_empty(device=...)`."""
+        self.router.reset_parameters()
+        self.router.expert_bias.zero_()
+        self.experts.reset_parameters()
+        if self.shared_expert is not None:
+            self.shared_expert.reset_parameters()
+        self.expert_counts.zero_()
 
     @property
     def last_call_no(self) -> int:
@@ -147,7 +189,8 @@ class MoELayer(nn.Module):
         # Calls are numbered only where something reads the number (the EP exchanges'
         # identity check, the recorder): a Python counter changing every call would make
         # torch.compile recompile on every call. With EP > 1 and no recorder the number is
-        # taken inside _exchange, which dynamo does not trace (call_no None until then).
+        # taken inside _exchange_eagerly (or dedup's first exchange step), which dynamo does
+        # not trace (call_no None until then).
         call_no = 0 if self.ep_size == 1 else None
         if rec is not None:
             call_no = self._next_call_no()
@@ -203,8 +246,16 @@ class MoELayer(nn.Module):
         call_no, self._calls = self._calls, self._calls + 1
         return call_no
 
-    @torch.compiler.disable
     def _exchange(self, x_TD, plan, acc, info: CallInfo, shared_fn, out_dtype):
+        if self.config.ep_exchange == "dedup" and dedup.applies(self.config, plan):
+            # Traced by torch.compile except its exchange steps (graph breaks around them):
+            # the experts, the expand and the partial sums compile.
+            return dedup.dispatch(self.dispatcher, x_TD, plan, self.experts, acc, info, shared_fn, out_dtype,
+                                  _backward_edges(info.recorder, info, x_TD.device), self._next_call_no)
+        return self._exchange_eagerly(x_TD, plan, acc, info, shared_fn, out_dtype)
+
+    @torch.compiler.disable
+    def _exchange_eagerly(self, x_TD, plan, acc, info: CallInfo, shared_fn, out_dtype):
         """The EP dispatch (exchanges, experts between them, combine), run eagerly under
         torch.compile: its split sizes and call number are host values that change per
         call, so tracing them would recompile every call. One graph break on each side."""

@@ -84,6 +84,7 @@ def main() -> None:
         slots = args.steps * args.tokens * cfg.top_k * env.world_size
         console.print(f"loss {mean_loss[0]:.4f} -> {mean_loss[-1]:.4f}; imbalance max/mean "
                       f"{load.max().item() / max(mean, 1e-9):.2f}; dropped slots {int(dropped)} of {slots}")
+    dist.barrier()  # every rank done first: gloo can abort a rank whose peer tears down under it
     dist.destroy_process_group()
 
 

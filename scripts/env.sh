@@ -7,15 +7,21 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${EPAR_VENV:-$ROOT/.venv}"
 PYTHON="${PYTHON:-python3}"
 EXTRAS="${EPAR_EXTRAS:-dev}"
+# First use installs for a minute or so; each step says what it does (on stderr, so a
+# caller's stdout stays its own).
+epar_env_say() { echo "scripts/env.sh: $*" >&2; }
 if [ ! -x "$VENV/bin/python" ]; then
+    epar_env_say "creating the virtual environment $VENV (first use)"
     "$PYTHON" -m venv "$VENV"
 fi
 if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
+    epar_env_say "installing ${EPAR_TORCH_SPEC:-torch==2.13.0} into $VENV (first use; can take a minute)"
     "$VENV/bin/pip" install --quiet "${EPAR_TORCH_SPEC:-torch==2.13.0}"
 fi
 needed="import epar, pytest, rich, numpy"
 case ",$EXTRAS," in *,hf,*) needed="$needed, transformers" ;; esac
 if ! "$VENV/bin/python" -c "$needed" 2>/dev/null; then
+    epar_env_say "installing epar (editable) with extras [$EXTRAS] and its dependencies into $VENV"
     "$VENV/bin/pip" install --quiet -e "$ROOT[$EXTRAS]"
 fi
 export PATH="$VENV/bin:$PATH"

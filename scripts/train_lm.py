@@ -433,6 +433,11 @@ def train(args, env, groups) -> dict:
         step = load_checkpoint(path, model, opt, train_data, env, groups, out.log)
         check_replicas(model, groups)  # raises naming a parameter that differs across replicas
         out.step(step, None)
+        if step >= args.steps:
+            out.log(f"--resume: {path} is at step {step}, not before --steps {args.steps}: nothing to "
+                    f"train (raise --steps to train further)")
+            out.close()
+            return {"train": [], "heldout": []}
     n_params = sum((p.to_local() if args.fsdp else p).numel() for p in model.parameters())
     out.log(f"byte LM: {args.layers} layers, d_model {args.d_model}, {args.experts} experts top-{args.top_k} "
             f"({args.strategy}), {n_params} parameters on this rank; world {env.world_size} = "
@@ -528,6 +533,7 @@ def main(argv=None) -> None:
     groups = build_groups(args.ep_size or env.world_size)
     try:
         train(args, env, groups)
+        dist.barrier()  # every rank done first: gloo can abort a rank whose peer tears down under it
     finally:
         dist.destroy_process_group()
 

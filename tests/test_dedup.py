@@ -3,7 +3,8 @@ one device in float64 (outputs, input grads, every weight grad, aux loss) at EP 
 and DP 2 x EP 2, every strategy, overlap_chunks 1 and 2, several local experts, uneven and
 empty batches, rows tagged by source rank; the rows each rank sends equal the distinct
 destination ranks of its tokens (dropless) or the static bound (capacity modes); a layer
-step issues at most 6 collectives; a NaN token changes no other token's output.
+step issues at most 6 collectives; a NaN token changes no other token's output; bf16,
+fp16 and float32 payloads carry the metadata bytes intact; padding masks work.
 
 Two spawns in all (world 2 and world 4), each running many cases."""
 
@@ -149,11 +150,64 @@ def _nan_token_stays_local(rank, groups) -> int:
     return checked
 
 
+def _low_precision_payloads(rank, groups) -> int:
+    """bf16, fp16 and float32 payloads carry float32 weights and int32 ids as raw bytes
+    (2, 2 and 1 payload columns per value): output, input and router gradients stay within
+    the payload's rounding of the float32 single-device layer (wrong bytes would not)."""
+    checked = 0
+    for dtype, tol in ((torch.bfloat16, 3e-2), (torch.float16, 5e-3), (torch.float32, 1e-5)):
+        for strategy in STRATEGIES:
+            cfg = epar.MoEConfig(d_model=16, d_ff=32, num_experts=8, top_k=3, strategy=strategy,
+                                 ep_exchange="dedup", shared_expert_d_ff=8)
+            torch.manual_seed(checked)
+            ref = epar.MoELayer(cfg)
+            layer = epar.MoELayer(cfg, groups.ep_group)
+            L, r = layer.num_local_experts, layer.ep_rank
+            layer.load_state_dict({k: (v[r * L:(r + 1) * L] if k.startswith("experts.") else v)
+                                   for k, v in ref.state_dict().items()})
+            layer.to(dtype)
+            x = torch.randn(24, 16, generator=torch.Generator().manual_seed(rank))
+            x_lp, x_ref = x.to(dtype).clone().requires_grad_(), x.clone().requires_grad_()
+            y_lp, y_ref = layer(x_lp).y, ref(x_ref).y
+            y_lp.float().square().sum().backward()
+            y_ref.square().sum().backward()
+            for a, b in ((y_lp, y_ref), (x_lp.grad, x_ref.grad), (layer.router.weight.grad, ref.router.weight.grad)):
+                err = ((a.float() - b).norm() / b.norm()).item()
+                assert err < tol, (dtype, strategy, err)
+            checked += 1
+    return checked
+
+
+def _padding_mask_as_per_expert(rank, groups) -> int:
+    """Padded tokens (a different share on each rank) under dedup: output, input and every
+    weight gradient equal the per_expert exchange's on the same weights."""
+    checked = 0
+    for strategy in STRATEGIES:
+        for chunks in (1, 2):
+            results = []
+            for exchange in ("per_expert", "dedup"):
+                cfg = epar.MoEConfig(d_model=D, d_ff=FF, num_experts=6, top_k=2, strategy=strategy,
+                                     ep_exchange=exchange, overlap_chunks=chunks)
+                layer, _ = make_pair(cfg, groups.ep_group, seed=3)
+                x = tagged_batch(rank, 8, seed=1).view(2, 4, D).requires_grad_()
+                mask = torch.zeros(2, 4, dtype=torch.bool)
+                mask[rank, 1:] = True
+                out = layer(x, padding_mask=mask)
+                (out.y.square().sum() + out.aux_loss).backward()
+                results.append([out.y, x.grad] + [p.grad for p in layer.parameters()])
+            for a, b in zip(*results):
+                torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
+            checked += 1
+    return checked
+
+
 def _world2(rank, world):
     groups = build_groups(2)
     n = _equal_cases(rank, groups, 2, [(6, 0), (5, 9), (0, 0)], (1, 2))
     n += _count_rows_and_collectives(rank, groups, 2)
     n += _nan_token_stays_local(rank, groups)
+    n += _low_precision_payloads(rank, groups)
+    n += _padding_mask_as_per_expert(rank, groups)
     return n
 
 
@@ -167,7 +221,7 @@ def _world4(rank, world):
 
 
 def test_dedup_world2():
-    assert run_distributed(_world2, 2, timeout=300) == [9 + 6 + 2] * 2
+    assert run_distributed(_world2, 2, timeout=300) == [9 + 6 + 2 + 9 + 6] * 2
 
 
 def test_dedup_world4():

@@ -367,7 +367,8 @@ def readme_cpu_commands() -> list[list[str]]:
     """The torchrun lines of the README's CPU-sized profiling block, as written."""
     text = (ROOT / "README.md").read_text().split("## Profiling", 1)[1]
     block = next(b for b in text.split("```bash")[1:] if b.lstrip().startswith("# CPU-sized")).split("```")[0]
-    return [shlex.split(line)[1:] for line in block.splitlines() if line.startswith("torchrun ")]
+    return [shlex.split(line)[1:] for line in block.splitlines()
+            if line.startswith((".venv/bin/torchrun ", "torchrun "))]
 
 
 @pytest.mark.dist

@@ -5,7 +5,9 @@ optimizer state included); --fsdp trains the same model to the same losses."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import json
 import os
 import shutil
@@ -77,12 +79,15 @@ def _train_and_resume(rank, world, tmp):
     moments_ep1 = _expert_moments(tl, start, 1, env)
     reshard_ok = all(torch.equal(a, b) for a, b in zip(moments_ep2, moments_ep1))
     nonzero = all(m.abs().sum() > 0 for m in moments_ep1)
-    return full, same, other, fsdp, reshard_ok, nonzero
+    # Resuming from the last checkpoint (step 12) with --steps 12 trains nothing: it must say so.
+    with contextlib.redirect_stdout(io.StringIO()) as said:
+        past_end = run(2, "--ckpt-dir", f"{tmp}/full", "--resume")
+    return full, same, other, fsdp, reshard_ok, nonzero, (past_end, said.getvalue())
 
 
 def test_train_lm_learns_and_resumes(tmp_path):
     results = run_distributed(_train_and_resume, 2, str(tmp_path), timeout=240, pg_timeout=120)
-    full, same, other, fsdp, reshard_ok, nonzero = results[0]
+    full, same, other, fsdp, reshard_ok, nonzero, (past_end, said) = results[0]
     assert results[1][0] == full  # every rank reports the same global losses
 
     heldout = dict(full["heldout"])
@@ -110,6 +115,9 @@ def test_train_lm_learns_and_resumes(tmp_path):
 
     report = json.loads((tmp_path / "profile.json").read_text())
     assert report["world_size"] == 2 and len(report["layers"]) == 2
+
+    assert past_end["train"] == []
+    assert "is at step 12, not before --steps 12: nothing to train" in said, said
 
 
 def test_train_lm_model_under_bf16_autocast():

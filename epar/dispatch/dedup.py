@@ -93,13 +93,20 @@ def _pack(x_TD, w_NK, token_N, valid_N, ids_NK, layout: "_Layout") -> torch.Tens
     packed metadata. No autograd here: _SendChunks is the node (its split sizes come
     later, from the host, and this gather is queued before they are read)."""
     T, N = x_TD.shape[0], token_N.shape[0]
-    out = x_TD.new_empty(N, layout.D + layout.M)
-    if N:
-        with torch.no_grad():
-            torch.index_select(x_TD.detach(), 0, token_N.clamp(max=max(T - 1, 0)), out=out[:, : layout.D])
+    with torch.no_grad():
+        x_TD, w_NK = x_TD.detach(), w_NK.detach()
+        token_N = token_N.clamp(max=max(T - 1, 0))
+        if torch.compiler.is_compiling():  # dynamo takes no out= view; inductor fuses the cat
+            rows = x_TD.index_select(0, token_N) if T else x_TD.new_zeros(N, layout.D)
+            if valid_N is not None:
+                rows = rows.masked_fill(~valid_N.unsqueeze(1), 0)
+            return torch.cat([rows, layout.pack_meta(w_NK, ids_NK)], 1)
+        out = x_TD.new_empty(N, layout.D + layout.M)
+        if N:  # the gather writes straight into the packed rows
+            torch.index_select(x_TD, 0, token_N, out=out[:, : layout.D])
             if valid_N is not None:  # padding slots: zeros, not a stray token's row
                 out[:, : layout.D].masked_fill_(~valid_N.unsqueeze(1), 0)
-            out[:, layout.D :] = layout.pack_meta(w_NK.detach(), ids_NK)
+            out[:, layout.D :] = layout.pack_meta(w_NK, ids_NK)
     return out
 
 
@@ -147,10 +154,14 @@ class _Receive(torch.autograd.Function):
         R = packed_RX.shape[0]
         ctx.save_for_backward(slot_RK)
         ctx.P, ctx.layout = row_P.shape[0], layout
-        x_RD = packed_RX[:, : layout.D]
-        x_PD = x_RD.index_select(0, row_P.clamp(max=max(R - 1, 0))) if R else x_RD.new_zeros(row_P.shape[0], layout.D)
-        if valid_P is not None:
-            x_PD.masked_fill_(~valid_P.unsqueeze(1), 0)
+        x_RD, P = packed_RX[:, : layout.D], row_P.shape[0]
+        if valid_P is None:
+            x_PD = x_RD.index_select(0, row_P)
+        elif R:  # bags of one row or none: padding pairs read nothing and come out zero
+            inp, offsets, _ = packed_bags(row_P.unsqueeze(1), valid_P.unsqueeze(1))
+            x_PD = F.embedding_bag(inp, x_RD, offsets, mode="sum")[:P]
+        else:
+            x_PD = x_RD.new_zeros(P, layout.D)
         return x_PD, layout.unpack_meta(packed_RX[:, layout.D :])[0]
 
     @staticmethod
@@ -282,8 +293,9 @@ def _build_send(x_TD, plan: RoutingPlan, n: int, L: int, chunks: int, w_dtype, b
 class _Sizes:
     send: list[list[int]]  # [chunk][rank] rows this rank sends
     recv: list[list[int]]  # [chunk][rank] rows it receives
-    slots: list[list[list[int]]]  # [chunk][rank][local expert] pair slots of received rows
-    exact: bool  # slots are exact counts (dropless) rather than bounds with padding
+    # [chunk][rank][local expert] pair slots of received rows: exact counts (dropless), or
+    # bounds that padding fills up (capacity modes)
+    slots: list[list[list[int]]]
 
 
 def _dropless_sizes(d, send: _Send, ident: list[int], chunks: int) -> _Sizes:
@@ -305,15 +317,14 @@ def _dropless_sizes(d, send: _Send, ident: list[int], chunks: int) -> _Sizes:
     d._check_peers([g[chunks + chunks * L :] for g in got], ident)
     return _Sizes(send=[[sent[r][j] for r in range(n)] for j in range(chunks)],
                   recv=[[got[s][j] for s in range(n)] for j in range(chunks)],
-                  slots=[[got[s][chunks + j * L : chunks + (j + 1) * L] for s in range(n)] for j in range(chunks)],
-                  exact=True)
+                  slots=[[got[s][chunks + j * L : chunks + (j + 1) * L] for s in range(n)] for j in range(chunks)])
 
 
-def _capacity_sizes(d, plan: RoutingPlan, ident: list[int]) -> tuple[_Sizes, int]:
+def _capacity_sizes(d, plan: RoutingPlan, ident: list[int]) -> _Sizes:
     """Every rank's (capacity, tokens), gathered on the host: host numbers only. Rank s
     sends min(tokens_s, L * capacity_s) rows to every rank (it has no more distinct tokens,
     nor more than L * capacity slots for that rank's experts); at most min(capacity_s, rows)
-    of them go to each local expert. Returns the sizes and this rank's bound."""
+    of them go to each local expert."""
     n, L = d.world, d.local_experts
     meta = [plan.capacity, plan.num_tokens] + ident
     group = d.host_group if d.host_group is not None else d.group
@@ -325,17 +336,17 @@ def _capacity_sizes(d, plan: RoutingPlan, ident: list[int]) -> tuple[_Sizes, int
     d._check_peers([row[2:] for row in table], ident)
     bounds = [min(T, L * C) for C, T in (row[:2] for row in table)]
     caps = [row[0] for row in table]
-    sizes = _Sizes(send=[[bounds[d.rank]] * n], recv=[bounds],
-                   slots=[[[min(c, b)] * L for c, b in zip(caps, bounds)]], exact=False)
-    return sizes, bounds[d.rank]
+    return _Sizes(send=[[bounds[d.rank]] * n], recv=[bounds],
+                  slots=[[[min(c, b)] * L for c, b in zip(caps, bounds)]])
 
 
 # ---- the expert side ---------------------------------------------------------------
-def _expert_side(packed_RX, layout, recv: list[int], slots_SL: list[list[int]], exact: bool,
-                 experts, L: int):
+def _expert_side(packed_RX, layout, src_R, base_X, counts_L, P_dummy, exact: bool, experts, n: int, L: int):
     """Expand received rows to (row, local expert) pairs grouped by local expert, then by
     source rank (one gather), run the experts, and sum each row's outputs with its weights
-    into one partial row.
+    into one partial row. src_R: each row's source rank; base_X: first slot of each (local
+    expert, source) group, then P; P_dummy: an empty [P, 0] tensor (P pair slots: a shape,
+    never a host number, so torch.compile sees no value that changes per call).
 
     Router weights: elsewhere in epar they apply after the combine, on the token's rank, so
     their gradients never cross ranks. Here each row's expert outputs are summed on the
@@ -345,8 +356,7 @@ def _expert_side(packed_RX, layout, recv: list[int], slots_SL: list[list[int]], 
     with torch.no_grad():
         ids_RK = layout.unpack_meta(packed_RX[:, layout.D :])[1]
     R, K = ids_RK.shape
-    n, dev = len(recv), packed_RX.device
-    src_R = torch.repeat_interleave(torch.arange(n, device=dev), torch.tensor(recv, device=dev), output_size=R)
+    P, dev = P_dummy.shape[0], packed_RX.device
     valid_RK = ids_RK >= 0
     key = torch.where(valid_RK, ids_RK.to(torch.int64) * n + src_R.unsqueeze(1), L * n).reshape(-1)
     # Place of each pair within its (local expert, source) group, in row order.
@@ -355,93 +365,144 @@ def _expert_side(packed_RX, layout, recv: list[int], slots_SL: list[list[int]], 
     first = torch.cumsum(count, 0) - count
     rank = torch.empty_like(key)
     rank[order] = torch.arange(key.shape[0], device=dev) - first[key[order]]
-    # Slot layout: local expert major, then source: slots_SL from the host.
-    per_key = [slots_SL[s][l] for l in range(L) for s in range(n)]
-    P = sum(per_key)
-    base = torch.tensor(_offsets(per_key) + [P], dtype=torch.int64, device=dev)
-    slot_RK = torch.where(valid_RK.reshape(-1), base[key] + rank, P).view(R, K)
+    slot_RK = torch.where(valid_RK.reshape(-1), base_X[key] + rank, P).view(R, K)
     row_P = torch.full((P + 1,), R, dtype=torch.int64, device=dev).index_put_(
         (slot_RK.reshape(-1),), torch.arange(R, device=dev).repeat_interleave(K))[:P]
     valid_P = None if exact else row_P < R  # capacity modes: padding slots
-    counts_L = torch.tensor([sum(slots_SL[s][l] for s in range(n)) for l in range(L)], dtype=torch.int64,
-                            device=dev)
     x_PD, w_RK = _Receive.apply(packed_RX, row_P, valid_P, slot_RK, layout)
     y_PD = experts(x_PD, counts_L)
     return bag_sum(y_PD, w_RK, slot_RK, row_P, valid_P, layout.dtype)
 
 
 # ---- one call ------------------------------------------------------------------------
-def dispatch(d, x_TD, plan: RoutingPlan, experts, acc_dtype, info, shared_fn, out_dtype, edge):
-    """The deduplicated exchange for AllToAllDispatcher `d` (see the module docstring);
-    returns (y_TD, shared expert output or None)."""
-    from .dispatcher import _side_stream, run_on_side_stream  # no import cycle at load time
+# The steps that exchange or hold host numbers (split sizes, the call number) run eagerly
+# under torch.compile (torch.compiler.disable): one graph break around each exchange. The
+# work between them (building the rows, the expert side, the final sums) compiles, and
+# never sees a host number that changes per call, so it does not recompile.
+class _Call:
+    """One call's host-side state, seen only by the eager steps."""
 
-    rec, dev, lid, call = info.recorder, x_TD.device, info.layer_id, info.call_no
-    n, L, c = d.world, d.local_experts, d.config.overlap_chunks
-    ident = d._identity(info, x_TD.dtype)
+    def __init__(self, d, info, dev, edge):
+        self.d, self.info, self.dev, self.edge = d, info, dev, edge
+        self.rec = info.recorder
+        self.sizes = self.layout = None
+        self.dispatches, self.combines = [], []
 
-    with phase(rec, lid, call, "permute", dev):
-        if plan.capacity is None:
-            # Queue the gather before the split sizes' read (the call's one), as late as can be.
-            send = _build_send(edge(x_TD, ends=[("permute", 0)]), plan, n, L, c, acc_dtype, None)
-            with phase(rec, lid, call, "wait", dev):
-                sizes = _dropless_sizes(d, send, ident, c)
-        else:
-            with phase(rec, lid, call, "wait", dev):
-                sizes, bound = _capacity_sizes(d, plan, ident)
-            send = _build_send(edge(x_TD, ends=[("permute", 0)]), plan, n, L, 1, acc_dtype, bound)
-        lay = send.layout
-        chunks = _SendChunks.apply(x_TD, send.w_NK, send.packed_NX, send.row_TN, lay, [sum(s) for s in sizes.send])
-        chunks = [edge(t, ends=[("dispatch", j)], starts=[("permute", j)]) for j, t in enumerate(chunks)]
-
-    def record(name, j, splits, recv_splits, like):
+    def record(self, name, j, splits, recv_splits, like):
+        rec, info = self.rec, self.info
         if rec:
             row_bytes = like.shape[1] * like.element_size()
             total = row_bytes * sum(splits)
-            rec.add_exchange(Exchange(lid, call, name, j, total - row_bytes * splits[d.rank], total),
-                             d.group, splits, recv_splits, like)
+            rec.add_exchange(Exchange(info.layer_id, info.call_no, name, j, total - row_bytes * splits[self.d.rank],
+                                      total), self.d.group, splits, recv_splits, like)
 
-    def finish(name, j, started):
+    def start(self, name, j, x, out_splits, in_splits):
+        t0 = self.rec.mark(self.dev) if self.rec else None
+        started = (t0,) + comm.start(x, self.d.group, [out_splits], [in_splits], f"dedup {name} all_to_all_single")
+        self.record(name, j, in_splits, out_splits, x)
+        return started
+
+    def finish(self, name, j, started):
+        rec, info = self.rec, self.info
         t0, buf, pend = started
-        t_wait = rec.mark(dev) if rec else None
+        t_wait = rec.mark(self.dev) if rec else None
         out = comm.wait(buf, pend)
         if rec:
-            rec.add_span(Span(lid, call, name, j, t0, rec.mark(dev), "comm", t_wait))
+            rec.add_span(Span(info.layer_id, info.call_no, name, j, t0, rec.mark(self.dev), "comm", t_wait))
         return out
 
-    dispatches = []
+
+@torch.compiler.disable
+def _start_dispatch(d, info, next_call, x_TD, send: _Send, plan: RoutingPlan, edge) -> _Call:
+    """Split sizes (the count exchange; dropless reads them back once, after the send rows'
+    gather was queued), then every chunk's dispatch, all in flight at once."""
+    if info.call_no is None:  # numbered here, where a changing number costs no recompile
+        info = type(info)(info.layer_id, next_call(), info.recorder)
+    call = _Call(d, info, x_TD.device, edge)
+    rec, lid, no, dev = info.recorder, info.layer_id, info.call_no, x_TD.device
+    ident = d._identity(info, x_TD.dtype)
+    with phase(rec, lid, no, "permute", dev):
+        with phase(rec, lid, no, "wait", dev):
+            if plan.capacity is None:
+                call.sizes = _dropless_sizes(d, send, ident, d.config.overlap_chunks)
+            else:
+                call.sizes = _capacity_sizes(d, plan, ident)
+        call.layout = send.layout
+        chunks = _SendChunks.apply(x_TD, send.w_NK, send.packed_NX, send.row_TN, send.layout,
+                                   [sum(s) for s in call.sizes.send])
+        chunks = [edge(t, ends=[("dispatch", j)], starts=[("permute", j)]) for j, t in enumerate(chunks)]
     for j, rows in enumerate(chunks):
-        t0 = rec.mark(dev) if rec else None
-        dispatches.append((t0,) + comm.start(rows, d.group, [sizes.recv[j]], [sizes.send[j]],
-                                             "dedup dispatch all_to_all_single"))
-        record("dispatch", j, sizes.send[j], sizes.recv[j], rows)
+        call.dispatches.append(call.start("dispatch", j, rows, call.sizes.recv[j], call.sizes.send[j]))
+    return call
+
+
+@torch.compiler.disable
+def _arrived(call: _Call, j: int):
+    """Chunk j's received rows, and what the expert side needs from the host, as tensors."""
+    recv = call.edge(call.finish("dispatch", j, call.dispatches[j]), ends=[("experts", j)], starts=[("dispatch", j)])
+    sizes, n, L, dev = call.sizes, call.d.world, call.d.local_experts, call.dev
+    slots = sizes.slots[j]
+    per_key = [slots[s][l] for l in range(L) for s in range(n)]  # local expert major, then source
+    P = sum(per_key)
+    src_R = torch.repeat_interleave(torch.arange(n, device=dev), _to_device(sizes.recv[j], dev),
+                                    output_size=recv.shape[0])
+    counts_L = _to_device([sum(slots[s][l] for s in range(n)) for l in range(L)], dev)
+    return recv, src_R, _to_device(_offsets(per_key) + [P], dev), counts_L, recv.new_empty(P, 0)
+
+
+@torch.compiler.disable
+def _start_combine(call: _Call, j: int, part_RD) -> None:
+    call.combines.append(call.start("combine", j, part_RD, call.sizes.send[j], call.sizes.recv[j]))
+
+
+@torch.compiler.disable
+def _combined(call: _Call):
+    backs = [call.edge(call.finish("combine", j, s), ends=[("unpermute", None)], starts=[("combine", j)])
+             for j, s in enumerate(call.combines)]
+    return backs[0] if len(backs) == 1 else torch.cat(backs)
+
+
+def _to_device(values: list[int], dev) -> torch.Tensor:
+    t = torch.tensor(values, dtype=torch.int64)
+    return t.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else t.to(dev)
+
+
+def dispatch(d, x_TD, plan: RoutingPlan, experts, acc_dtype, info, shared_fn, out_dtype, edge, next_call=None):
+    """The deduplicated exchange for AllToAllDispatcher `d` (see the module docstring);
+    returns (y_TD, shared expert output or None). info.call_no may be None: next_call()
+    then numbers the call inside the first exchange step."""
+    from .dispatcher import _side_stream, run_on_side_stream  # no import cycle at load time
+
+    rec, dev, lid = info.recorder, x_TD.device, info.layer_id
+    n, L, c = d.world, d.local_experts, d.config.overlap_chunks
+    capacity = plan.capacity is not None
+    # Capacity modes: every rank gets min(tokens, L * capacity) rows (a host number here).
+    bound = min(plan.num_tokens, L * plan.capacity) if capacity else None
+    with phase(rec, lid, info.call_no, "permute", dev):
+        # Rows and metadata first: their gather is queued before dropless reads its sizes.
+        send = _build_send(edge(x_TD, ends=[("permute", 0)]), plan, n, L, 1 if capacity else c, acc_dtype, bound)
+    call = _start_dispatch(d, info, next_call, x_TD, send, plan, edge)
 
     shared_out = None
     if shared_fn is not None:
         stream = "side" if dev.type == "cuda" else "compute"
-        shared_out = run_on_side_stream(shared_fn, dev, lambda: phase(rec, lid, call, "shared", dev, stream=stream))
+        shared_out = run_on_side_stream(shared_fn, dev, lambda: phase(rec, lid, info.call_no, "shared", dev, stream=stream))
 
-    combines = []
-    for j in range(c):
-        recv = edge(finish("dispatch", j, dispatches[j]), ends=[("experts", j)], starts=[("dispatch", j)])
-        with phase(rec, lid, call, "experts", dev, j):  # expand, experts, weighted partial sums
-            part_RD = _expert_side(recv, lay, sizes.recv[j], sizes.slots[j], sizes.exact, experts, L)
+    for j in range(c if not capacity else 1):
+        recv, src_R, base, counts_L, P_dummy = _arrived(call, j)
+        with phase(rec, lid, info.call_no, "experts", dev, j):  # expand, experts, weighted partial sums
+            part_RD = _expert_side(recv, send.layout, src_R, base, counts_L, P_dummy, not capacity, experts, n, L)
             part_RD = edge(part_RD, ends=[("combine", j)], starts=[("experts", j)])
-        t0 = rec.mark(dev) if rec else None
-        combines.append((t0,) + comm.start(part_RD, d.group, [sizes.send[j]], [sizes.recv[j]],
-                                           "dedup combine all_to_all_single"))
-        record("combine", j, sizes.recv[j], sizes.send[j], part_RD)
-    backs = [edge(finish("combine", j, s), ends=[("unpermute", None)], starts=[("combine", j)])
-             for j, s in enumerate(combines)]
+        _start_combine(call, j, part_RD)
+    y_SD = _combined(call)
 
     if shared_out is not None and dev.type == "cuda":
         torch.cuda.current_stream(dev).wait_stream(_side_stream(dev))
-    with phase(rec, lid, call, "unpermute", dev):
+    with phase(rec, lid, info.call_no, "unpermute", dev):
         # Partial rows come back in slot order; each token sums its own (at most n).
-        y_SD = backs[0] if len(backs) == 1 else torch.cat(backs)
         S = y_SD.shape[0]
         row_TN = send.row_TN.clamp(max=S)
         token_S = send.token_N[:S]
-        valid_S = None if plan.capacity is None else token_S < plan.num_tokens
+        valid_S = token_S < plan.num_tokens if capacity else None
         y_TD = edge(sum_bags(y_SD, row_TN, token_S, valid_S, out_dtype), starts=[("unpermute", None)])
     return y_TD, shared_out

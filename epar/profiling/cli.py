@@ -267,6 +267,8 @@ def profile(args, parser) -> dict:
                 report.write_json(rep, args.json)
             if args.trace:
                 report.write_trace(per_rank, args.trace)
+        if owned:  # every rank done first: gloo can abort a rank whose peer tears down under it
+            dist.barrier()
         return rep
     finally:
         if owned:
@@ -495,6 +497,8 @@ def sweep(args, parser) -> dict:
                 report.write_json(rep, args.json)
             if errors:
                 print(f"error: {errors} received elements differ from what was sent", file=sys.stderr)
+        if owned:  # every rank done first: gloo can abort a rank whose peer tears down under it
+            dist.barrier()
         return rep
     finally:
         if owned:
