@@ -6,7 +6,7 @@
 #      hierarchical exchange (nodes from torchrun's LOCAL_WORLD_SIZE) sends one row per
 #      (token, destination node) across the node boundary;
 #   2. scripts/train_lm.py at a tiny size with EP across both "nodes", exchanging
-#      hierarchically; its JSON log and
+#      hierarchically with node-limited routing (M = 1); its JSON log and
 #      checkpoint go to $OUT_DIR (default: a new temporary directory).
 # Exits non-zero if any rank fails.
 #
@@ -43,6 +43,6 @@ two_nodes() {  # script and its arguments, run on both agents
 two_nodes "$here/ep_check.py"
 world=$((2 * nproc))
 two_nodes "$root/scripts/train_lm.py" --ep-size "$world" --experts "$world" --layers 2 --d-model 32 \
-    --heads 2 --d-ff 32 --ep-exchange hierarchical --seq-len 32 --batch 4 --steps 8 --lr 1e-2 --warmup 2 --log-every 4 \
+    --heads 2 --d-ff 32 --ep-exchange hierarchical --max-nodes-per-token 1 --seq-len 32 --batch 4 --steps 8 --lr 1e-2 --warmup 2 --log-every 4 \
     --eval-every 8 --eval-batches 1 --ckpt-dir "$out/ckpt" --log-json "$out/train_log.jsonl"
 echo "train_lm log: $out/train_log.jsonl"
