@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import pickle
 from dataclasses import dataclass
 
 import torch
@@ -14,38 +15,66 @@ from torch.distributed.device_mesh import DeviceMesh
 from . import parallel, profiling
 from .config import MoEConfig
 from .dispatch import dedup
+from .dispatch.comm import CommError
 from .dispatch.dispatcher import AllToAllDispatcher, CallInfo, LocalDispatcher, _backward_edges
 from .experts import GroupedExperts, SharedExpert
 from .routing.info import RoutingInfo
 from .routing.losses import aux_loss
 from .routing.router import Router, router_dtype
-from .routing.strategies import make_strategy
+from .routing.strategies import counted_selections, make_strategy
 
-# Layers are built in the same order on every rank (SPMD), so this numbering is a
-# cross-rank identity used to detect ranks that call different layers.
-_layer_ids = itertools.count()
+# A layer's number is its identity in every exchange, so it must not depend on anything
+# a rank can do alone: layers are numbered per expert-parallel group (keyed by the group's
+# global ranks) in the order they are built there, and checked across the group at
+# construction. One-device layers (ep_group None) never exchange: they are numbered by a
+# counter of their own, so a reference layer built on one rank shifts no EP layer.
+_layer_numbers: dict = {}
+
+
+def _next_layer_number(group) -> int:
+    key = None if group is None else tuple(dist.get_process_group_ranks(group))
+    return next(_layer_numbers.setdefault(key, itertools.count()))
 
 
 @dataclass(frozen=True)
 class MoEOutput:
     y: torch.Tensor  # same shape and dtype as the input
     aux_loss: torch.Tensor  # scalar with grad, coefficients applied
-    stats: dict  # tokens_per_expert int64 [E], dropped_slots, unrouted_tokens (int64 scalars)
+    stats: dict  # tokens_per_expert int64 [E], dropped_slots, unrouted_tokens, nonfinite_tokens (int64 scalars)
     # Each token's experts and weights (token choice), or each expert's tokens (expert
     # choice); computed only when read. See epar.routing.info.RoutingInfo.
     routing: RoutingInfo | None = None
 
 
-def _check_same_config(config: MoEConfig, group) -> None:
-    """All ranks of the EP group must build the same layer, or the exchanges hang."""
+def _check_same_config(config: MoEConfig, group, number: int) -> None:
+    """All ranks of the EP group must build the same layers in the same order, or the
+    exchanges hang. Each rank posts its layer #number's config to the job's key-value
+    store and reads every peer's: no collective on the group, so a layer built on some
+    ranks only cannot meet a peer's exchange of another size (gloo aborts the process on
+    those); the rank that built more waits out the store's timeout (the process-group
+    timeout) and raises CommError, and its peers time out in their next exchange."""
+    ranks = dist.get_process_group_ranks(group)
+    store = dist.distributed_c10d._get_default_store()
+    prefix = f"epar/moe_layer/{','.join(map(str, ranks))}/{number}/"
+    me = dist.get_rank()
     mine = config.to_dict()
-    everyone = [None] * dist.get_world_size(group)
-    dist.all_gather_object(everyone, mine, group=group)
-    for src, theirs in enumerate(everyone):
+    store.set(prefix + str(me), pickle.dumps(mine))
+    for src, peer in enumerate(ranks):
+        if peer == me:
+            continue
+        try:
+            theirs = pickle.loads(store.get(prefix + str(peer)))
+        except Exception as exc:  # the store's timeout: the peer never built this layer
+            raise CommError(
+                f"epar: MoE layer #{number} on the expert-parallel group (ranks {ranks}): rank {src} "
+                f"did not build its layer #{number} in time; every rank of the group must build the "
+                f"same MoE layers in the same order (a layer built on some ranks only?). "
+                f"Underlying error: {exc}") from exc
         diff = [k for k in mine if mine[k] != theirs.get(k)]
         if diff:
             details = ", ".join(f"{k}: this rank {mine[k]!r} vs rank {src} {theirs.get(k)!r}" for k in diff)
-            raise ValueError(f"MoEConfig differs across the expert-parallel group ({details})")
+            raise ValueError(f"MoE layer #{number}: MoEConfig differs across the expert-parallel "
+                             f"group ({details})")
 
 
 class MoELayer(nn.Module):
@@ -99,12 +128,13 @@ class MoELayer(nn.Module):
         self.strategy = make_strategy(config)
         self.register_buffer("expert_counts", torch.zeros(config.num_experts, dtype=torch.int64),
                              persistent=False)
+        # Numbered per EP group (see _next_layer_number); one-device layers apart.
+        self.layer_id = _next_layer_number(ep_group if ep_size > 1 else None)
         if ep_size > 1:
-            _check_same_config(config, ep_group)
+            _check_same_config(config, ep_group, self.layer_id)
             self.dispatcher = AllToAllDispatcher(config, ep_group)
         else:
             self.dispatcher = LocalDispatcher()
-        self.layer_id = next(_layer_ids)
         self._calls = 0
 
     def extra_repr(self) -> str:
@@ -207,8 +237,9 @@ class MoELayer(nn.Module):
             plan = self.strategy.plan(r_out, valid_T, num_real)
             loss = aux_loss(self.config, r_out, plan, seq_len=x.shape[-2] if x.dim() > 2 else None,
                             sum_over_group=self._sum_over_router_group)
-        if self.training and self.config.expert_bias_rate > 0:
-            self.expert_counts += plan.selected_per_expert_E
+        if self.training and self.config.expert_bias_rate > 0:  # real, finite tokens only
+            counted_T = r_out.finite_T if valid_T is None else valid_T & r_out.finite_T
+            self.expert_counts += counted_selections(plan, counted_T, self.config.num_experts)
 
         shared_fn = (lambda: self.shared_expert(x_TD)) if self.shared_expert is not None else None
         # With nothing added after it, the combine rounds its float32 sum to x's dtype itself.
@@ -230,6 +261,8 @@ class MoELayer(nn.Module):
             "tokens_per_expert": plan.kept_per_expert_E,
             "dropped_slots": plan.dropped_slots,
             "unrouted_tokens": plan.unrouted_tokens,
+            # tokens with a non-finite input value or router logit (padding is never one)
+            "nonfinite_tokens": (~r_out.finite_T).sum(),
         }
         if rec:
             real = plan.num_tokens if num_real is None else num_real

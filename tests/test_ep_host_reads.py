@@ -50,9 +50,10 @@ def _host_reads(rank, world, strategy, chunks, exchange="per_expert"):
 @pytest.mark.parametrize("chunks", [1, 2])
 def test_capacity_modes_read_only_the_host_token_table(strategy, chunks):
     for reads in run_distributed(_host_reads, 2, strategy, chunks, timeout=60):
-        # The one read: the [world, 4] table of (T, layer id, call number, dtype) gathered on
-        # the host (gloo) group, a CPU tensor even when the layer runs on GPU.
-        assert reads == [("tolist", (2, 4))], reads
+        # The one read: the [world, 5] table of (T, layer id, call number, dtype, direction)
+        # gathered on the host (gloo) group, a CPU tensor even when the layer runs on GPU.
+        # (Backward's identity check reads such a table too; the mode does not see backward.)
+        assert reads == [("tolist", (2, 5))], reads
 
 
 def test_dropless_reads_counts_once_per_call():
@@ -74,4 +75,4 @@ def test_dedup_exchange_reads_as_the_others():
             if strategy == "dropless":
                 assert len(reads) == 1 and reads[0][0] == "tolist", (strategy, chunks, reads)
             else:
-                assert reads == [("tolist", (2, 4 + (chunks == 1)))], (strategy, chunks, reads)
+                assert reads == [("tolist", (2, 5 + (chunks == 1)))], (strategy, chunks, reads)

@@ -523,7 +523,7 @@ def test_router_16bit_gemm_path_matches_the_widened_one(monkeypatch, dtype):
 
     def run():
         xi, wi = x.clone().requires_grad_(), w.clone().requires_grad_()
-        logits = router_mod._WideLinear.apply(xi, wi, torch.float32)
+        logits, _finite = router_mod._WideLinear.apply(xi, wi, torch.float32)
         logits.backward(g)
         return logits, xi.grad, wi.grad
 

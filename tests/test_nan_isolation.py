@@ -35,7 +35,7 @@ def _layer(strategy: str, ep_group=None, shared: int = 0) -> epar.MoELayer:
     return layer
 
 
-def _visited_experts(layer, x_clean, bad: int | None, ep_group) -> torch.Tensor:
+def _visited_experts(layer, x_clean, bad: int | None, ep_group, need_drops: bool = True) -> torch.Tensor:
     """bool [E]: experts that process the bad token's rows (summed over the EP group)."""
     hit = torch.zeros(E, dtype=torch.int64)
     if bad is not None:
@@ -45,7 +45,7 @@ def _visited_experts(layer, x_clean, bad: int | None, ep_group) -> torch.Tensor:
         if plan.valid_S is not None:
             mine &= plan.valid_S
         hit[expert_of_row[mine]] = 1
-        if layer.config.strategy == "token_drop":
+        if need_drops and layer.config.strategy == "token_drop":
             assert int(plan.dropped_slots) > 0, "the check needs dropped slots"
     if ep_group is not None:
         dist.all_reduce(hit, group=ep_group)
@@ -118,12 +118,100 @@ def test_bad_token_stays_local_ep1(strategy, shared):
     assert check_bad_token(strategy, 0, 0, shared=shared) == 4
 
 
+# ---- a non-finite token routed for real equals the run without it ----------------------
+#
+# "Without it" is the same batch with that token masked as padding: padding is not routed
+# and stays out of every statistic, which is what a non-finite token must do to the other
+# tokens. One difference: a non-finite token still counts in T for capacity (its count is
+# on the device; capacity comes from the host), padding does not. T = 12 is chosen so that
+# both give the same capacity (ceil(12 * 2 / 4) = ceil(11 * 2 / 4) = 6).
+
+ROUTINGS = {
+    "dropless": dict(strategy="dropless"),
+    "token_drop/probs": dict(strategy="token_drop", drop_policy="probs"),
+    "token_drop/position": dict(strategy="token_drop", drop_policy="position"),
+    "expert_choice": dict(strategy="expert_choice"),
+    "dropless/groups": dict(strategy="dropless", num_expert_groups=2, topk_groups=1, aux_loss_scope="global"),
+    "token_drop/groups": dict(strategy="token_drop", num_expert_groups=2, topk_groups=1,
+                              aux_loss_scope="sequence"),
+}
+
+
+def _routed_layer(routing: str, ep_group=None) -> epar.MoELayer:
+    cfg = epar.MoEConfig(d_model=D, d_ff=FF, num_experts=E, top_k=2, capacity_factor=1.0,
+                         z_loss_coef=1e-3, expert_bias_rate=1e-3, **ROUTINGS[routing])
+    torch.manual_seed(0)
+    layer = epar.MoELayer(cfg, ep_group).double()
+    with torch.no_grad():  # a favourite expert: capacity strategies drop, priority matters
+        layer.router.weight[0] += 1.0
+    return layer
+
+
+def _step(layer, x, gy, padding=None):
+    """Output, aux loss, nonfinite_tokens, expert-bias counts, x.grad and every weight's
+    grad of sum(y * gy) + aux loss (the bad token's output included: its loss term is
+    NaN, the gradient of a sum reaches every other term as it is)."""
+    layer.zero_grad(set_to_none=True)
+    layer.expert_counts.zero_()
+    xg = x.clone().requires_grad_()
+    out = layer(xg, padding_mask=padding)
+    ((out.y * gy).sum() + out.aux_loss).backward()
+    grads = {name: p.grad.clone() for name, p in layer.named_parameters()}
+    return (out.y.detach(), out.aux_loss.detach(), int(out.stats["nonfinite_tokens"]),
+            layer.expert_counts.clone(), xg.grad, grads)
+
+
+def check_routed_bad_token(routing: str, rank: int, bad_rank: int, ep_group=None) -> int:
+    layer = _routed_layer(routing, ep_group)
+    g = torch.Generator().manual_seed(20 + rank)
+    x = torch.randn(T, D, generator=g, dtype=torch.float64)
+    gy = torch.randn(T, D, generator=g, dtype=torch.float64)
+    bad = 3 if rank == bad_rank else None
+    others = torch.ones(T, dtype=torch.bool)
+    if bad is not None:
+        others[bad] = False
+    y0, aux0, n0, counts0, gx0, gw0 = _step(layer, x, gy, padding=~others)
+    assert n0 == 0
+    L, r = layer.num_local_experts, layer.ep_rank
+    cases = 0
+    for value in (float("nan"), float("inf"), float("-inf")):
+        x_bad = x.clone()
+        if bad is not None:
+            x_bad[bad, 1] = value
+        where = f"{routing}, bad value {value}, rank {rank}"
+        y, aux, n, counts, gx, gw = _step(layer, x_bad, gy)
+        assert n == (1 if bad is not None else 0), f"{where}: nonfinite_tokens {n}"
+        torch.testing.assert_close(y[others], y0[others], **TOL, msg=lambda m: f"{where}: y {m}")
+        torch.testing.assert_close(aux, aux0, **TOL, msg=lambda m: f"{where}: aux loss {m}")
+        assert torch.equal(counts, counts0), f"{where}: expert-bias counts {counts} vs {counts0}"
+        torch.testing.assert_close(gx[others], gx0[others], **TOL, msg=lambda m: f"{where}: x.grad {m}")
+        # experts that process the bad token's rows hold its NaN in their grads: through it
+        visited = _visited_experts(layer, x_bad, bad, ep_group, need_drops=False)
+        assert not visited.all(), f"{where}: the check needs an expert the bad token does not reach"
+        untouched_L = ~visited[r * L:(r + 1) * L]
+        for name in gw0:
+            a, b = gw[name], gw0[name]
+            if name.startswith("experts."):
+                a, b = a[untouched_L], b[untouched_L]
+            assert torch.isfinite(a).all(), f"{where}: {name}.grad not finite"
+            torch.testing.assert_close(a, b, **TOL, msg=lambda m: f"{where}: {name}.grad {m}")
+        cases += 1
+    return cases
+
+
+@pytest.mark.parametrize("routing", list(ROUTINGS))
+def test_nonfinite_token_routes_last_ep1(routing):
+    assert check_routed_bad_token(routing, 0, 0) == 3
+
+
 def _ep2_all_strategies(rank, world):
     from epar.parallel import build_groups
     groups = build_groups(world)
-    return [check_bad_token(s, rank, 0, groups.ep_group) for s in STRATEGIES]
+    pinned = [check_bad_token(s, rank, 0, groups.ep_group) for s in STRATEGIES]
+    routed = [check_routed_bad_token(name, rank, 0, groups.ep_group) for name in ROUTINGS]
+    return pinned, routed
 
 
 @pytest.mark.dist
 def test_bad_token_stays_local_ep2():
-    assert run_distributed(_ep2_all_strategies, 2, timeout=180) == [[4, 4, 4]] * 2
+    assert run_distributed(_ep2_all_strategies, 2, timeout=240) == [([4, 4, 4], [3] * len(ROUTINGS))] * 2

@@ -183,4 +183,4 @@ def _padded_ep(rank, world):
 @pytest.mark.dist
 def test_padding_matches_reference_ep2():
     for reads in run_distributed(_padded_ep, 2, timeout=240):
-        assert reads == [("__int__", ()), ("tolist", (2, 4))], reads
+        assert reads == [("__int__", ()), ("tolist", (2, 5))], reads

@@ -110,3 +110,23 @@ def start(x: torch.Tensor, group, out_parts: list[list[int]], in_parts: list[lis
 def wait(buffer: torch.Tensor, pending: Pending) -> torch.Tensor:
     return _Wait.apply(buffer, pending)
 
+
+class _BeforeBackward(torch.autograd.Function):
+    """Identity forward; backward runs `check` before passing the gradient on."""
+
+    @staticmethod
+    def forward(ctx, x, check):
+        ctx.check = check
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.check()
+        return grad, None
+
+
+def check_before_backward(x: torch.Tensor, check) -> torch.Tensor:
+    """x, whose backward first calls check(): placed on a layer call's output, it runs
+    before every backward exchange that lies behind that output (each backward pass,
+    retain_graph included)."""
+    return _BeforeBackward.apply(x, check)

@@ -456,10 +456,17 @@ def _start_combine(call: _Call, j: int, part_RD) -> None:
 
 
 @torch.compiler.disable
-def _combined(call: _Call):
+def _combined(call: _Call, dropless: bool):
     backs = [call.edge(call.finish("combine", j, s), ends=[("unpermute", None)], starts=[("combine", j)])
              for j, s in enumerate(call.combines)]
-    return backs[0] if len(backs) == 1 else torch.cat(backs)
+    y_SD = backs[0] if len(backs) == 1 else torch.cat(backs)
+    # Every backward data exchange of this call lies behind y_SD: the call's backward
+    # identity check runs first, shaped like this mode's forward count exchange.
+    d, info, dtype, dev = call.d, call.info, call.layout.dtype, call.dev
+    chunks = d.config.overlap_chunks if dropless else 1
+    width = chunks + chunks * d.local_experts
+    return comm.check_before_backward(
+        y_SD, lambda: d._check_backward(info, dtype, dropless, width, dev, lead=2))
 
 
 def _to_device(values: list[int], dev) -> torch.Tensor:
@@ -494,7 +501,7 @@ def dispatch(d, x_TD, plan: RoutingPlan, experts, acc_dtype, info, shared_fn, ou
             part_RD = _expert_side(recv, send.layout, src_R, base, counts_L, P_dummy, not capacity, experts, n, L)
             part_RD = edge(part_RD, ends=[("combine", j)], starts=[("experts", j)])
         _start_combine(call, j, part_RD)
-    y_SD = _combined(call)
+    y_SD = _combined(call, not capacity)
 
     if shared_out is not None and dev.type == "cuda":
         torch.cuda.current_stream(dev).wait_stream(_side_stream(dev))

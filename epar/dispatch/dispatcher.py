@@ -8,6 +8,8 @@ AllToAllDispatcher: experts sharded over an EP group. Per call:
              j+1's dispatch is in flight while chunk j computes, and chunk j's combine
              while chunk j+1 computes
   finally    weighted sum per token (float32 or wider accumulation)
+  backward   one identity exchange (layer, call, direction) before the call's first
+             backward data exchange, then the exchanges in reverse
 Received rows must be grouped by local expert for the grouped GEMM. ep_exchange="per_expert"
 sends them that way: the sender orders its rows by (local expert, destination) and each
 exchange is one all_to_all_single per local expert, so rows land in expert order.
@@ -49,6 +51,20 @@ _DTYPES = tuple(sorted({d for d in vars(torch).values() if isinstance(d, torch.d
 
 def _dtype_name(code: int) -> str:
     return str(_DTYPES[code]) if 0 <= code < len(_DTYPES) else "another dtype"
+
+
+# Direction of an exchange in the call identity: a rank in backward must never meet a
+# rank in forward (or in another call) with rows of another size.
+FORWARD, BACKWARD = 0, 1
+
+
+def _direction_name(code: int) -> str:
+    return ("forward", "backward")[code] if code in (FORWARD, BACKWARD) else f"direction {code}"
+
+
+def _exchange_name(ident: list[int], what: str) -> str:
+    """What a timeout names: this rank's layer, call and direction."""
+    return f"MoE layer #{ident[0]} call {ident[1]} {_direction_name(ident[3])} {what}"
 
 ExpertFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -143,39 +159,60 @@ class AllToAllDispatcher:
 
     # ---- metadata: host-side split sizes for every chunk -----------------------
     @staticmethod
-    def _identity(info: CallInfo, dtype: torch.dtype) -> list[int]:
-        """What every rank must agree on for this call, sent along with the sizes."""
-        return [info.layer_id, info.call_no, _DTYPES.index(dtype)]
+    def _identity(info: CallInfo, dtype: torch.dtype, direction: int = FORWARD) -> list[int]:
+        """What every rank must agree on for this call, sent along with the sizes:
+        (layer, call, input dtype, direction)."""
+        return [info.layer_id, info.call_no, _DTYPES.index(dtype), direction]
 
     def _check_peers(self, peers: list[list[int]], mine: list[int]) -> None:
         for src, theirs in enumerate(peers):
-            if list(theirs[:2]) != mine[:2]:
+            if [theirs[0], theirs[1], theirs[3]] != [mine[0], mine[1], mine[3]]:
                 raise comm.CommError(
                     f"epar: MoE layer call mismatch on the expert-parallel group: rank {self.rank} "
-                    f"is in layer #{mine[0]} call {mine[1]}, rank {src} in layer #{theirs[0]} call "
-                    f"{theirs[1]}; every rank must call the same layers the same number of times")
+                    f"is in layer #{mine[0]} call {mine[1]} {_direction_name(mine[3])}, rank {src} in "
+                    f"layer #{theirs[0]} call {theirs[1]} {_direction_name(theirs[3])}; every rank must "
+                    f"call the same layers the same number of times, forward and backward")
             if theirs[2] != mine[2]:
                 raise comm.CommError(
                     f"epar: MoE layer #{mine[0]} input dtype differs across the expert-parallel group: "
                     f"rank {self.rank} has {_dtype_name(mine[2])}, rank {src} has {_dtype_name(theirs[2])}")
+
+    def _gather_meta(self, meta: list[int], device, what: str) -> list[list[int]]:
+        """Every rank's `meta` (equal lengths), on the host group: no device read. An NCCL
+        group with no gloo twin takes one small device round trip instead."""
+        group = self.host_group if self.host_group is not None else self.group
+        mine = torch.tensor(meta, dtype=torch.int64, device=None if self.host_group is not None else device)
+        gathered = [torch.empty_like(mine) for _ in range(self.world)]
+        comm.wait_work(dist.all_gather(gathered, mine, group=group, async_op=True), what, group)
+        return torch.stack(gathered).tolist()
+
+    def _check_backward(self, info: CallInfo, dtype, dropless: bool, width: int, device, lead: int = 1) -> None:
+        """Backward's identity check: the call's one extra collective, run before its first
+        backward data exchange. Backward exchanges no sizes, so without it a rank in
+        another call would exchange rows of another size (gloo aborts the process). It has
+        the shape and group of the forward's count exchange, so a rank still in forward
+        (an extra call) meets it and both compare; dropless with a gloo twin of an NCCL
+        group sends it on the twin (no device read in backward). `width` / `lead`: the
+        integers before the identity in the forward's dropless / capacity count exchange."""
+        ident = self._identity(info, dtype, BACKWARD)
+        what = _exchange_name(ident, "identity exchange")
+        if not dropless or self.host_group not in (None, self.group):
+            table = self._gather_meta([0] * lead + ident, device, what)
+            self._check_peers([row[lead:] for row in table], ident)
+            return
+        columns = [torch.zeros(self.world, width, dtype=torch.int64, device=device)]
+        columns += [torch.full((self.world, 1), v, dtype=torch.int64, device=device) for v in ident]
+        send_nX = torch.cat(columns, dim=1)
+        recv_nX = torch.empty_like(send_nX)
+        comm.wait_work(dist.all_to_all_single(recv_nX, send_nX, group=self.group, async_op=True), what, self.group)
+        self._check_peers([row[width:] for row in recv_nX.tolist()], ident)
 
     def _capacity_counts(self, plan: RoutingPlan, ident: list[int], chunks: int, device):
         """Every rank's capacity, gathered: host numbers only, no device read. Each rank
         sends the capacity its own plan used (from its token count, or its real-token
         count under a padding mask), so every rank splits by the same numbers."""
         n, L = self.world, self.local_experts
-        meta = [plan.capacity] + ident
-        if self.host_group is not None:
-            mine = torch.tensor(meta, dtype=torch.int64)
-            gathered = [torch.empty_like(mine) for _ in range(n)]
-            work = dist.all_gather(gathered, mine, group=self.host_group, async_op=True)
-            comm.wait_work(work, "token-count exchange", self.host_group)
-        else:  # an NCCL group with no gloo twin: one small device round trip
-            mine = torch.tensor(meta, dtype=torch.int64, device=device)
-            gathered = [torch.empty_like(mine) for _ in range(n)]
-            comm.wait_work(dist.all_gather(gathered, mine, group=self.group, async_op=True),
-                           "token-count exchange", self.group)
-        table = torch.stack(gathered).tolist()
+        table = self._gather_meta([plan.capacity] + ident, device, _exchange_name(ident, "token-count exchange"))
         self._check_peers([row[1:] for row in table], ident)
         caps = [row[0] for row in table]
         send = []  # send[j][e]
@@ -199,7 +236,7 @@ class AllToAllDispatcher:
         send_nX = torch.cat([send_nX] + columns, dim=1).contiguous()
         recv_nX = torch.empty_like(send_nX)
         work = dist.all_to_all_single(recv_nX, send_nX, group=self.group, async_op=True)
-        comm.wait_work(work, "per-expert count exchange", self.group)
+        comm.wait_work(work, _exchange_name(ident, "per-expert count exchange"), self.group)
         host = torch.cat([cnt_cE.reshape(-1), recv_nX.reshape(-1)]).tolist()
         send = [host[j * E : (j + 1) * E] for j in range(chunks)]
         recv_flat = host[chunks * E :]
@@ -322,7 +359,7 @@ class AllToAllDispatcher:
         for j, ch in enumerate(chunks):
             t0 = rec.mark(dev) if rec else None
             dispatches.append((t0,) + comm.start(sends[j], self.group, ch.out_parts, ch.in_parts,
-                                                 "dispatch all_to_all_single"))
+                                                 f"MoE layer #{lid} call {call}: dispatch all_to_all_single"))
             record_exchange("dispatch", j, ch.in_splits, ch.out_splits, ch.in_parts, ch.out_parts)
 
         shared_out = None
@@ -340,7 +377,7 @@ class AllToAllDispatcher:
                               starts=[("experts", j)])
             t0 = rec.mark(dev) if rec else None
             combines.append((t0,) + comm.start(out_RD, self.group, ch.in_parts, ch.out_parts,
-                                               "combine all_to_all_single"))
+                                               f"MoE layer #{lid} call {call}: combine all_to_all_single"))
             record_exchange("combine", j, ch.out_splits, ch.in_splits, ch.out_parts, ch.in_parts)
         backs = [edge(finish_exchange("combine", j, started), ends=[("unpermute", None)], starts=[("combine", j)])
                  for j, started in enumerate(combines)]
@@ -354,4 +391,9 @@ class AllToAllDispatcher:
             else:
                 y_SD, rows = torch.cat(backs), torch.cat([ch.rows for ch in chunks])
             y_TD = edge(combine(y_SD, plan, acc_dtype, out_dtype, rows), starts=[("unpermute", None)])
+        # Every backward data exchange of this call lies behind y_TD: its identity check runs first.
+        dropless, width = plan.capacity is None, self.config.overlap_chunks * self.local_experts
+        dtype = x_TD.dtype  # not x_TD itself: the closure lives as long as the graph
+        y_TD = comm.check_before_backward(
+            y_TD, lambda: self._check_backward(info, dtype, dropless, width, dev))
         return y_TD, shared_out

@@ -15,13 +15,15 @@ def aux_loss(config: MoEConfig, router_out: RouterOutput, plan: RoutingPlan,
              valid_T: torch.Tensor | None = None, seq_len: int | None = None,
              sum_over_group: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
     """valid_T (default: the plan's padding mask), seq_len and sum_over_group: see
-    `balance_loss`."""
+    `balance_loss`. Non-finite tokens (router_out.finite_T False) are left out like padding."""
     if valid_T is None:
         valid_T = plan.valid_T
+    valid_T = _finite_and_valid(router_out.finite_T, valid_T)
     logits_TE = router_out.logits_TE
     T = logits_TE.shape[0]
-    # Summing the (possibly empty) logits keeps the loss attached to the graph at T = 0.
-    loss = logits_TE.sum() * 0.0
+    # An empty slice keeps the loss attached to the graph (at T = 0 too) without reading
+    # the logits: a non-finite token's logit times 0.0 would be NaN.
+    loss = logits_TE[:0].sum()
     if config.aux_loss_coef > 0 and config.strategy != "expert_choice":
         # Before the T = 0 return: the "global" scope's collective must run on every rank.
         loss = loss + config.aux_loss_coef * balance_loss(config, router_out, plan, valid_T, seq_len,
@@ -42,6 +44,16 @@ def aux_loss(config: MoEConfig, router_out: RouterOutput, plan: RoutingPlan,
     return loss
 
 
+def _finite_and_valid(finite_T: torch.Tensor | None, valid_T: torch.Tensor | None):
+    """The tokens the statistics count: real (valid_T) and finite (the router's finite_T).
+    Every statistic leaves the others out with a where(), never a multiply, so their NaN
+    reaches no value. Its gradient does reach their own rows of the logits (0 x NaN through
+    the ops before the where()); the router's backward drops those rows."""
+    if finite_T is None:
+        return valid_T
+    return finite_T if valid_T is None else valid_T & finite_T
+
+
 def balance_loss(config: MoEConfig, router_out: RouterOutput, plan: RoutingPlan,
                  valid_T: torch.Tensor | None = None, seq_len: int | None = None,
                  sum_over_group: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
@@ -55,7 +67,9 @@ def balance_loss(config: MoEConfig, router_out: RouterOutput, plan: RoutingPlan,
       is "micro_batch"); P stays this rank's, so the gradient needs no collective;
     - "sequence" (DeepSeek-V3's sequence-wise balance loss): f and P per sequence of
       `seq_len` consecutive tokens (None: all tokens are one sequence), averaged over them.
-    valid_T (bool [T], True = real token) leaves padding out of every count and mean."""
+    valid_T (bool [T], True = real token) leaves padding out of every count and mean;
+    non-finite tokens are left out the same way."""
+    valid_T = _finite_and_valid(router_out.finite_T, valid_T)
     scores_TE = router_out.scores_TE
     T, E = scores_TE.shape
     k = config.top_k

@@ -25,6 +25,10 @@ class RouterOutput:
     logits_TE: torch.Tensor  # clean logits (z-loss uses these)
     scores_TE: torch.Tensor  # softmax/sigmoid of clean logits: the slot weights come from here
     select_TE: torch.Tensor  # what top-k selection ranks: scores of noisy logits + expert_bias
+    # bool [T]: False = a non-finite token (any non-finite logit, which any non-finite value
+    # in its input row gives: NaN or inf times any weight is not finite). Its selection
+    # scores are -inf (it ranks below every finite token); statistics leave it out.
+    finite_T: torch.Tensor | None = None
 
 
 def _autocast_off(device_type: str):
@@ -70,36 +74,51 @@ class _WideLinear(torch.autograd.Function):
     With 16-bit x and w on CUDA the GEMMs read them as they are and write float32 (no
     [T, D] dtype copy): forward exactly; grad_w from the gradient split into two 16-bit
     halves (float32-like); grad_x, which leaves in x's 16-bit dtype anyway, from the
-    gradient rounded once to that dtype."""
+    gradient rounded once to that dtype.
+
+    Also returns finite_T (bool [T]: the token's logits are all finite). The gradient
+    leaves the other tokens out: the router learns from finite tokens only. Their
+    gradient rows are zeroed, and so are their rows of x for grad_w: a non-finite row of x
+    times a zero gradient would be NaN (0 x NaN) in every entry of grad_w, and on every
+    rank after the gradient reduce."""
 
     @staticmethod
     def forward(ctx, x_TD, w_ED, dtype: torch.dtype):
-        ctx.save_for_backward(x_TD, w_ED)
-        ctx.dtype = dtype
         with _autocast_off(x_TD.device.type):
             if _narrow_operands(x_TD, w_ED):
-                return _mm_f32(x_TD, w_ED.t())
-            return x_TD.to(dtype) @ w_ED.to(dtype).t()
+                logits_TE = _mm_f32(x_TD, w_ED.t())
+            else:
+                logits_TE = x_TD.to(dtype) @ w_ED.to(dtype).t()
+        # One pass over the logits (isfinite().all() takes four): a row's float64 sum is
+        # finite exactly when every logit is, short of float64 logits near 1e308 / E.
+        finite_T = torch.isfinite(logits_TE.sum(dim=-1, dtype=torch.float64))
+        ctx.save_for_backward(x_TD, w_ED, finite_T)
+        ctx.mark_non_differentiable(finite_T)
+        ctx.dtype = dtype
+        return logits_TE, finite_T
 
     @staticmethod
-    def backward(ctx, g_TE):
-        x_TD, w_ED = ctx.saved_tensors
+    def backward(ctx, g_TE, _finite_unused):
+        x_TD, w_ED, finite_T = ctx.saved_tensors
         dt = ctx.dtype
         need_x, need_w = ctx.needs_input_grad[:2]
         grad_x = grad_w = None
         with _autocast_off(g_TE.device.type):
-            g_TE = g_TE.to(dt)
+            bad_T1 = ~finite_T.unsqueeze(1)  # finite tokens only (see above)
+            g_TE = g_TE.to(dt).masked_fill(bad_T1, 0)
+            if need_w:
+                xw_TD = x_TD.masked_fill(bad_T1, 0)
             if _narrow_operands(x_TD, w_ED):
                 if need_x:
                     grad_x = g_TE.to(x_TD.dtype) @ w_ED
                 if need_w:
                     hi, lo = _split16(g_TE.t(), x_TD.dtype)
-                    grad_w = (_mm_f32(hi, x_TD) + _mm_f32(lo, x_TD)).to(w_ED.dtype)
+                    grad_w = (_mm_f32(hi, xw_TD) + _mm_f32(lo, xw_TD)).to(w_ED.dtype)
                 return grad_x, grad_w, None
             if need_x:
                 grad_x = (g_TE @ w_ED.to(dt)).to(x_TD.dtype)
             if need_w:
-                grad_w = (g_TE.t() @ x_TD.to(dt)).to(w_ED.dtype)
+                grad_w = (g_TE.t() @ xw_TD.to(dt)).to(w_ED.dtype)
         return grad_x, grad_w, None
 
 
@@ -128,12 +147,14 @@ class Router(nn.Module):
             eps = cfg.router_jitter_eps
             noise = torch.empty(x_TD.shape, dtype=dtype, device=x_TD.device).uniform_(1.0 - eps, 1.0 + eps)
             h_TD = x_TD.to(dtype) * noise
-        logits_TE = _WideLinear.apply(h_TD, self.weight, dtype)
+        logits_TE, finite_T = _WideLinear.apply(h_TD, self.weight, dtype)
         scores_TE = self._score(logits_TE)
         select_TE = scores_TE
         if self.training and cfg.router_noise_std > 0:
             noisy = logits_TE + torch.randn_like(logits_TE) * cfg.router_noise_std
             select_TE = self._score(noisy)
-        # Selection never carries gradient: the weights (scores_TE) do.
+        # Selection never carries gradient: the weights (scores_TE) do. A non-finite token
+        # selects as if its scores were the lowest: it never displaces a finite one.
         select_TE = select_TE.detach() + self.expert_bias.to(dtype)
-        return RouterOutput(logits_TE, scores_TE, select_TE)
+        select_TE = select_TE.masked_fill(~finite_T.unsqueeze(1), float("-inf"))
+        return RouterOutput(logits_TE, scores_TE, select_TE, finite_T)

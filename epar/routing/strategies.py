@@ -48,6 +48,23 @@ def padding_to_virtual_expert(expert_TK: torch.Tensor, valid_T: torch.Tensor | N
     return torch.where(valid_T.unsqueeze(1), expert_TK, num_experts)
 
 
+def nonfinite_slots(router_out: RouterOutput, k: int) -> torch.Tensor | None:
+    """bool [T, k]: the slots of non-finite tokens (None when the router did not say)."""
+    if router_out.finite_T is None:
+        return None
+    return (~router_out.finite_T).unsqueeze(1).expand(-1, k)
+
+
+def counted_selections(plan: RoutingPlan, counted_T: torch.Tensor | None, num_experts: int) -> torch.Tensor:
+    """int64 [E]: slots selected per expert by the tokens the statistics count (counted_T:
+    real and finite; None = every token), before any drop. Expert choice: its counts."""
+    if plan.expert_TK is None or counted_T is None:
+        return plan.selected_per_expert_E
+    keep_S = counted_T.unsqueeze(1).expand_as(plan.expert_TK).reshape(-1).long()
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=keep_S.device)
+    return counts.scatter_add_(0, plan.expert_TK.reshape(-1), keep_S)
+
+
 class RoutingStrategy(ABC):
     def __init__(self, config: MoEConfig):
         self.config = config
@@ -119,14 +136,21 @@ class TokenDrop(_TokenChoice):
         C = cfg.capacity(T if valid_T is None else num_real)
         dev = expert_TK.device
         route_TK = padding_to_virtual_expert(expert_TK, valid_T, E)
+        # A non-finite token's slots come after every finite slot of their expert: it takes
+        # capacity only where no finite token wants it (its score would be NaN, which sorts first).
+        last_TK = nonfinite_slots(router_out, k)
         if cfg.drop_policy == "probs":
             # Priority within an expert: higher score first, then lower token index. Slots
             # start in token order, so a stable sort by score keeps token order for ties.
             score_S = router_out.scores_TE.gather(1, expert_TK).reshape(-1)
+            if last_TK is not None:
+                score_S = score_S.masked_fill(last_TK.reshape(-1), float("-inf"))
             by_score = torch.argsort(score_S, descending=True, stable=True)
             slot_order = by_score[torch.argsort(route_TK.reshape(-1)[by_score], stable=True)]
         else:  # "position": choice rank first, then token index (GShard)
-            choice_major = route_TK.t().reshape(-1)  # index j * T + t
+            # Sorted by expert, then finite before non-finite: one key, one sort.
+            key_TK = route_TK * 2 + last_TK if last_TK is not None else route_TK
+            choice_major = key_TK.t().reshape(-1)  # index j * T + t
             order_cm = torch.argsort(choice_major, stable=True)
             t, j = order_cm % T, order_cm // T
             slot_order = t * k + j
@@ -178,9 +202,17 @@ class ExpertChoice(RoutingStrategy):
         C = cfg.capacity(T if valid_T is None else num_real)
         dev = router_out.scores_TE.device
         select_ET = router_out.select_TE.t()
+        real_first_T = None
         if valid_T is not None:  # padding ranks below every real token; C <= num_real: never taken
             select_ET = select_ET.masked_fill(~valid_T, float("-inf"))
+            # Non-finite real tokens are -inf too (the router's selection scores) and may be
+            # taken when an expert has fewer finite tokens than C: with real tokens first,
+            # the stable sort takes them before any padding, finite ties in token order.
+            real_first_T = torch.argsort((~valid_T).to(torch.int32), stable=True)
+            select_ET = select_ET[:, real_first_T]
         token_EC = torch.sort(select_ET, dim=1, descending=True, stable=True).indices[:, :C]
+        if real_first_T is not None:
+            token_EC = real_first_T[token_EC]
         weight_EC = router_out.scores_TE.t().gather(1, token_EC)
         taken_T = torch.zeros(T, dtype=torch.int64, device=dev).index_add_(
             0, token_EC.reshape(-1), torch.ones(E * C, dtype=torch.int64, device=dev))
