@@ -6,7 +6,8 @@ by source rank; the capacity strategies and a one-node EP group fall back to ded
 too) with a one-time notice. A wrapper around the collectives counts the rows each rank
 sends across the node boundary, forward and backward, against the plan (distinct
 destination nodes per token other than its own), and the collectives per layer step; the
-profiler records the node-level rows as inter-node and the ones inside the node as intra-node.
+profiler records the node-level rows as inter-node and the ones inside the node as intra-node;
+a node calling the layer once more than the other raises CommError on every rank.
 
 One spawn (world 4) runs every case."""
 
@@ -142,6 +143,18 @@ def _hierarchical(rank, world):
         for seed in (0, 1):
             run_and_compare(layer, ref, tagged_batch(rank, sizes[rank], seed), one_node)
             out["equal"] += 1
+    # Node 0 calls the layer once more than node 1: each node-level group meets forward's
+    # count exchange with backward's identity check, and every rank raises CommError.
+    cfg = epar.MoEConfig(d_model=D, d_ff=FF, num_experts=8, top_k=2, ep_exchange="hierarchical")
+    layer, _ = make_pair(cfg, ep, seed=7)
+    try:
+        y = layer(tagged_batch(rank, 3)).y
+        if rank // RPN == 0:
+            y = y + layer(tagged_batch(rank, 3)).y
+        y.square().sum().backward()
+        out["extra forward"] = "no error"
+    except epar.CommError as exc:
+        out["extra forward"] = str(exc)
     out["notices"] = sorted(str(w.message).split(":")[1].split("runs as")[0].strip() + " " +
                             ("capacity" if "capacity" in str(w.message) else "topology") for w in caught)
     return out
@@ -159,9 +172,14 @@ def test_hierarchical_equals_one_device_and_crosses_nodes_once_per_node():
             # Exactly one row per (token, destination node other than its own), each way.
             assert fwd_rows == expected and bwd_rows == expected, (rank, key, expected, fwd_rows, bwd_rows)
             # Node level: counts + a dispatch and a combine per chunk; rank level per chunk:
-            # counts, dispatch, combine. Backward: the four row exchanges per chunk.
-            assert (fwd_calls, bwd_calls) == (1 + 5 * chunks, 4 * chunks), (rank, key, fwd_calls, bwd_calls)
+            # counts, dispatch, combine. Backward: the four row exchanges per chunk, and the
+            # identity checks (the node level's, one per chunk inside the node).
+            assert (fwd_calls, bwd_calls) == (1 + 5 * chunks, 1 + 5 * chunks), (rank, key, fwd_calls, bwd_calls)
     assert sum(r[("count", 8, 1, None)][0] for r in res) > 0  # tokens did cross nodes
+    for rank, r in enumerate(res):
+        mine, theirs = ("call 1 forward", "call 0 backward") if rank < RPN else ("call 0 backward", "call 1 forward")
+        assert "call mismatch" in r["extra forward"] and mine in r["extra forward"], r["extra forward"]
+        assert theirs in r["extra forward"], r["extra forward"]
     for r in res:
         node, expected, inside = r["profiled"]
         assert node == (expected, True, 0) and inside == (0, True), r["profiled"]

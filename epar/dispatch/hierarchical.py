@@ -27,7 +27,9 @@ metadata columns of the dispatch gradients (as in dedup). Backward mirrors the f
 
 Collectives per layer call, dropless, c = overlap_chunks: node level one count exchange
 (all_to_all, with the call identity) and per chunk a dispatch and a combine; rank level,
-per chunk, one count exchange, a dispatch and a combine. Forward 1 + 5c, backward 4c.
+per chunk, one count exchange, a dispatch and a combine. Backward: the four row exchanges
+per chunk in reverse, each level's identity check first (one at the node level, one per
+chunk inside the node). Forward 1 + 5c, backward 1 + 5c (12 per layer step at c = 1).
 
 Fallbacks (to the deduplicated exchange, with a one-time notice): an EP group inside one
 node or made without build_groups (no topology), and the capacity strategies (token_drop,
@@ -42,7 +44,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import replace
-from types import SimpleNamespace
+from types import MethodType, SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -70,13 +72,19 @@ def applies(topology, plan: RoutingPlan) -> bool:
 
 class _Level:
     """The face of an AllToAllDispatcher that dedup's functions read (group, world, rank,
-    local experts, chunks), for one level of the exchange; the rest is the dispatcher's."""
+    local experts, chunks), for one level of the exchange. The metadata methods (identity
+    checks, forward and backward) run as the dispatcher's own, on this level's group; the
+    rest is the dispatcher's."""
 
     def __init__(self, parent, group, world: int, rank: int, local_experts: int, chunks: int):
+        from .dispatcher import AllToAllDispatcher  # no import cycle at load time
+
         self._parent = parent
         self.group, self.world, self.rank, self.local_experts = group, world, rank, local_experts
         self.host_group = None  # dropless only: no host-side exchange on these groups
         self.config = SimpleNamespace(overlap_chunks=chunks)
+        for name in ("_check_peers", "_gather_meta", "_check_backward"):
+            setattr(self, name, MethodType(getattr(AllToAllDispatcher, name), self))
 
     def __getattr__(self, name):
         return getattr(self._parent, name)
@@ -231,6 +239,11 @@ def dispatch(d, topology, x_TD, plan: RoutingPlan, experts, acc_dtype, info, sha
     with phase(rec, lid, call, "unpermute", dev):
         # Partial rows come back in slot order; each token sums its own (at most one per node).
         y_SD = backs[0] if len(backs) == 1 else torch.cat(backs)
+        # Backward's identity check, before any backward exchange of this call: on the
+        # node level's group, shaped like its forward count exchange (so that a rank still
+        # in forward meets it and both compare). Inside the node, dedup checks each chunk.
+        width, dtype = c + c * inter.local_experts, x_TD.dtype
+        y_SD = comm.check_before_backward(y_SD, lambda: inter._check_backward(info, dtype, True, width, dev, lead=2))
         S = y_SD.shape[0]
         row_TN = send.row_TN.clamp(max=S)
         y_TD = edge(sum_bags(y_SD, row_TN, send.token_N[:S], None, out_dtype), starts=[("unpermute", None)])
