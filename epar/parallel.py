@@ -94,11 +94,19 @@ def _node_blocks(ep_ranks: list[int], rpn: int) -> int:
     return len(nodes)
 
 
-def _make_topologies(layout: torch.Tensor, rank: int, rpn: int, kw: dict, ep_group) -> None:
+def _make_topologies(layout: torch.Tensor, rank: int, rpn: int, kw: dict, ep_group, nccl: bool) -> None:
     """The subgroups of the hierarchical exchange for every EP group (rows of `layout`) that
-    spans nodes: per node its intra-node group, per local rank its inter-node group. Every
-    rank creates every group, in the same order. No gloo twins: these groups carry no
-    host-side metadata (capacity modes keep the single-level exchange)."""
+    spans nodes: per node its intra-node group, per local rank its inter-node group, each
+    with a gloo twin under NCCL (backward's identity check goes over it, as on the EP
+    group). Every rank creates every group, in the same order."""
+    def new(ranks):
+        g = dist.new_group(ranks, **kw)
+        if nccl:
+            twin = dist.new_group(ranks, backend="gloo", **kw)
+            if rank in ranks:
+                _host_twins[g] = twin
+        return g
+
     for ep_ranks in layout.tolist():
         nodes = _node_blocks(ep_ranks, rpn)
         if nodes == 1:
@@ -107,12 +115,12 @@ def _make_topologies(layout: torch.Tensor, rank: int, rpn: int, kw: dict, ep_gro
         intra = inter = None
         for b in range(nodes):
             ranks = ep_ranks[b * per : (b + 1) * per]
-            g = dist.new_group(ranks, **kw)
+            g = new(ranks)
             if rank in ranks:
                 intra = g
         for q in range(per):
             ranks = ep_ranks[q::per]
-            g = dist.new_group(ranks, **kw)
+            g = new(ranks)
             if rank in ranks:
                 inter = g
         if rank in ep_ranks:
@@ -251,7 +259,7 @@ def build_groups(ep_size: int, timeout: timedelta | float | None = None, mesh=No
         mesh = DeviceMesh.from_group([expert_dp_group, ep_group], device_type, mesh=layout,
                                      mesh_dim_names=("dp", "ep"))
     if ep_size > 1:
-        _make_topologies(layout, rank, rpn, kw, ep_group)
+        _make_topologies(layout, rank, rpn, kw, ep_group, nccl)
     dp_rank, ep_rank = [int(i[0]) for i in torch.nonzero(layout == rank, as_tuple=True)]
     return ParallelGroups(world, dp, ep_size, dp_rank, ep_rank,
                           ep_group if ep_size > 1 else None,

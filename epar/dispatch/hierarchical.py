@@ -81,7 +81,7 @@ class _Level:
 
         self._parent = parent
         self.group, self.world, self.rank, self.local_experts = group, world, rank, local_experts
-        self.host_group = None  # dropless only: no host-side exchange on these groups
+        self.host_group = parallel.host_group_for(group)  # the gloo twin under NCCL (build_groups)
         self.config = SimpleNamespace(overlap_chunks=chunks)
         for name in ("_check_peers", "_gather_meta", "_check_backward"):
             setattr(self, name, MethodType(getattr(AllToAllDispatcher, name), self))
