@@ -1,13 +1,14 @@
 """ep_exchange="hierarchical" (a token crosses the node boundary once per destination node)
 at world 4 as 2 nodes x 2 ranks (build_groups(ranks_per_node=2)): equal to one device in
 float64 (outputs, input grads, every weight grad, aux loss) for dropless at overlap_chunks
-1 and 2, with 1 and 2 local experts, node-limited routing, an empty rank and rows tagged
-by source rank; the capacity strategies and a one-node EP group fall back to dedup (equal
-too) with a one-time notice. A wrapper around the collectives counts the rows each rank
-sends across the node boundary, forward and backward, against the plan (distinct
-destination nodes per token other than its own), and the collectives per layer step; the
-profiler records the node-level rows as inter-node and the ones inside the node as intra-node;
-a node calling the layer once more than the other raises CommError on every rank.
+1 and 2, with 1 and 2 local experts, node-limited routing, an empty rank, rows tagged by
+source rank, and DP 2 x EP 2 with one rank per node; the capacity strategies and a
+one-node EP group fall back to dedup (equal too) with a one-time notice. A wrapper around
+the collectives counts the rows each rank sends across the node boundary, forward and
+backward, against the plan (distinct destination nodes per token other than its own), and
+the collectives per layer step; the profiler records the node-level rows as inter-node and
+the ones inside the node as intra-node; a node calling the layer once more than the other
+raises CommError on every rank.
 
 One spawn (world 4) runs every case."""
 
@@ -111,6 +112,13 @@ def _hierarchical(rank, world):
         layer.zero_grad(), ref.zero_grad()
         x = tagged_batch(rank, sizes[rank] + 4, seed=5)
         out[("count", E, chunks, max_nodes)] = _step_counted(layer, ref, x, ep, rank, world)
+    # DP 2 x EP 2 with one rank per node: each EP group spans two nodes (intra-node groups
+    # of one rank), two EP groups side by side.
+    dp_groups = build_groups(2, ranks_per_node=1)
+    cfg = epar.MoEConfig(d_model=D, d_ff=FF, num_experts=4, top_k=2, ep_exchange="hierarchical", overlap_chunks=2)
+    layer, ref = make_pair(cfg, dp_groups.ep_group, seed=8)
+    run_and_compare(layer, ref, tagged_batch(rank, sizes[rank], 3), dp_groups.ep_group)
+    out["equal"] += 1
     # Under the profiler: the same output, and the node-level dispatch recorded as this
     # rank's rows to other nodes (all of its bytes inter-node); the report builds.
     cfg = epar.MoEConfig(d_model=D, d_ff=FF, num_experts=8, top_k=3, ep_exchange="hierarchical")
@@ -163,7 +171,7 @@ def _hierarchical(rank, world):
 def test_hierarchical_equals_one_device_and_crosses_nodes_once_per_node():
     res = run_distributed(_hierarchical, 4, timeout=300)
     for rank, r in enumerate(res):
-        assert r["equal"] == 12, (rank, r["equal"])
+        assert r["equal"] == 13, (rank, r["equal"])
         assert r["notices"] == ["ep_exchange='hierarchical' capacity", "ep_exchange='hierarchical' topology"], r
         counted = {k: v for k, v in r.items() if isinstance(k, tuple)}
         assert len(counted) == 4
