@@ -10,7 +10,7 @@ the collectives per layer step; the profiler records the node-level rows as inte
 the ones inside the node as intra-node; a node calling the layer once more than the other
 raises CommError on every rank.
 
-One spawn (world 4) runs every case."""
+One spawn (world 4) runs every case, and test_topology.py's world-4 checks."""
 
 from __future__ import annotations
 
@@ -93,9 +93,12 @@ def _step_counted(layer, ref, x, group, rank, world, rpn: int = RPN):
 
 
 def _hierarchical(rank, world):
+    from test_topology import _topologies
+
+    topologies = _topologies(rank, world)  # build_groups' node topology (test_topology.py)
     groups = build_groups(4, ranks_per_node=RPN)
     ep = groups.ep_group
-    out = {"equal": 0}
+    out = {"equal": 0, "topologies": topologies}
     sizes = [5, 7, 3, 0]  # rank 3: an empty batch
     # Dropless runs hierarchically: every chunk count, 1 and 2 local experts, node limits.
     for E, top_k, chunks, max_nodes in ((8, 3, 1, None), (8, 3, 2, None), (4, 2, 2, None), (8, 2, 1, 1)):
@@ -169,7 +172,10 @@ def _hierarchical(rank, world):
 
 
 def test_hierarchical_equals_one_device_and_crosses_nodes_once_per_node():
+    from test_topology import check_topologies
+
     res = run_distributed(_hierarchical, 4, timeout=300)
+    check_topologies([r["topologies"] for r in res])
     for rank, r in enumerate(res):
         assert r["equal"] == 13, (rank, r["equal"])
         assert r["notices"] == ["ep_exchange='hierarchical' capacity", "ep_exchange='hierarchical' topology"], r

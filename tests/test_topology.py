@@ -1,5 +1,6 @@
 """Nodes: build_groups' node topology (ranks_per_node, LOCAL_WORLD_SIZE), its checks, and
-node-limited routing (MoEConfig.max_nodes_per_token) resolved against it."""
+node-limited routing (MoEConfig.max_nodes_per_token) resolved against it. The world-4
+checks (_topologies, check_topologies) run in tests/test_hierarchical.py's spawn."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ import torch
 import torch.distributed as dist
 
 import epar
-from dist_harness import run_distributed
 from epar import parallel
 
 
@@ -94,12 +94,13 @@ def _topologies(rank, world):
     os.environ["LOCAL_WORLD_SIZE"] = "x"
     with pytest.raises(ValueError, match=r"LOCAL_WORLD_SIZE.*'x' is invalid"):
         parallel.build_groups(2)
+    del os.environ["LOCAL_WORLD_SIZE"]
     return out
 
 
-@pytest.mark.dist
-def test_build_groups_node_topology():
-    res = run_distributed(_topologies, 4, timeout=90)
+def check_topologies(res: list[dict]) -> None:
+    """The checks on _topologies' results (world 4). tests/test_hierarchical.py runs
+    _topologies in its own spawn and calls this: one process group for both files."""
     assert [r["ep4"] for r in res] == [(2, 2, 0, 0, [0, 1], [0, 2]), (2, 2, 0, 1, [0, 1], [1, 3]),
                                        (2, 2, 1, 0, [2, 3], [0, 2]), (2, 2, 1, 1, [2, 3], [1, 3])]
     assert all(r["routing"] == (2, 1) for r in res)
