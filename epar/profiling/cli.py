@@ -118,7 +118,8 @@ def _layer_options(p: argparse.ArgumentParser, title: str) -> None:
     g.add_argument("--overlap-chunks", type=int, default=1)
     g.add_argument("--ep-exchange", choices=EP_EXCHANGES, default="per_expert",
                    help="per_expert: one all-to-all per local expert, rows land grouped by expert; "
-                        "regroup: one per chunk, received rows regrouped by expert")
+                        "regroup: one per chunk, received rows regrouped by expert; dedup: each token once per "
+                        "destination rank; hierarchical: once per destination node across nodes (see the README)")
     g.add_argument("--shared-expert-d-ff", type=int, default=0)
     g.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="auto: bfloat16 on CUDA, float32 on CPU")
 
