@@ -16,7 +16,7 @@ DROP_POLICIES = ("probs", "position")
 SCORE_FUNCS = ("softmax", "sigmoid")
 ACTIVATIONS = ("swiglu", "gelu", "relu")
 AUX_LOSS_SCOPES = ("micro_batch", "global", "sequence")
-EP_EXCHANGES = ("per_expert", "regroup", "dedup")
+EP_EXCHANGES = ("per_expert", "regroup", "dedup", "hierarchical")
 
 
 def _fail(field: str, value, allowed: str) -> None:
@@ -120,9 +120,12 @@ class MoEConfig:
     # "regroup" instead. "per_expert" sends one row per routed slot, one all_to_all_single
     # per local expert, so rows land grouped (the least memory traffic, the most
     # collectives); "regroup" sends one per chunk and permutes the received rows (and back).
+    # "hierarchical" sends a token once per destination node across nodes and forwards it
+    # inside the node (needs build_groups' node topology and "dropless"; else it runs as
+    # "dedup"): epar/dispatch/hierarchical.py.
     ep_exchange: str = "dedup"
-    """How tokens cross the expert-parallel group at EP > 1: "dedup", "per_expert" or
-    "regroup" (see the comment above)."""
+    """How tokens cross the expert-parallel group at EP > 1: "dedup", "per_expert",
+    "regroup" or "hierarchical" (see the comment above)."""
     # Group-limited routing (DeepSeek-V3): experts in num_expert_groups equal groups of
     # consecutive ids; each token picks top_k only inside its topk_groups best groups.
     num_expert_groups: int = 1
@@ -131,6 +134,14 @@ class MoEConfig:
     topk_groups: int | None = None  # None = all groups
     """Expert groups each token may pick from (its best groups): None (all) or an int in
     1..num_expert_groups."""
+    # Node-limited routing (DeepSeek-V3's M): each token's experts lie on at most this many
+    # nodes. Resolved by MoELayer against its EP group's nodes (parallel.build_groups) to
+    # num_expert_groups = nodes spanned, topk_groups = min(M, nodes): experts are laid out
+    # node by node. No effect where the EP group sits in one node. None = no limit.
+    max_nodes_per_token: int | None = None
+    """Node-limited routing: each token's experts on at most this many nodes of the EP
+    group (resolved by MoELayer to one expert group per node). None or an int >= 1;
+    token-choice strategies only."""
     routed_scaling_factor: float = 1.0  # multiplies the routed experts' combined output
     """Multiplies the routed experts' combined output (after normalize_topk), never the
     shared expert's. A number > 0."""
@@ -167,6 +178,7 @@ class MoEConfig:
         # top_k=1 with normalize_topk is allowed (Qwen3 with one expert per token): the
         # routed weight is then exactly 1 and the router learns only from the aux loss.
         self._check_routing_groups()
+        self._check_max_nodes()
         _check_float("routed_scaling_factor", self.routed_scaling_factor, 0.0, strict=True)
         _check_choice("aux_loss_scope", self.aux_loss_scope, AUX_LOSS_SCOPES)
 
@@ -186,6 +198,34 @@ class MoEConfig:
         if self.top_k > reachable:
             _fail("top_k", self.top_k, f"must be <= the experts in the kept groups: topk_groups "
                   f"({self.kept_groups}) * experts per group ({self.num_experts // G}) = {reachable}")
+
+    def _check_max_nodes(self) -> None:
+        M = self.max_nodes_per_token
+        if M is None:
+            return
+        _check_int("max_nodes_per_token", M, 1)
+        if self.strategy == "expert_choice":
+            _fail("max_nodes_per_token", M, "node-limited routing needs a token-choice strategy "
+                  "('dropless' or 'token_drop'), not 'expert_choice'")
+
+    def resolve_nodes(self, nodes: int) -> "MoEConfig":
+        """This config with max_nodes_per_token turned into group-limited routing over an EP
+        group spanning `nodes` nodes (one expert group per node); unchanged without the
+        switch or on one node. Errors name the conflicting field."""
+        M = self.max_nodes_per_token
+        if M is None or nodes <= 1:
+            return self
+        if self.num_experts % nodes != 0:
+            _fail("max_nodes_per_token", M, f"needs num_experts ({self.num_experts}) divisible by the "
+                  f"nodes the EP group spans ({nodes})")
+        if self.num_expert_groups not in (1, nodes):
+            _fail("num_expert_groups", self.num_expert_groups, f"conflicts with max_nodes_per_token={M}: "
+                  f"node-limited routing uses one expert group per node ({nodes}); leave it at 1")
+        kept = min(M, nodes)
+        if self.topk_groups not in (None, kept):
+            _fail("topk_groups", self.topk_groups, f"conflicts with max_nodes_per_token={M}: over "
+                  f"{nodes} nodes it means topk_groups={kept}; leave it at None")
+        return dataclasses.replace(self, num_expert_groups=nodes, topk_groups=kept)
 
     # ---- presets -------------------------------------------------------------
     @classmethod

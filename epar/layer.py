@@ -102,8 +102,15 @@ class MoELayer(nn.Module):
         dp x ep, the world); default ep_group. update_expert_bias and
         aux_loss_scope="global" reduce over it."""
         super().__init__()
-        self.config = config
         ep_group = parallel.as_process_group(ep_group)
+        # Node-limited routing resolves against the nodes this EP group spans (build_groups).
+        topology = parallel.topology_for(ep_group)
+        config = config.resolve_nodes(topology.nodes if topology is not None else 1)
+        if config.max_nodes_per_token is not None and topology is None and ep_group is not None:
+            parallel.notice_once("max_nodes_per_token", "epar: MoEConfig.max_nodes_per_token has no effect: "
+                                 "this EP group has no node topology (it sits in one node, or was not made "
+                                 "by epar.parallel.build_groups)")
+        self.config = config
         self.ep_group = ep_group
         router_group = parallel.as_process_group(router_group)
         self.router_group = router_group if router_group is not None else ep_group

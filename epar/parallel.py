@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -20,6 +21,111 @@ from torch.distributed.device_mesh import DeviceMesh
 
 # NCCL group -> a gloo group over the same ranks, for host-only metadata exchanges.
 _host_twins: dict = {}
+# EP group -> its NodeTopology, where build_groups made one (the EP group spans nodes).
+_topologies: dict = {}
+
+
+@dataclass(frozen=True)
+class NodeTopology:
+    """How an EP group spans nodes: `nodes` blocks of `ranks_per_node` consecutive EP ranks.
+
+    A node is the set of ranks on one host (torchrun: LOCAL_WORLD_SIZE ranks per agent,
+    numbered consecutively). intra_group: this rank's node inside the EP group (EP ranks
+    node * ranks_per_node + q, q = 0..ranks_per_node-1); inter_group: the ranks with this
+    rank's local rank q on every node (its peers across the node boundary, one per node)."""
+
+    ranks_per_node: int
+    nodes: int
+    node: int  # this rank's node within the EP group
+    local_rank: int  # this rank's place within its node
+    intra_group: object
+    inter_group: object
+
+
+_noticed: set = set()
+
+
+def notice_once(key: str, message: str) -> None:
+    """A warning shown once per process per key (a fallback every layer would repeat)."""
+    if key not in _noticed:
+        _noticed.add(key)
+        warnings.warn(message, stacklevel=3)
+
+
+def topology_for(group) -> NodeTopology | None:
+    """The node topology build_groups recorded for this EP group, or None (one node, or a
+    group not made by build_groups)."""
+    return None if group is None else _topologies.get(group)
+
+
+def _ranks_per_node(ranks_per_node: int | None, world: int) -> int:
+    """ranks_per_node as given, else torchrun's LOCAL_WORLD_SIZE, else the whole world (one
+    node: the spawned processes of a single-host test)."""
+    source = "ranks_per_node"
+    if ranks_per_node is None:
+        env = os.environ.get("LOCAL_WORLD_SIZE")
+        if env is None:
+            return world
+        source = "LOCAL_WORLD_SIZE (torchrun's ranks per node)"
+        try:
+            ranks_per_node = int(env)
+        except ValueError:
+            raise ValueError(f"{source}={env!r} is invalid: it must be an int") from None
+    if isinstance(ranks_per_node, bool) or not isinstance(ranks_per_node, int) or ranks_per_node < 1 \
+            or world % ranks_per_node != 0:
+        raise ValueError(f"{source}={ranks_per_node!r} is invalid: it must be an int >= 1 that divides "
+                         f"the world size {world} (every node runs the same number of ranks)")
+    return ranks_per_node
+
+
+def _node_blocks(ep_ranks: list[int], rpn: int) -> int:
+    """Nodes the EP group spans (1: inside one node); a ValueError unless it is made of whole
+    nodes of consecutive ranks (the layout the hierarchical exchange and node-limited routing
+    assume: EP rank i is on node i // ranks_per_node)."""
+    nodes = {r // rpn for r in ep_ranks}
+    if len(nodes) == 1:
+        return 1
+    aligned = (len(ep_ranks) % rpn == 0 and ep_ranks[0] % rpn == 0
+               and ep_ranks == list(range(ep_ranks[0], ep_ranks[0] + len(ep_ranks))))
+    if not aligned:
+        raise ValueError(f"ranks_per_node={rpn} is invalid for the EP group of ranks {ep_ranks}: an EP group "
+                         f"that spans nodes must be whole nodes of consecutive ranks (ep_size a multiple of "
+                         f"ranks_per_node, EP ranks laid out node by node)")
+    return len(nodes)
+
+
+def _make_topologies(layout: torch.Tensor, rank: int, rpn: int, kw: dict, ep_group, nccl: bool) -> None:
+    """The subgroups of the hierarchical exchange for every EP group (rows of `layout`) that
+    spans nodes: per node its intra-node group, per local rank its inter-node group, each
+    with a gloo twin under NCCL (backward's identity check goes over it, as on the EP
+    group). Every rank creates every group, in the same order."""
+    def new(ranks):
+        g = dist.new_group(ranks, **kw)
+        if nccl:
+            twin = dist.new_group(ranks, backend="gloo", **kw)
+            if rank in ranks:
+                _host_twins[g] = twin
+        return g
+
+    for ep_ranks in layout.tolist():
+        nodes = _node_blocks(ep_ranks, rpn)
+        if nodes == 1:
+            continue
+        per = len(ep_ranks) // nodes
+        intra = inter = None
+        for b in range(nodes):
+            ranks = ep_ranks[b * per : (b + 1) * per]
+            g = new(ranks)
+            if rank in ranks:
+                intra = g
+        for q in range(per):
+            ranks = ep_ranks[q::per]
+            g = new(ranks)
+            if rank in ranks:
+                inter = g
+        if rank in ep_ranks:
+            i = ep_ranks.index(rank)
+            _topologies[ep_group] = NodeTopology(per, nodes, i // per, i % per, intra, inter)
 
 
 def host_group_for(group):
@@ -103,15 +209,21 @@ def _check_mesh(mesh, ep_size: int, world: int) -> None:
         raise ValueError(f"ep_size={ep_size} is invalid: the mesh's 'ep' dim has size {mesh.size(1)}")
 
 
-def build_groups(ep_size: int, timeout: timedelta | float | None = None, mesh=None) -> ParallelGroups:
+def build_groups(ep_size: int, timeout: timedelta | float | None = None, mesh=None,
+                 ranks_per_node: int | None = None) -> ParallelGroups:
     """The (dp, ep) grid for the current world; every rank must call this, in the same order.
 
     Without `mesh`, makes the EP and expert-DP groups (each with `timeout`, default: the
     default group's own timeout) and a DeviceMesh ("dp", "ep") over them. With an existing
-    mesh of those dims, uses its groups instead (their timeouts are the mesh's)."""
+    mesh of those dims, uses its groups instead (their timeouts are the mesh's).
+
+    Nodes: `ranks_per_node` consecutive ranks form a node (default: torchrun's
+    LOCAL_WORLD_SIZE; without it, one node). Where an EP group spans several nodes, this
+    also makes the groups of the hierarchical exchange (see NodeTopology, topology_for)."""
     world, rank = dist.get_world_size(), dist.get_rank()
     if ep_size < 1 or world % ep_size != 0:
         raise ValueError(f"ep_size={ep_size} is invalid: it must divide the world size {world}")
+    rpn = _ranks_per_node(ranks_per_node, world)
     if timeout is not None and not isinstance(timeout, timedelta):
         timeout = timedelta(seconds=float(timeout))
     if timeout is None:
@@ -146,6 +258,8 @@ def build_groups(ep_size: int, timeout: timedelta | float | None = None, mesh=No
         device_type = "cuda" if nccl else "cpu"
         mesh = DeviceMesh.from_group([expert_dp_group, ep_group], device_type, mesh=layout,
                                      mesh_dim_names=("dp", "ep"))
+    if ep_size > 1:
+        _make_topologies(layout, rank, rpn, kw, ep_group, nccl)
     dp_rank, ep_rank = [int(i[0]) for i in torch.nonzero(layout == rank, as_tuple=True)]
     return ParallelGroups(world, dp, ep_size, dp_rank, ep_rank,
                           ep_group if ep_size > 1 else None,

@@ -2,8 +2,11 @@
 # Two torchrun agents on this host acting as two nodes (NPROC ranks each), joined by
 # static rendezvous on loopback, exactly as two hosts would be (see the README's
 # multi-node section for the two-host command). Runs, on 2 x NPROC ranks:
-#   1. ep_check.py: EP spanning both "nodes" equals one device, every strategy;
-#   2. scripts/train_lm.py at a tiny size with EP across both "nodes"; its JSON log and
+#   1. ep_check.py: EP spanning both "nodes" equals one device, every strategy, and the
+#      hierarchical exchange (nodes from torchrun's LOCAL_WORLD_SIZE) sends one row per
+#      (token, destination node) across the node boundary;
+#   2. scripts/train_lm.py at a tiny size with EP across both "nodes", exchanging
+#      hierarchically with node-limited routing (M = 1); its JSON log and
 #      checkpoint go to $OUT_DIR (default: a new temporary directory).
 # Exits non-zero if any rank fails.
 #
@@ -40,6 +43,6 @@ two_nodes() {  # script and its arguments, run on both agents
 two_nodes "$here/ep_check.py"
 world=$((2 * nproc))
 two_nodes "$root/scripts/train_lm.py" --ep-size "$world" --experts "$world" --layers 2 --d-model 32 \
-    --heads 2 --d-ff 32 --seq-len 32 --batch 4 --steps 8 --lr 1e-2 --warmup 2 --log-every 4 \
+    --heads 2 --d-ff 32 --ep-exchange hierarchical --max-nodes-per-token 1 --seq-len 32 --batch 4 --steps 8 --lr 1e-2 --warmup 2 --log-every 4 \
     --eval-every 8 --eval-batches 1 --ckpt-dir "$out/ckpt" --log-json "$out/train_log.jsonl"
 echo "train_lm log: $out/train_log.jsonl"

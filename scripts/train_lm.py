@@ -306,6 +306,10 @@ def parse_args(argv=None):
     a("--top-k", type=int, default=2)
     a("--strategy", default="dropless", choices=epar.config.STRATEGIES)
     a("--capacity-factor", type=float, default=1.25)
+    a("--ep-exchange", default="per_expert", choices=epar.config.EP_EXCHANGES,
+      help="how tokens cross ranks (MoEConfig.ep_exchange); 'hierarchical': once per node across nodes")
+    a("--max-nodes-per-token", type=int, default=None,
+      help="node-limited routing: each token's experts on at most this many nodes (MoEConfig.max_nodes_per_token)")
     a("--shared-expert-d-ff", type=int, default=0)
     a("--aux-loss-coef", type=float, default=0.01)
     a("--expert-bias-rate", type=float, default=0.0, help="aux-loss-free balancing (0: off)")
@@ -391,7 +395,8 @@ def train(args, env, groups) -> dict:
     cfg = epar.MoEConfig(d_model=args.d_model, d_ff=args.d_ff, num_experts=args.experts, top_k=args.top_k,
                          strategy=args.strategy, capacity_factor=args.capacity_factor,
                          shared_expert_d_ff=args.shared_expert_d_ff, aux_loss_coef=args.aux_loss_coef,
-                         expert_bias_rate=args.expert_bias_rate)
+                         expert_bias_rate=args.expert_bias_rate, ep_exchange=args.ep_exchange,
+                         max_nodes_per_token=args.max_nodes_per_token)
     # router_group: every rank holds a copy of each router, so the expert-bias update sums
     # the counts of all of them and the copies stay identical.
     model = ByteLM(cfg, args.layers, args.heads, args.seq_len, args.dropout, groups.ep_group, groups.world_group)

@@ -1,5 +1,6 @@
-"""Two torchrun agents on one host acting as two nodes: EP across them equals one device,
-and scripts/train_lm.py trains with EP spanning both."""
+"""Two torchrun agents on one host acting as two nodes: EP across them equals one device
+(every exchange; the hierarchical one crosses the node boundary once per destination node),
+and scripts/train_lm.py trains with EP spanning both, exchanging hierarchically."""
 
 import json
 import os
@@ -23,6 +24,7 @@ def test_two_node_torchrun(tmp_path):
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     for rank in range(4):
         assert f"rank {rank}: OK" in proc.stdout
+        assert f"rank {rank}: hierarchical OK" in proc.stdout
     assert "world 4 = dp 1 x ep 4" in proc.stdout, proc.stdout[-4000:]
     events = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
     heldout = {e["step"]: e["heldout"] for e in events if "heldout" in e}

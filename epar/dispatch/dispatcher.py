@@ -32,7 +32,7 @@ from .. import parallel
 from ..config import MoEConfig
 from ..profiling.recorder import Exchange, PhaseRecorder, Span, phase
 from ..routing.plan import RoutingPlan
-from . import comm, dedup
+from . import comm, dedup, hierarchical
 from .permute import combine, gather_rows, inverse_permutation, permute_rows, segment_arange
 
 
@@ -312,7 +312,12 @@ class AllToAllDispatcher:
 
     def __call__(self, x_TD, plan: RoutingPlan, experts: ExpertFn, acc_dtype, info: CallInfo,
                  shared_fn: Callable[[], torch.Tensor] | None = None, out_dtype=None):
-        if self.config.ep_exchange == "dedup" and dedup.applies(self.config, plan):
+        if self.config.ep_exchange == "hierarchical":
+            topology = parallel.topology_for(self.group)
+            if hierarchical.applies(topology, plan):
+                return hierarchical.dispatch(self, topology, x_TD, plan, experts, acc_dtype, info, shared_fn,
+                                             out_dtype, _backward_edges(info.recorder, info, x_TD.device))
+        if self.config.ep_exchange in ("dedup", "hierarchical") and dedup.applies(self.config, plan):
             return dedup.dispatch(self, x_TD, plan, experts, acc_dtype, info, shared_fn, out_dtype,
                                   _backward_edges(info.recorder, info, x_TD.device))
         rec, dev, lid, call = info.recorder, x_TD.device, info.layer_id, info.call_no

@@ -118,7 +118,8 @@ def _layer_options(p: argparse.ArgumentParser, title: str) -> None:
     g.add_argument("--overlap-chunks", type=int, default=1)
     g.add_argument("--ep-exchange", choices=EP_EXCHANGES, default="per_expert",
                    help="per_expert: one all-to-all per local expert, rows land grouped by expert; "
-                        "regroup: one per chunk, received rows regrouped by expert")
+                        "regroup: one per chunk, received rows regrouped by expert; dedup: each token once per "
+                        "destination rank; hierarchical: once per destination node across nodes (see the README)")
     g.add_argument("--shared-expert-d-ff", type=int, default=0)
     g.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="auto: bfloat16 on CUDA, float32 on CPU")
 
@@ -145,6 +146,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--predict-ep", type=_ep_list, help="EP sizes to predict the layer's exchanges at, e.g. 8,16,32 "
                    "(default: the powers of two up to --experts)")
     s.add_argument("--timeout", type=float, default=300.0)
+    links = s.add_argument_group(
+        "links (projection: with --intra-gbps and --inter-gbps nothing is measured and no torchrun is needed; "
+        "each exchange's time is projected from its rows per link class, at --predict-ep sizes, default 8..256)")
+    links.add_argument("--intra-gbps", type=float, help="intra-node bandwidth per GPU and direction, GB/s (NVLink)")
+    links.add_argument("--inter-gbps", type=float, help="inter-node bandwidth per GPU and direction, GB/s (NIC)")
+    links.add_argument("--intra-latency-us", type=float, default=2.0, help="per collective inside a node (default 2)")
+    links.add_argument("--inter-latency-us", type=float, default=5.0, help="per collective across nodes (default 5)")
+    links.add_argument("--ranks-per-node", type=int, default=8, help="GPUs per node (default 8)")
+    links.add_argument("--max-nodes-per-token", type=int, default=None,
+                       help="node-limited routing (MoEConfig.max_nodes_per_token) in the projected routing")
     _layer_options(s, "layer whose exchanges are predicted")
     for sp in (p, s):
         sp.set_defaults(subparser=sp)  # so that errors found later name the subcommand
@@ -421,6 +432,8 @@ def predict(cfg: MoEConfig, tokens: int, elem: int, ep_sizes: list[int], latency
 
 def sweep(args, parser) -> dict:
     cfg = _resolve_layer(args, parser)
+    if args.intra_gbps is not None or args.inter_gbps is not None:
+        return project_links(cfg, args, parser)
     world = _world_from_env()
     if args.min_bytes < 1 or args.min_bytes > args.max_bytes:
         parser.error(f"--min-bytes must be in 1..--max-bytes ({args.max_bytes}), got {args.min_bytes}")
@@ -491,6 +504,71 @@ def sweep(args, parser) -> dict:
     finally:
         if owned:
             dist.destroy_process_group()
+
+
+def project_links(cfg: MoEConfig, args, parser) -> dict:
+    """The projection per link class (epar.profiling.projection): no process group."""
+    import dataclasses
+
+    from . import projection
+
+    for opt, value in (("--intra-gbps", args.intra_gbps), ("--inter-gbps", args.inter_gbps)):
+        if value is None or not value > 0:
+            parser.error(f"{opt} must be a bandwidth > 0 in GB/s (the projection needs both link classes), got {value}")
+    for opt, value in (("--intra-latency-us", args.intra_latency_us), ("--inter-latency-us", args.inter_latency_us)):
+        if not value >= 0:
+            parser.error(f"{opt} must be >= 0, got {value}")
+    if args.ranks_per_node < 1:
+        parser.error(f"--ranks-per-node must be >= 1, got {args.ranks_per_node}")
+    try:
+        cfg = dataclasses.replace(cfg, max_nodes_per_token=args.max_nodes_per_token)
+    except ValueError as exc:
+        parser.error(f"--max-nodes-per-token: {exc}")
+    eps = args.predict_ep or [2**i for i in range(3, 9)]
+    eps = [n for n in eps if cfg.num_experts % n == 0 and (n <= args.ranks_per_node or n % args.ranks_per_node == 0)]
+    if not eps:
+        parser.error(f"--predict-ep: no EP size divides --experts {cfg.num_experts} in whole nodes of "
+                     f"--ranks-per-node {args.ranks_per_node}")
+    _check_output_path(parser, "--json", args.json)
+    dtype = torch.bfloat16 if args.dtype == "auto" else DTYPES[args.dtype]  # GPU-sized by default
+    intra = projection.Link(args.intra_latency_us * 1e-6, args.intra_gbps * 1e9)
+    inter = projection.Link(args.inter_latency_us * 1e-6, args.inter_gbps * 1e9)
+    try:
+        rows = projection.project(cfg, args.tokens, torch.empty((), dtype=dtype).element_size(), eps,
+                                  args.ranks_per_node, intra, inter)
+    except ValueError as exc:  # e.g. node-limited routing that does not fit the nodes
+        parser.error(f"--max-nodes-per-token: {exc}")
+    rep = {"schema": "epar.projection/1", "command": "sweep", "wrong": 0,
+           "links": {"intra_gbps": args.intra_gbps, "inter_gbps": args.inter_gbps,
+                     "intra_latency_us": args.intra_latency_us, "inter_latency_us": args.inter_latency_us,
+                     "ranks_per_node": args.ranks_per_node},
+           "config": cfg.to_dict(), "tokens_per_rank": args.tokens, "dtype": str(dtype).removeprefix("torch."),
+           "rows": rows, "model": projection.__doc__.split("\n\n")[1], "model_ignores": projection.IGNORES}
+    if _is_rank0():
+        _print_projection(rep)
+        if args.json:
+            report.write_json(rep, args.json)
+    return rep
+
+
+def _print_projection(rep: dict) -> None:
+    c, links = rep["config"], rep["links"]
+    console = _console()
+    limit = f", at most {c['max_nodes_per_token']} nodes per token" if c["max_nodes_per_token"] else ""
+    t = Table(title=f"projected exchange time ({c['num_experts']} experts, top-{c['top_k']}{limit}, d_model "
+                    f"{c['d_model']}, {rep['tokens_per_rank']} tokens/rank, {rep['dtype']}; {links['ranks_per_node']} "
+                    f"GPUs/node, NVLink {links['intra_gbps']:g} GB/s + {links['intra_latency_us']:g} us, network "
+                    f"{links['inter_gbps']:g} GB/s + {links['inter_latency_us']:g} us), one exchange, one direction")
+    for col in ("EP", "nodes", "exchange", "rows/token in node", "rows/token across", "in node / rank",
+                "across / rank", "ms", "across GB/s"):
+        t.add_column(col, justify="right")
+    for r in rep["rows"]:
+        t.add_row(str(r["ep_size"]), str(r["nodes"]), r["exchange"], f"{r['intra_rows_per_token']:.2f}",
+                  f"{r['inter_rows_per_token']:.2f}", report._fmt_bytes(r["intra_bytes"]),
+                  report._fmt_bytes(r["inter_bytes"]), f"{r['exchange_ms']:.3f}",
+                  "-" if r["inter_gbps"] is None else f"{r['inter_gbps']:.1f}")
+    console.print(t)
+    console.print("the projection ignores:\n" + "\n".join(f"  - {item}" for item in rep["model_ignores"]))
 
 
 def _print_prediction(rep: dict) -> None:
