@@ -85,3 +85,23 @@ def test_readme_projection_table_is_what_the_command_prints(tmp_path):
         shown = (nodes, r_in, r_across, ms, gbps)
         assert shown == (str(r["nodes"]), f"{r['intra_rows_per_token']:.2f}", f"{r['inter_rows_per_token']:.2f}",
                          f"{r['exchange_ms']:.2f}", "-" if r["inter_gbps"] is None else f"{r['inter_gbps']:.1f}"), (ep, ex)
+
+
+def test_sweep_prediction_counts_dedup_rows():
+    """`epar sweep`'s prediction sends what each exchange sends: a row per routed slot for
+    per_expert, once per other rank holding one of the token's experts for dedup (every
+    expert selected: every other rank, exactly), and the static min(T, L * C) rows to each
+    rank for a capacity mode under dedup."""
+    from epar.profiling.cli import predict
+
+    T, D, elem = 64, 16, 2
+    every = dict(d_model=D, d_ff=8, num_experts=8, top_k=8)
+    for n in (2, 4, 8):
+        slots = predict(epar.MoEConfig(**every, ep_exchange="per_expert"), T, elem, [n], 1e-5, 1e9)[0]
+        dedup = predict(epar.MoEConfig(**every, ep_exchange="dedup"), T, elem, [n], 1e-5, 1e9)[0]
+        assert slots["bytes_to_others"] == T * 8 * (n - 1) / n * D * elem
+        assert dedup["bytes_to_others"] == T * (n - 1) * D * elem
+        assert dedup["collectives"] == 1
+    cfg = epar.MoEConfig(d_model=D, d_ff=8, num_experts=8, top_k=2, strategy="token_drop", ep_exchange="dedup")
+    L, C = 8 // 4, cfg.capacity(T)
+    assert predict(cfg, T, elem, [4], 1e-5, 1e9)[0]["bytes_to_others"] == 3 * min(T, L * C) * D * elem

@@ -52,7 +52,9 @@ OPTION_OF_FIELD = {"d_model": "--d-model", "d_ff": "--d-ff", "num_experts": "--e
 MODEL_IGNORES = [
     "per-peer message overhead that grows with the number of ranks (the latency is the one measured at this world size)",
     "the change of links when the EP group leaves one node (NVLink vs network), and contention on shared links",
-    "routing imbalance: it assumes every rank sends the mean number of rows, spread evenly over the ranks",
+    "routing imbalance: it assumes every rank sends the mean number of rows, spread evenly over the ranks "
+    "(dedup's rows per token come from a uniformly random routing)",
+    "dedup's metadata columns (expert ids and weights packed beside each row: a few percent of a row)",
     "overlap with compute (it predicts exchange time, not exposed time) and the count exchange of dropless routing",
 ]
 
@@ -417,10 +419,28 @@ def layer_exchange_rows(cfg: MoEConfig, tokens: int) -> int:
     return cfg.num_experts * cfg.capacity(tokens)
 
 
+def rows_to_others(cfg: MoEConfig, tokens: int, n: int) -> float:
+    """Rows one rank sends to the other n - 1 ranks per exchange. One row per routed slot
+    (per_expert, regroup), routing balanced; dedup (and hierarchical, which is dedup inside
+    one node): dropless sends a token once per other rank holding one of its experts,
+    counted on a uniformly random routing (epar.wire), the capacity modes their static
+    min(tokens, local experts * capacity) rows to each rank (one chunk)."""
+    L = cfg.num_experts // n
+    if cfg.ep_exchange in ("dedup", "hierarchical"):
+        if cfg.strategy == "dropless":
+            from .projection import rows_per_token  # samples a routing: only when asked
+
+            intra, inter = rows_per_token(cfg, n, n)["per_rank"]
+            return tokens * (intra + inter)
+        if cfg.overlap_chunks == 1:
+            return (n - 1) * min(tokens, L * cfg.capacity(tokens))
+    return layer_exchange_rows(cfg, tokens) * (n - 1) / n
+
+
 def predict(cfg: MoEConfig, tokens: int, elem: int, ep_sizes: list[int], latency: float, bw: float) -> list[dict]:
     rows = []
     for n in ep_sizes:
-        to_others = layer_exchange_rows(cfg, tokens) * cfg.d_model * elem * (n - 1) / n
+        to_others = rows_to_others(cfg, tokens, n) * cfg.d_model * elem
         local = cfg.num_experts // n
         calls = cfg.overlap_chunks * (local if cfg.ep_exchange == "per_expert" and local > 1 else 1)
         one = (calls * latency + to_others / bw) * 1e3  # each all-to-all call pays the latency
