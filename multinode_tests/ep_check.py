@@ -13,12 +13,17 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
 import epar  # noqa: E402
 from ep_checks import D, FF, make_pair, run_and_compare, tagged_batch  # noqa: E402
-from epar.parallel import build_groups, init_distributed, topology_for  # noqa: E402
+from epar.parallel import build_groups, init_distributed, shutdown, topology_for  # noqa: E402
 
 
 def main() -> None:
     env = init_distributed(timeout=60)
     torch.set_num_threads(1)
+    checks(env)
+    shutdown()  # after checks() returned: nothing holds a group any more
+
+
+def checks(env) -> None:
     for ep_size in (env.world_size, 2):  # EP spanning both nodes, then dp x ep
         groups = build_groups(ep_size)
         for strategy in ("dropless", "token_drop", "expert_choice"):
@@ -28,7 +33,6 @@ def main() -> None:
             run_and_compare(layer, ref, tagged_batch(env.rank, 3 + 2 * env.rank), groups.ep_group)
     hierarchical(env)
     print(f"rank {env.rank}: OK", flush=True)
-    torch.distributed.destroy_process_group()
 
 
 def hierarchical(env) -> None:

@@ -31,6 +31,11 @@ def main() -> None:
     args = ap.parse_args()
 
     env = init_distributed(timeout=120)
+    run(args, env)
+    epar.parallel.shutdown()  # after run() returned: nothing holds a group any more
+
+
+def run(args, env) -> None:
     groups = build_groups(args.ep_size or env.world_size)
     cfg = epar.MoEConfig(d_model=64, d_ff=128, num_experts=args.experts, top_k=2, strategy=args.strategy,
                          shared_expert_d_ff=64, overlap_chunks=args.overlap_chunks, expert_bias_rate=1e-3)
@@ -84,8 +89,6 @@ def main() -> None:
         slots = args.steps * args.tokens * cfg.top_k * env.world_size
         console.print(f"loss {mean_loss[0]:.4f} -> {mean_loss[-1]:.4f}; imbalance max/mean "
                       f"{load.max().item() / max(mean, 1e-9):.2f}; dropped slots {int(dropped)} of {slots}")
-    dist.barrier()  # every rank done first: gloo can abort a rank whose peer tears down under it
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

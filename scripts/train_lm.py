@@ -38,7 +38,7 @@ from torch import nn
 import epar
 from epar import checkpoint
 from epar.parallel import (broadcast_parameters, build_groups, check_replicas, clip_grad_norm_, dense_mesh,
-                           fully_shard_moe, init_distributed, is_expert_param, reduce_gradients)
+                           fully_shard_moe, init_distributed, is_expert_param, reduce_gradients, shutdown)
 
 V = 256  # byte vocabulary
 HELDOUT_EVERY = 10  # topic i (in sorted name order) is held out when i % 10 == 5
@@ -530,12 +530,12 @@ def train(args, env, groups) -> dict:
 def main(argv=None) -> None:
     args = parse_args(argv)
     env = init_distributed(timeout=300)
-    groups = build_groups(args.ep_size or env.world_size)
     try:
-        train(args, env, groups)
-        dist.barrier()  # every rank done first: gloo can abort a rank whose peer tears down under it
-    finally:
-        dist.destroy_process_group()
+        train(args, env, build_groups(args.ep_size or env.world_size))
+    except BaseException:
+        dist.destroy_process_group()  # no barrier: a peer may be gone
+        raise
+    shutdown()  # after train() returned: nothing holds a group any more
 
 
 if __name__ == "__main__":

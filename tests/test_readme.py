@@ -106,7 +106,10 @@ def _run_blocks(blocks_json: str, out_dir: str) -> int:
                 print(entry["error"], file=sys.stderr, flush=True)
                 os._exit(1)
     if dist.is_initialized():
-        dist.barrier()  # a gloo rank can abort when its peer tears down under it
+        import gc
+
+        gc.collect()  # the blocks' models go first (see epar.parallel.shutdown)
+        dist.barrier()
         real_destroy()
     return status
 

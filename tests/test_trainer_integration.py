@@ -14,24 +14,9 @@ import epar
 from dist_harness import run_distributed
 from ep_checks import D, FF, make_pair, run_and_compare, tagged_batch
 from epar.parallel import broadcast_parameters, build_groups, check_replicas, fully_shard_moe
-from test_trainer_safety import safety_checks
+from test_trainer_safety import TinyModel, safety_checks
 
 T = 6  # tokens per rank
-
-
-class TinyModel(nn.Module):
-    """Dense in-projection -> MoE layer (+ residual) -> dense head; mean-square loss."""
-
-    def __init__(self, cfg, ep_group=None, router_group=None):
-        super().__init__()
-        self.inp = nn.Linear(D, D)
-        self.moe = epar.MoELayer(cfg, ep_group, router_group)
-        self.head = nn.Linear(D, 2)
-
-    def forward(self, x):
-        h = self.inp(x)
-        out = self.moe(h)
-        return self.head(out.y + h).square().mean() + out.aux_loss
 
 
 def _cfg(**kw):

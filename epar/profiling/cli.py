@@ -270,8 +270,10 @@ def profile(args, parser) -> dict:
                 report.write_json(rep, args.json)
             if args.trace:
                 report.write_trace(per_rank, args.trace)
-        if owned:  # every rank done first: gloo can abort a rank whose peer tears down under it
-            dist.barrier()
+        if owned:  # drop what holds the groups first (see parallel.shutdown)
+            del layer, step, x, grad_y, rec, per_rank, groups
+            parallel.shutdown()
+            owned = False
         return rep
     finally:
         if owned:
@@ -518,8 +520,9 @@ def sweep(args, parser) -> dict:
                 report.write_json(rep, args.json)
             if errors:
                 print(f"error: {errors} received elements differ from what was sent", file=sys.stderr)
-        if owned:  # every rank done first: gloo can abort a rank whose peer tears down under it
-            dist.barrier()
+        if owned:
+            parallel.shutdown()
+            owned = False
         return rep
     finally:
         if owned:
