@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from ..profiling.recorder import before_backward
+
 
 class CommError(RuntimeError):
     """An expert-parallel collective failed or timed out (a rank died, ranks made
@@ -111,22 +113,8 @@ def wait(buffer: torch.Tensor, pending: Pending) -> torch.Tensor:
     return _Wait.apply(buffer, pending)
 
 
-class _BeforeBackward(torch.autograd.Function):
-    """Identity forward; backward runs `check` before passing the gradient on."""
-
-    @staticmethod
-    def forward(ctx, x, check):
-        ctx.check = check
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        ctx.check()
-        return grad, None
-
-
 def check_before_backward(x: torch.Tensor, check) -> torch.Tensor:
     """x, whose backward first calls check(): placed on a layer call's output, it runs
     before every backward exchange that lies behind that output (each backward pass,
     retain_graph included)."""
-    return _BeforeBackward.apply(x, check)
+    return before_backward(x, check)

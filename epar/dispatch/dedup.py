@@ -328,14 +328,8 @@ def _capacity_sizes(d, plan: RoutingPlan, ident: list[int]) -> _Sizes:
     of them go to each local expert."""
     from .dispatcher import _exchange_name  # no import cycle at load time
     n, L = d.world, d.local_experts
-    meta = [plan.capacity, plan.num_tokens] + ident
-    group = d.host_group if d.host_group is not None else d.group
-    dev = "cpu" if d.host_group is not None else plan.token_idx_S.device
-    mine = torch.tensor(meta, dtype=torch.int64, device=dev)
-    gathered = [torch.empty_like(mine) for _ in range(n)]
-    comm.wait_work(dist.all_gather(gathered, mine, group=group, async_op=True),
-                   _exchange_name(ident, "token-count exchange"), group)
-    table = torch.stack(gathered).tolist()
+    table = d._gather_meta([plan.capacity, plan.num_tokens] + ident, plan.token_idx_S.device,
+                           _exchange_name(ident, "token-count exchange"))
     d._check_peers([row[2:] for row in table], ident)
     bounds = [min(T, L * C) for C, T in (row[:2] for row in table)]
     caps = [row[0] for row in table]

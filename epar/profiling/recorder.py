@@ -85,8 +85,8 @@ class _Replay:
     times: list = field(default_factory=list)  # (start, end) markers of each repeat
 
 
-class _Edge(torch.autograd.Function):
-    """Identity whose backward runs a callback: a timestamp between two backward phases."""
+class _BeforeBackward(torch.autograd.Function):
+    """Identity whose backward runs a callback before passing the gradient on."""
 
     @staticmethod
     def forward(ctx, x, fire):
@@ -97,6 +97,12 @@ class _Edge(torch.autograd.Function):
     def backward(ctx, grad):
         ctx.fire()
         return grad, None
+
+
+def before_backward(x: torch.Tensor, fire) -> torch.Tensor:
+    """x, whose backward calls fire() first (every backward pass, retain_graph included):
+    a timestamp between two backward phases here, the call-identity check in comm."""
+    return _BeforeBackward.apply(x, fire)
 
 
 class PhaseRecorder:
@@ -224,7 +230,7 @@ class PhaseRecorder:
             for name, chunk in starts:
                 self._bwd_start.setdefault((layer, call, name, chunk), m)
 
-        return _Edge.apply(x, fire)
+        return before_backward(x, fire)
 
     def _backward_spans(self) -> list[Span]:
         spans = []
