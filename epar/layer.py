@@ -1,4 +1,4 @@
-"""MoELayer: router -> strategy -> dispatcher -> experts -> combine (+ shared expert)."""
+"""MoELayer: router -> strategy -> exchange -> experts -> combine (+ shared expert)."""
 
 from __future__ import annotations
 
@@ -14,9 +14,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from . import parallel, profiling
 from .config import MoEConfig
-from .dispatch import dedup
-from .dispatch.comm import CommError
-from .dispatch.dispatcher import AllToAllDispatcher, CallInfo, LocalDispatcher, _backward_edges
+from .dispatch import CallContext, CommError, build_exchange
 from .experts import GroupedExperts, SharedExpert
 from .routing.info import RoutingInfo
 from .routing.losses import aux_loss
@@ -85,7 +83,7 @@ class MoELayer(nn.Module):
     their coefficients applied: add it to the training loss), `stats` (this rank's
     per-expert load) and `routing` (where each token went, computed when read). Each
     call: the router scores this rank's tokens, the strategy (`config.strategy`) turns
-    the scores into a plan, the dispatcher sends each routed row to the rank holding its
+    the scores into a plan, the exchange sends each routed row to the rank holding its
     expert and back, and the weighted expert outputs are summed per token (+ the shared
     expert). Rank r of an EP group of size n holds global experts [r*E/n, (r+1)*E/n).
 
@@ -132,9 +130,8 @@ class MoELayer(nn.Module):
         self.layer_id = _next_layer_number(ep_group if ep_size > 1 else None)
         if ep_size > 1:
             _check_same_config(config, ep_group, self.layer_id)
-            self.dispatcher = AllToAllDispatcher(config, ep_group)
-        else:
-            self.dispatcher = LocalDispatcher()
+        # How tokens reach their experts: chosen once, here (dispatch/registry.py).
+        self.exchange = build_exchange(config, ep_group)
         self._calls = 0
 
     def extra_repr(self) -> str:
@@ -218,13 +215,11 @@ class MoELayer(nn.Module):
         rec = profiling.current()
         # Calls are numbered only where something reads the number (the EP exchanges'
         # identity check, the recorder): a Python counter changing every call would make
-        # torch.compile recompile on every call. With EP > 1 and no recorder the number is
-        # taken inside _exchange_eagerly (or dedup's first exchange step), which dynamo does
-        # not trace (call_no None until then).
+        # torch.compile recompile on every call. With EP > 1 and no recorder the exchange
+        # numbers the call in a step that dynamo does not trace (CallContext.numbered).
         call_no = 0 if self.ep_size == 1 else None
         if rec is not None:
             call_no = self._next_call_no()
-        info = CallInfo(self.layer_id, call_no, rec)
         dev = x.device
         total = rec.mark(dev) if rec else None
         x_TD = x.reshape(-1, self.config.d_model)
@@ -232,7 +227,7 @@ class MoELayer(nn.Module):
             x_TD = x_TD.masked_fill(~valid_T.unsqueeze(1), 0.0)
         acc = router_dtype(x.dtype)
 
-        with profiling.phase(rec, info.layer_id, info.call_no, "route", dev):
+        with profiling.phase(rec, self.layer_id, call_no, "route", dev):
             r_out = self.router(x_TD)
             plan = self.strategy.plan(r_out, valid_T, num_real)
             loss = aux_loss(self.config, r_out, plan, seq_len=x.shape[-2] if x.dim() > 2 else None,
@@ -244,14 +239,9 @@ class MoELayer(nn.Module):
         shared_fn = (lambda: self.shared_expert(x_TD)) if self.shared_expert is not None else None
         # With nothing added after it, the combine rounds its float32 sum to x's dtype itself.
         out_dt = acc if shared_fn is not None else x.dtype
-        if self.ep_size > 1:
-            y_TD, shared_out = self._exchange(x_TD, plan, acc, info, shared_fn, out_dt)
-        else:
-            y_TD = self.dispatcher(x_TD, plan, self.experts, acc, info, out_dtype=out_dt)
-            shared_out = None
-            if shared_fn is not None:
-                with profiling.phase(rec, info.layer_id, info.call_no, "shared", dev):
-                    shared_out = shared_fn()
+        call = CallContext(self.layer_id, call_no, self._next_call_no, acc, out_dt, shared_fn,
+                           profiling.probe_for(rec, self.layer_id, call_no, dev))
+        y_TD, shared_out = self.exchange(x_TD, plan, self.experts, call)
         if self.config.routed_scaling_factor != 1.0:  # routed experts only, never the shared one
             y_TD = y_TD * self.config.routed_scaling_factor
         if shared_out is not None:
@@ -266,9 +256,9 @@ class MoELayer(nn.Module):
         }
         if rec:
             real = plan.num_tokens if num_real is None else num_real
-            rec.add_stats(info.layer_id, info.call_no, {**stats, "num_tokens": torch.tensor(real)},
+            rec.add_stats(self.layer_id, call_no, {**stats, "num_tokens": torch.tensor(real)},
                           top_k=self.config.top_k, ep_size=self.ep_size)
-            rec.add_span(profiling.recorder.Span(info.layer_id, info.call_no, "total", None, total, rec.mark(dev)))
+            rec.add_span(profiling.recorder.Span(self.layer_id, call_no, "total", None, total, rec.mark(dev)))
         return MoEOutput(y_TD.to(x.dtype).reshape(x.shape), loss, stats, RoutingInfo(plan, tuple(x.shape[:-1])))
 
     def _sum_over_router_group(self, totals: torch.Tensor) -> None:
@@ -278,23 +268,6 @@ class MoELayer(nn.Module):
     def _next_call_no(self) -> int:
         call_no, self._calls = self._calls, self._calls + 1
         return call_no
-
-    def _exchange(self, x_TD, plan, acc, info: CallInfo, shared_fn, out_dtype):
-        if self.config.ep_exchange == "dedup" and dedup.applies(self.config, plan):
-            # Traced by torch.compile except its exchange steps (graph breaks around them):
-            # the experts, the expand and the partial sums compile.
-            return dedup.dispatch(self.dispatcher, x_TD, plan, self.experts, acc, info, shared_fn, out_dtype,
-                                  _backward_edges(info.recorder, info, x_TD.device), self._next_call_no)
-        return self._exchange_eagerly(x_TD, plan, acc, info, shared_fn, out_dtype)
-
-    @torch.compiler.disable
-    def _exchange_eagerly(self, x_TD, plan, acc, info: CallInfo, shared_fn, out_dtype):
-        """The EP dispatch (exchanges, experts between them, combine), run eagerly under
-        torch.compile: its split sizes and call number are host values that change per
-        call, so tracing them would recompile every call. One graph break on each side."""
-        if info.call_no is None:
-            info = CallInfo(info.layer_id, self._next_call_no(), info.recorder)
-        return self.dispatcher(x_TD, plan, self.experts, acc, info, shared_fn, out_dtype=out_dtype)
 
     @torch.no_grad()
     def update_expert_bias(self, group=None) -> None:

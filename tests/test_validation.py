@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import epar
-from epar.dispatch import dispatcher
+from epar.dispatch import identity as call_identity
 
 NUMERIC_FIELDS = ("capacity_factor", "router_jitter_eps", "router_noise_std", "aux_loss_coef", "z_loss_coef",
                   "expert_bias_rate", "routed_scaling_factor")
@@ -55,10 +55,9 @@ def test_dtype_identity_tells_every_dtype_apart():
     """The per-call identity's dtype code: one code per torch dtype, and its name back."""
     dtypes = {d for d in vars(torch).values() if isinstance(d, torch.dtype)}
     assert {torch.float8_e4m3fn, torch.float8_e5m2, torch.int8, torch.complex64} <= dtypes
-    codes = {d: dispatcher._DTYPES.index(d) for d in dtypes}
+    codes = {d: call_identity.DTYPES.index(d) for d in dtypes}
     assert len(set(codes.values())) == len(dtypes)
     for d, code in codes.items():
-        assert dispatcher._dtype_name(code) == str(d)
-    info = dispatcher.CallInfo(layer_id=3, call_no=5, recorder=None)
-    ident = dispatcher.AllToAllDispatcher._identity
-    assert ident(info, torch.float8_e4m3fn) != ident(info, torch.float8_e5m2)
+        assert call_identity.dtype_name(code) == str(d)
+    ident = call_identity.identity
+    assert ident(3, 5, torch.float8_e4m3fn) != ident(3, 5, torch.float8_e5m2)

@@ -10,6 +10,10 @@ yet filled) output buffer, `wait` blocks until it has arrived. Work placed
 between the two overlaps the exchange. Backward mirrors it: the backward of `wait`
 issues the reverse exchange of the gradient, the backward of `start` waits for it,
 so the autograd engine pipelines backward chunks the same way as forward.
+
+`send` / `receive` are what an exchange calls: `start` / `wait` plus the profiling
+probe's lines for the phase (sizes, the span in flight, backward marks), so an exchange
+spends one line on each.
 """
 
 from __future__ import annotations
@@ -111,6 +115,35 @@ def start(x: torch.Tensor, group, out_parts: list[list[int]], in_parts: list[lis
 
 def wait(buffer: torch.Tensor, pending: Pending) -> torch.Tensor:
     return _Wait.apply(buffer, pending)
+
+
+class Transfer:
+    """One chunk of a row exchange in flight (see `send`)."""
+
+    __slots__ = ("name", "chunk", "buffer", "pending", "started")
+
+    def __init__(self, name, chunk, buffer, pending, started):
+        self.name, self.chunk, self.buffer, self.pending, self.started = name, chunk, buffer, pending, started
+
+
+def send(probe, name: str, chunk, x: torch.Tensor, group, out_parts: list[list[int]],
+         in_parts: list[list[int]], what: str) -> Transfer:
+    """Issue phase `name` (chunk `chunk`) of an exchange: x's rows in parts (see `start`),
+    recorded on the probe (sizes; backward: the phase ends when x's gradient is complete)."""
+    x = probe.backward_mark(x, ends=[(name, chunk)])
+    started = probe.mark()
+    buffer, pending = start(x, group, out_parts, in_parts, what)
+    probe.record_exchange(name, chunk, x, group, in_parts, out_parts)
+    return Transfer(name, chunk, buffer, pending, started)
+
+
+def receive(probe, transfer: Transfer) -> torch.Tensor:
+    """The rows of a `send`, once arrived; the probe gets its span (in flight from the
+    send, waited on from here) and the phase's backward start."""
+    exposed = probe.mark()
+    out = wait(transfer.buffer, transfer.pending)
+    probe.comm_span(transfer.name, transfer.chunk, transfer.started, exposed)
+    return probe.backward_mark(out, starts=[(transfer.name, transfer.chunk)])
 
 
 def check_before_backward(x: torch.Tensor, check) -> torch.Tensor:

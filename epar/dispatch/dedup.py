@@ -23,8 +23,13 @@ Per call:
 Backward mirrors it: two exchanges per chunk, the dispatch's carrying the weights'
 gradient back in the metadata columns of the gradient rows.
 
-Chunks (overlap_chunks > 1) split each destination's rows; capacity modes with several
-chunks keep the one-call exchange with regrouping (see `applies`).
+Chunks (overlap_chunks > 1) split each destination's rows. A capacity mode with several
+chunks would need a static per-chunk bound on each expert's pairs, up to overlap_chunks
+times its capacity in padding: registry.py gives those the "regroup" exchange instead.
+
+Public pieces, which hierarchical.py composes: `build_send` (the source side), `SendChunks`
+(the send rows as a function of x and the weights), `dropless_sizes` (the count exchange)
+and `DedupExchange.on_group` (the whole exchange on another group).
 """
 
 from __future__ import annotations
@@ -32,65 +37,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
-from ..profiling.recorder import Exchange, Span, phase
 from ..routing.plan import RoutingPlan
-from . import comm
+from . import comm, streams
+from .base import CallContext, ExpertFn, TokenExchange
+from .identity import BACKWARD, PeerGroup, identity
+from .packing import ID_DTYPE, RowLayout, offsets
 from .permute import bag_sum, packed_bags, sum_bags
 
-_ID_DTYPE = torch.int32
 
-
-def applies(config, plan: RoutingPlan) -> bool:
-    """Dedup runs dropless at any chunk count and the capacity modes with one chunk. With
-    several chunks a capacity mode would need a static per-chunk bound on each expert's
-    pairs, up to overlap_chunks times its capacity in padding: those keep the one-call
-    exchange that regroups rows by local expert."""
-    return plan.capacity is None or config.overlap_chunks == 1
-
-
-# ---- byte packing: rows and their metadata in one payload ------------------------
-@dataclass(frozen=True)
-class _Layout:
-    """Columns of a packed row: D payload values, then the metadata bytes (K weights,
-    K int32 ids, zero padding to a whole payload element) viewed as M payload values."""
-
-    D: int
-    K: int
-    w_dtype: torch.dtype
-    dtype: torch.dtype  # payload
-
-    @property
-    def w_bytes(self) -> int:
-        return self.K * self.w_dtype.itemsize
-
-    @property
-    def meta_bytes(self) -> int:
-        return self.w_bytes + self.K * _ID_DTYPE.itemsize
-
-    @property
-    def M(self) -> int:
-        return -(-self.meta_bytes // self.dtype.itemsize)
-
-    def pack_meta(self, w_NK: torch.Tensor, ids_NK: torch.Tensor) -> torch.Tensor:
-        N = w_NK.shape[0]
-        raw = w_NK.new_zeros(N, self.M * self.dtype.itemsize, dtype=torch.uint8)
-        raw[:, : self.w_bytes] = w_NK.contiguous().view(torch.uint8)
-        raw[:, self.w_bytes : self.meta_bytes] = ids_NK.contiguous().view(torch.uint8)
-        return raw.view(self.dtype)
-
-    def unpack_meta(self, meta_NM: torch.Tensor):
-        raw = meta_NM.contiguous().view(torch.uint8)
-        w = raw[:, : self.w_bytes].contiguous().view(self.w_dtype)
-        ids = raw[:, self.w_bytes : self.meta_bytes].contiguous().view(_ID_DTYPE)
-        return w, ids
-
-
-def _pack(x_TD, w_NK, token_N, valid_N, ids_NK, layout: "_Layout") -> torch.Tensor:
+def _pack(x_TD, w_NK, token_N, valid_N, ids_NK, layout: RowLayout) -> torch.Tensor:
     """[N, D + M] rows to send: x[token_N] (exact zeros where valid_N is False) and the
-    packed metadata. No autograd here: _SendChunks is the node (its split sizes come
+    packed metadata. No autograd here: SendChunks is the node (its split sizes come
     later, from the host, and this gather is queued before they are read)."""
     T, N = x_TD.shape[0], token_N.shape[0]
     with torch.no_grad():
@@ -110,7 +69,7 @@ def _pack(x_TD, w_NK, token_N, valid_N, ids_NK, layout: "_Layout") -> torch.Tens
     return out
 
 
-class _SendChunks(torch.autograd.Function):
+class SendChunks(torch.autograd.Function):
     """The packed rows' chunks (consecutive row ranges; rows past the last are not sent),
     as a function of x and the weights. Backward: each token's gradient is the sum of its
     rows' (a bag of at most one row per rank: row_TN), and the weights' gradient is read
@@ -118,11 +77,11 @@ class _SendChunks(torch.autograd.Function):
     a zero tensor: 0 + x is not bit-exact for metadata bytes that read as NaN or -0.)"""
 
     @staticmethod
-    def forward(ctx, x_TD, w_NK, packed_NX, row_TN, layout: "_Layout", sizes: list[int]):
+    def forward(ctx, x_TD, w_NK, packed_NX, row_TN, layout: RowLayout, sizes: list[int]):
         ctx.save_for_backward(row_TN)
         ctx.N, ctx.layout, ctx.sizes = packed_NX.shape[0], layout, sizes
         ctx.dtypes = (x_TD.dtype, w_NK.dtype)
-        return tuple(packed_NX.narrow(0, o, s) for o, s in zip(_offsets(sizes), sizes))
+        return tuple(packed_NX.narrow(0, o, s) for o, s in zip(offsets(sizes), sizes))
 
     @staticmethod
     def backward(ctx, *grads):
@@ -150,7 +109,7 @@ class _Receive(torch.autograd.Function):
     gradient into one packed [R, D + M] gradient for the dispatch's reverse exchange."""
 
     @staticmethod
-    def forward(ctx, packed_RX, row_P, valid_P, slot_RK, layout: "_Layout"):
+    def forward(ctx, packed_RX, row_P, valid_P, slot_RK, layout: RowLayout):
         R = packed_RX.shape[0]
         ctx.save_for_backward(slot_RK)
         ctx.P, ctx.layout = row_P.shape[0], layout
@@ -176,16 +135,8 @@ class _Receive(torch.autograd.Function):
             g_RD = F.embedding_bag(inp, g_PD.to(lay.dtype), offsets, mode="sum")[:R]
         if g_RK is None:
             g_RK = torch.zeros(R, lay.K, dtype=lay.w_dtype, device=dev)
-        ids = torch.zeros(R, lay.K, dtype=_ID_DTYPE, device=dev)
+        ids = torch.zeros(R, lay.K, dtype=ID_DTYPE, device=dev)
         return torch.cat([g_RD, lay.pack_meta(g_RK.to(lay.w_dtype), ids)], 1), None, None, None, None
-
-
-def _offsets(sizes: list[int]) -> list[int]:
-    out, o = [], 0
-    for s in sizes:
-        out.append(o)
-        o += s
-    return out
 
 
 # ---- the source side: who goes where -----------------------------------------------
@@ -202,7 +153,7 @@ def _entries(plan: RoutingPlan, n: int, L: int, w_dtype):
         taken = torch.zeros(T * n * L, dtype=torch.bool, device=dev).index_put_(
             (flat,), torch.ones_like(flat, dtype=torch.bool)).view(T, n, L)
         w_TNL = weight_S.new_zeros(T * n * L).index_put((flat,), weight_S).view(T, n, L)
-        ids = torch.where(taken, torch.arange(L, device=dev, dtype=_ID_DTYPE), -1)
+        ids = torch.where(taken, torch.arange(L, device=dev, dtype=ID_DTYPE), -1)
         return ids, w_TNL, (plan.token_idx_S, e_S // L, e_S % L, None)
     # Token choice: a token's k slots (S = dropped), sorted by destination rank so that
     # the slots of each (token, rank) form a run; entry i of (t, d) is the run's i-th.
@@ -219,7 +170,7 @@ def _entries(plan: RoutingPlan, n: int, L: int, w_dtype):
     ok = i_K < count_TN.unsqueeze(-1)
     run = (first_TN.unsqueeze(-1) + i_K).clamp(max=k - 1).view(T, n * K)
     slot = order_TK.gather(1, run)  # [T, n*K]: the token's slot for each entry
-    ids = torch.where(ok, (plan.expert_TK.gather(1, slot) % L).view(T, n, K), -1).to(_ID_DTYPE)
+    ids = torch.where(ok, (plan.expert_TK.gather(1, slot) % L).view(T, n, K), -1).to(ID_DTYPE)
     w = torch.where(ok, w_TK.gather(1, slot).view(T, n, K), 0)
     t_TK = torch.arange(T, device=dev).unsqueeze(1).expand(T, k)
     return ids, w, (t_TK.reshape(-1), d_TK.reshape(-1).clamp(max=n - 1), (plan.expert_TK % L).reshape(-1),
@@ -245,17 +196,17 @@ def _slots(go_TN: torch.Tensor, block_N: torch.Tensor, chunks: int, NB: int):
 
 
 @dataclass
-class _Send:
-    packed_NX: torch.Tensor  # every send slot, rows and metadata (no autograd: see _SendChunks)
+class SendRows:
+    packed_NX: torch.Tensor  # every send slot, rows and metadata (no autograd: see SendChunks)
     w_NK: torch.Tensor  # the slots' weights, with the router's gradient
     row_TN: torch.Tensor  # slot of each (token, rank), NB where none
     token_N: torch.Tensor  # token of each slot, T where none (padding)
     rows_cN: torch.Tensor  # device: slots per (chunk, rank)
     pairs_cNL: torch.Tensor  # device: (row, local expert) pairs per (chunk, rank, local expert)
-    layout: _Layout
+    layout: RowLayout
 
 
-def _build_send(x_TD, plan: RoutingPlan, n: int, L: int, chunks: int, w_dtype, bound: int | None) -> _Send:
+def build_send(x_TD, plan: RoutingPlan, n: int, L: int, chunks: int, w_dtype, bound: int | None) -> SendRows:
     """Everything the dispatch sends, from the plan alone (no host read). `bound`: rows per
     rank for the capacity modes (static; slots past a rank's rows are padding); None for
     dropless, whose slots past its row count are never sent."""
@@ -273,10 +224,10 @@ def _build_send(x_TD, plan: RoutingPlan, n: int, L: int, chunks: int, w_dtype, b
     flat = row_TN.reshape(-1)
     token_N = torch.full((NB + 1,), T, dtype=torch.int64, device=dev).index_put_(
         (flat,), torch.arange(T, device=dev).repeat_interleave(n))[:NB]
-    ids_NK = torch.full((NB + 1, K), -1, dtype=_ID_DTYPE, device=dev).index_put_(
+    ids_NK = torch.full((NB + 1, K), -1, dtype=ID_DTYPE, device=dev).index_put_(
         (flat,), ids_TNK.reshape(T * n, K))[:NB]
     w_NK = w_TNK.new_zeros(NB + 1, K).index_put((flat,), w_TNK.reshape(T * n, K))[:NB]
-    layout = _Layout(D, K, w_dtype, x_TD.dtype)
+    layout = RowLayout(D, K, w_dtype, x_TD.dtype)
     valid_N = token_N < T if bound is not None else None
     packed = _pack(x_TD, w_NK, token_N, valid_N, ids_NK, layout)
     # Pairs per (chunk, rank, local expert): what each expert rank's grouped GEMM gets.
@@ -285,12 +236,12 @@ def _build_send(x_TD, plan: RoutingPlan, n: int, L: int, chunks: int, w_dtype, b
         key = torch.where(kept_X, key, chunks * n * L)
     pairs = torch.zeros(chunks * n * L + 1, dtype=torch.int64, device=dev).scatter_add_(
         0, key, torch.ones_like(key))[:-1]
-    return _Send(packed, w_NK, row_TN, token_N, rows_cN, pairs.view(chunks, n, L), layout)
+    return SendRows(packed, w_NK, row_TN, token_N, rows_cN, pairs.view(chunks, n, L), layout)
 
 
 # ---- split sizes -------------------------------------------------------------------
 @dataclass(frozen=True)
-class _Sizes:
+class Sizes:
     send: list[list[int]]  # [chunk][rank] rows this rank sends
     recv: list[list[int]]  # [chunk][rank] rows it receives
     # [chunk][rank][local expert] pair slots of received rows: exact counts (dropless), or
@@ -298,43 +249,30 @@ class _Sizes:
     slots: list[list[list[int]]]
 
 
-def _dropless_sizes(d, send: _Send, ident: list[int], chunks: int) -> _Sizes:
+def dropless_sizes(peers: PeerGroup, L: int, send: SendRows, ident: list[int], chunks: int) -> Sizes:
     """One all-to-all of (rows, pairs) per chunk plus the call identity, then the call's
-    one device-to-host read."""
-    from .dispatcher import _exchange_name  # no import cycle at load time
-    n, L = d.world, d.local_experts
+    one device-to-host read. L: local experts per rank of `peers`."""
+    n = peers.world
     rows_NC = send.rows_cN.t()  # to rank d: its rows in each chunk
     pairs_NX = send.pairs_cNL.permute(1, 0, 2).reshape(n, chunks * L)
-    columns = [torch.full((n, 1), v, dtype=torch.int64, device=rows_NC.device) for v in ident]
-    send_NX = torch.cat([rows_NC, pairs_NX] + columns, dim=1).contiguous()
-    recv_NX = torch.empty_like(send_NX)
-    work = dist.all_to_all_single(recv_NX, send_NX, group=d.group, async_op=True)
-    comm.wait_work(work, _exchange_name(ident, "dedup count exchange"), d.group)
-    width = send_NX.shape[1]
-    host = torch.cat([send_NX.reshape(-1), recv_NX.reshape(-1)]).tolist()
-    mine, theirs = host[: n * width], host[n * width :]
-    sent = [mine[r * width : (r + 1) * width] for r in range(n)]
-    got = [theirs[s * width : (s + 1) * width] for s in range(n)]
-    d._check_peers([g[chunks + chunks * L :] for g in got], ident)
-    return _Sizes(send=[[sent[r][j] for r in range(n)] for j in range(chunks)],
-                  recv=[[got[s][j] for s in range(n)] for j in range(chunks)],
-                  slots=[[got[s][chunks + j * L : chunks + (j + 1) * L] for s in range(n)] for j in range(chunks)])
+    sent, got, _ = peers.exchange_counts(torch.cat([rows_NC, pairs_NX], dim=1), ident, "dedup count exchange")
+    return Sizes(send=[[sent[r][j] for r in range(n)] for j in range(chunks)],
+                 recv=[[got[s][j] for s in range(n)] for j in range(chunks)],
+                 slots=[[got[s][chunks + j * L : chunks + (j + 1) * L] for s in range(n)] for j in range(chunks)])
 
 
-def _capacity_sizes(d, plan: RoutingPlan, ident: list[int]) -> _Sizes:
+def _capacity_sizes(peers: PeerGroup, L: int, plan: RoutingPlan, ident: list[int]) -> Sizes:
     """Every rank's (capacity, tokens), gathered on the host: host numbers only. Rank s
     sends min(tokens_s, L * capacity_s) rows to every rank (it has no more distinct tokens,
     nor more than L * capacity slots for that rank's experts); at most min(capacity_s, rows)
     of them go to each local expert."""
-    from .dispatcher import _exchange_name  # no import cycle at load time
-    n, L = d.world, d.local_experts
-    table = d._gather_meta([plan.capacity, plan.num_tokens] + ident, plan.token_idx_S.device,
-                           _exchange_name(ident, "token-count exchange"))
-    d._check_peers([row[2:] for row in table], ident)
-    bounds = [min(T, L * C) for C, T in (row[:2] for row in table)]
+    n = peers.world
+    table = peers.gather_checked([plan.capacity, plan.num_tokens], ident, plan.token_idx_S.device,
+                                 "token-count exchange")
+    bounds = [min(T, L * C) for C, T in table]
     caps = [row[0] for row in table]
-    return _Sizes(send=[[bounds[d.rank]] * n], recv=[bounds],
-                  slots=[[[min(c, b)] * L for c, b in zip(caps, bounds)]])
+    return Sizes(send=[[bounds[peers.rank]] * n], recv=[bounds],
+                 slots=[[[min(c, b)] * L for c, b in zip(caps, bounds)]])
 
 
 # ---- the expert side ---------------------------------------------------------------
@@ -349,7 +287,7 @@ def _expert_side(packed_RX, layout, src_R, base_X, counts_L, P_dummy, exact: boo
     their gradients never cross ranks. Here each row's expert outputs are summed on the
     expert rank, so the weights came along with the rows and multiply here; their gradient
     (each row's dot product with its gradient) goes back in the dispatch's backward
-    exchange (_Receive / _SendChunks)."""
+    exchange (_Receive / SendChunks)."""
     with torch.no_grad():
         ids_RK = layout.unpack_meta(packed_RX[:, layout.D :])[1]
     R, K = ids_RK.shape
@@ -379,135 +317,122 @@ def _expert_side(packed_RX, layout, src_R, base_X, counts_L, P_dummy, exact: boo
 class _Call:
     """One call's host-side state, seen only by the eager steps."""
 
-    def __init__(self, d, info, dev, edge):
-        self.d, self.info, self.dev, self.edge = d, info, dev, edge
-        self.rec = info.recorder
+    def __init__(self, exchange: "DedupExchange", call: CallContext, dev):
+        self.exchange, self.call, self.dev = exchange, call, dev
         self.sizes = self.layout = None
         self.dispatches, self.combines = [], []
 
-    def record(self, name, j, splits, recv_splits, like):
-        rec, info = self.rec, self.info
-        if rec:
-            row_bytes = like.shape[1] * like.element_size()
-            total = row_bytes * sum(splits)
-            rec.add_exchange(Exchange(info.layer_id, info.call_no, name, j, total - row_bytes * splits[self.d.rank],
-                                      total), self.d.group, splits, recv_splits, like)
-
-    def start(self, name, j, x, out_splits, in_splits):
-        t0 = self.rec.mark(self.dev) if self.rec else None
-        what = f"MoE layer #{self.info.layer_id} call {self.info.call_no}: dedup {name} all_to_all_single"
-        started = (t0,) + comm.start(x, self.d.group, [out_splits], [in_splits], what)
-        self.record(name, j, in_splits, out_splits, x)
-        return started
-
-    def finish(self, name, j, started):
-        rec, info = self.rec, self.info
-        t0, buf, pend = started
-        t_wait = rec.mark(self.dev) if rec else None
-        out = comm.wait(buf, pend)
-        if rec:
-            rec.add_span(Span(info.layer_id, info.call_no, name, j, t0, rec.mark(self.dev), "comm", t_wait))
-        return out
+    def send(self, name, j, x, out_splits, in_splits):
+        what = f"MoE layer #{self.call.layer_id} call {self.call.call_no}: {self.exchange.label} {name} all_to_all_single"
+        return comm.send(self.call.probe, name, j, x, self.exchange.peers.group, [out_splits], [in_splits], what)
 
 
-@torch.compiler.disable
-def _start_dispatch(d, info, next_call, x_TD, send: _Send, plan: RoutingPlan, edge) -> _Call:
-    """Split sizes (the count exchange; dropless reads them back once, after the send rows'
-    gather was queued), then every chunk's dispatch, all in flight at once."""
-    if info.call_no is None:  # numbered here, where a changing number costs no recompile
-        info = type(info)(info.layer_id, next_call(), info.recorder)
-    call = _Call(d, info, x_TD.device, edge)
-    rec, lid, no, dev = info.recorder, info.layer_id, info.call_no, x_TD.device
-    ident = d._identity(info, x_TD.dtype)
-    with phase(rec, lid, no, "permute", dev):
-        with phase(rec, lid, no, "wait", dev):
-            if plan.capacity is None:
-                call.sizes = _dropless_sizes(d, send, ident, d.config.overlap_chunks)
-            else:
-                call.sizes = _capacity_sizes(d, plan, ident)
-        call.layout = send.layout
-        chunks = _SendChunks.apply(x_TD, send.w_NK, send.packed_NX, send.row_TN, send.layout,
-                                   [sum(s) for s in call.sizes.send])
-        chunks = [edge(t, ends=[("dispatch", j)], starts=[("permute", j)]) for j, t in enumerate(chunks)]
-    for j, rows in enumerate(chunks):
-        call.dispatches.append(call.start("dispatch", j, rows, call.sizes.recv[j], call.sizes.send[j]))
-    return call
+class DedupExchange(TokenExchange):
+    """ep_exchange="dedup" (see the module docstring). `on_group` builds one for a part of
+    a composed exchange (hierarchical: the ranks of one node)."""
 
+    label = "dedup"
 
-@torch.compiler.disable
-def _arrived(call: _Call, j: int):
-    """Chunk j's received rows, and what the expert side needs from the host, as tensors."""
-    recv = call.edge(call.finish("dispatch", j, call.dispatches[j]), ends=[("experts", j)], starts=[("dispatch", j)])
-    sizes, n, L, dev = call.sizes, call.d.world, call.d.local_experts, call.dev
-    slots = sizes.slots[j]
-    per_key = [slots[s][l] for l in range(L) for s in range(n)]  # local expert major, then source
-    P = sum(per_key)
-    src_R = torch.repeat_interleave(torch.arange(n, device=dev), _to_device(sizes.recv[j], dev),
-                                    output_size=recv.shape[0])
-    counts_L = _to_device([sum(slots[s][l] for s in range(n)) for l in range(L)], dev)
-    return recv, src_R, _to_device(_offsets(per_key) + [P], dev), counts_L, recv.new_empty(P, 0)
+    def __init__(self, config, group):
+        peers = PeerGroup(group)
+        self._setup(peers, config.num_experts // peers.world, config.overlap_chunks)
 
+    @classmethod
+    def on_group(cls, peers: PeerGroup, local_experts: int, chunks: int, label: str = "dedup") -> "DedupExchange":
+        self = cls.__new__(cls)
+        self._setup(peers, local_experts, chunks)
+        self.label = label
+        return self
 
-@torch.compiler.disable
-def _start_combine(call: _Call, j: int, part_RD) -> None:
-    call.combines.append(call.start("combine", j, part_RD, call.sizes.send[j], call.sizes.recv[j]))
+    def _setup(self, peers: PeerGroup, local_experts: int, chunks: int) -> None:
+        self.peers, self.local_experts, self.chunks = peers, local_experts, chunks
 
+    @torch.compiler.disable
+    def _start_dispatch(self, call: CallContext, x_TD, send: SendRows, plan: RoutingPlan) -> _Call:
+        """Split sizes (the count exchange; dropless reads them back once, after the send
+        rows' gather was queued), then every chunk's dispatch, all in flight at once."""
+        call = call.numbered()  # numbered here, where a changing number costs no recompile
+        state = _Call(self, call, x_TD.device)
+        ident = identity(call.layer_id, call.call_no, x_TD.dtype)
+        with call.probe.phase("permute") as ph:
+            with call.probe.phase("wait"):
+                if plan.capacity is None:
+                    state.sizes = dropless_sizes(self.peers, self.local_experts, send, ident, self.chunks)
+                else:
+                    state.sizes = _capacity_sizes(self.peers, self.local_experts, plan, ident)
+            state.layout = send.layout
+            chunks = SendChunks.apply(x_TD, send.w_NK, send.packed_NX, send.row_TN, send.layout,
+                                      [sum(s) for s in state.sizes.send])
+            chunks = [ph.leave(t, j) for j, t in enumerate(chunks)]
+        for j, rows in enumerate(chunks):
+            state.dispatches.append(state.send("dispatch", j, rows, state.sizes.recv[j], state.sizes.send[j]))
+        return state
 
-@torch.compiler.disable
-def _combined(call: _Call, dropless: bool):
-    backs = [call.edge(call.finish("combine", j, s), ends=[("unpermute", None)], starts=[("combine", j)])
-             for j, s in enumerate(call.combines)]
-    y_SD = backs[0] if len(backs) == 1 else torch.cat(backs)
-    # Every backward data exchange of this call lies behind y_SD: the call's backward
-    # identity check runs first, shaped like this mode's forward count exchange.
-    d, info, dtype, dev = call.d, call.info, call.layout.dtype, call.dev
-    chunks = d.config.overlap_chunks if dropless else 1
-    width = chunks + chunks * d.local_experts
-    return comm.check_before_backward(
-        y_SD, lambda: d._check_backward(info, dtype, dropless, width, dev, lead=2))
+    @staticmethod
+    @torch.compiler.disable
+    def _arrived(state: _Call, j: int):
+        """Chunk j's received rows, and what the expert side needs from the host, as tensors."""
+        recv = comm.receive(state.call.probe, state.dispatches[j])
+        sizes, n, L, dev = state.sizes, state.exchange.peers.world, state.exchange.local_experts, state.dev
+        slots = sizes.slots[j]
+        per_key = [slots[s][l] for l in range(L) for s in range(n)]  # local expert major, then source
+        P = sum(per_key)
+        src_R = torch.repeat_interleave(torch.arange(n, device=dev), streams.host_to_device(sizes.recv[j], dev),
+                                        output_size=recv.shape[0])
+        counts_L = streams.host_to_device([sum(slots[s][l] for s in range(n)) for l in range(L)], dev)
+        return recv, src_R, streams.host_to_device(offsets(per_key) + [P], dev), counts_L, recv.new_empty(P, 0)
 
+    @staticmethod
+    @torch.compiler.disable
+    def _start_combine(state: _Call, j: int, part_RD) -> None:
+        state.combines.append(state.send("combine", j, part_RD, state.sizes.send[j], state.sizes.recv[j]))
 
-def _to_device(values: list[int], dev) -> torch.Tensor:
-    t = torch.tensor(values, dtype=torch.int64)
-    return t.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else t.to(dev)
+    @staticmethod
+    @torch.compiler.disable
+    def _combined(state: _Call, dropless: bool):
+        backs = [comm.receive(state.call.probe, t) for t in state.combines]
+        y_SD = backs[0] if len(backs) == 1 else torch.cat(backs)
+        # Every backward data exchange of this call lies behind y_SD: the call's backward
+        # identity check runs first, shaped like this mode's forward count exchange.
+        ex, call = state.exchange, state.call
+        chunks = ex.chunks if dropless else 1
+        width = chunks + chunks * ex.local_experts
+        ident = identity(call.layer_id, call.call_no, state.layout.dtype, BACKWARD)
+        dev = state.dev
+        return comm.check_before_backward(
+            y_SD, lambda: ex.peers.check_backward(ident, dropless, width, dev, lead=2))
 
+    def __call__(self, x_TD, plan: RoutingPlan, experts: ExpertFn, call: CallContext):
+        """Traced by torch.compile except its exchange steps (graph breaks around them):
+        the rows' packing, the experts, the expand and the partial sums compile."""
+        probe, dev = call.probe, x_TD.device
+        n, L = self.peers.world, self.local_experts
+        capacity = plan.capacity is not None
+        c = 1 if capacity else self.chunks  # capacity modes: one chunk (registry.py)
+        # Capacity modes: every rank gets min(tokens, L * capacity) rows (a host number here).
+        bound = min(plan.num_tokens, L * plan.capacity) if capacity else None
+        with probe.phase("permute") as ph:
+            # Rows and metadata first: their gather is queued before dropless reads its sizes.
+            send = build_send(ph.enter(x_TD, 0), plan, n, L, c, call.acc_dtype, bound)
+        state = self._start_dispatch(call, x_TD, send, plan)
+        shared_out = streams.run_shared(call.shared_fn, dev, probe)
 
-def dispatch(d, x_TD, plan: RoutingPlan, experts, acc_dtype, info, shared_fn, out_dtype, edge, next_call=None):
-    """The deduplicated exchange for AllToAllDispatcher `d` (see the module docstring);
-    returns (y_TD, shared expert output or None). info.call_no may be None: next_call()
-    then numbers the call inside the first exchange step."""
-    from .dispatcher import _side_stream, run_on_side_stream  # no import cycle at load time
+        for j in range(c):
+            recv, src_R, base, counts_L, P_dummy = self._arrived(state, j)
+            with probe.phase("experts", j) as ph:  # expand, experts, weighted partial sums
+                part_RD = _expert_side(ph.enter(recv), send.layout, src_R, base, counts_L, P_dummy, not capacity,
+                                       experts, n, L)
+                part_RD = ph.leave(part_RD)
+            self._start_combine(state, j, part_RD)
+        y_SD = self._combined(state, not capacity)
 
-    rec, dev, lid = info.recorder, x_TD.device, info.layer_id
-    n, L, c = d.world, d.local_experts, d.config.overlap_chunks
-    capacity = plan.capacity is not None
-    # Capacity modes: every rank gets min(tokens, L * capacity) rows (a host number here).
-    bound = min(plan.num_tokens, L * plan.capacity) if capacity else None
-    with phase(rec, lid, info.call_no, "permute", dev):
-        # Rows and metadata first: their gather is queued before dropless reads its sizes.
-        send = _build_send(edge(x_TD, ends=[("permute", 0)]), plan, n, L, 1 if capacity else c, acc_dtype, bound)
-    call = _start_dispatch(d, info, next_call, x_TD, send, plan, edge)
-
-    shared_out = None
-    if shared_fn is not None:
-        stream = "side" if dev.type == "cuda" else "compute"
-        shared_out = run_on_side_stream(shared_fn, dev, lambda: phase(rec, lid, info.call_no, "shared", dev, stream=stream))
-
-    for j in range(c if not capacity else 1):
-        recv, src_R, base, counts_L, P_dummy = _arrived(call, j)
-        with phase(rec, lid, info.call_no, "experts", dev, j):  # expand, experts, weighted partial sums
-            part_RD = _expert_side(recv, send.layout, src_R, base, counts_L, P_dummy, not capacity, experts, n, L)
-            part_RD = edge(part_RD, ends=[("combine", j)], starts=[("experts", j)])
-        _start_combine(call, j, part_RD)
-    y_SD = _combined(call, not capacity)
-
-    if shared_out is not None and dev.type == "cuda":
-        torch.cuda.current_stream(dev).wait_stream(_side_stream(dev))
-    with phase(rec, lid, info.call_no, "unpermute", dev):
-        # Partial rows come back in slot order; each token sums its own (at most n).
-        S = y_SD.shape[0]
-        row_TN = send.row_TN.clamp(max=S)
-        token_S = send.token_N[:S]
-        valid_S = token_S < plan.num_tokens if capacity else None
-        y_TD = edge(sum_bags(y_SD, row_TN, token_S, valid_S, out_dtype), starts=[("unpermute", None)])
-    return y_TD, shared_out
+        streams.join(shared_out, dev)
+        with probe.phase("unpermute") as ph:
+            # Partial rows come back in slot order; each token sums its own (at most n).
+            y_SD = ph.enter(y_SD)
+            S = y_SD.shape[0]
+            row_TN = send.row_TN.clamp(max=S)
+            token_S = send.token_N[:S]
+            valid_S = token_S < plan.num_tokens if capacity else None
+            y_TD = ph.leave(sum_bags(y_SD, row_TN, token_S, valid_S, call.out_dtype))
+        return y_TD, shared_out

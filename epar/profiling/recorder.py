@@ -165,11 +165,13 @@ class PhaseRecorder:
 
     def add_exchange(self, ex: Exchange, group=None, in_splits: list[int] | None = None,
                      out_splits: list[int] | None = None, like: torch.Tensor | None = None,
-                     in_parts: list[list[int]] | None = None, out_parts: list[list[int]] | None = None) -> None:
+                     in_parts: list[list[int]] | None = None, out_parts: list[list[int]] | None = None,
+                     replay: bool = True) -> None:
         """One chunk of a token exchange. With `group`, the splits and a row template
         (`like`), the exchange (its chunks together) is replayed in isolation at `step()`,
         call for call: `in_parts` / `out_parts` are the split sizes of each
-        all_to_all_single the chunk issued (default: one call of `in_splits`)."""
+        all_to_all_single the chunk issued (default: one call of `in_splits`). With
+        replay=False only its sizes are kept (an exchange that is no all_to_all)."""
         self.exchanges.append(ex)
         if group is None or in_splits is None or like is None:
             return
@@ -185,6 +187,8 @@ class PhaseRecorder:
         ex.bytes_intra_node = row_bytes * sum(n for d, n in enumerate(in_splits) if d != me and same_node[d])
         ex.bytes_inter_node = row_bytes * sum(n for d, n in enumerate(in_splits) if not same_node[d])
         ex.collectives = len(in_parts)
+        if not replay:
+            return
         key = (ex.layer, ex.call, ex.phase)
         calls = [(list(i), list(o)) for i, o in zip(in_parts, out_parts)]
         r = self._replays.get(key)

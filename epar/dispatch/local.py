@@ -1,0 +1,24 @@
+"""EP size 1: every expert on this device. No collective: permute, one grouped GEMM call,
+combine, then the shared expert."""
+
+from __future__ import annotations
+
+from ..routing.plan import RoutingPlan
+from .base import CallContext, ExpertFn, TokenExchange
+from .permute import combine, gather_rows
+
+
+class LocalExchange(TokenExchange):
+    def __call__(self, x_TD, plan: RoutingPlan, experts: ExpertFn, call: CallContext):
+        probe = call.probe
+        with probe.phase("permute", mark_chunk=0) as ph:
+            rows_SD = ph.leave(gather_rows(ph.enter(x_TD), plan))
+        with probe.phase("experts", mark_chunk=0) as ph:
+            out_SD = ph.leave(experts(ph.enter(rows_SD), plan.rows_per_expert_E))
+        with probe.phase("unpermute") as ph:
+            y_TD = ph.leave(combine(ph.enter(out_SD), plan, call.acc_dtype, call.out_dtype))
+        shared_out = None
+        if call.shared_fn is not None:
+            with probe.phase("shared"):
+                shared_out = call.shared_fn()
+        return y_TD, shared_out
