@@ -16,7 +16,7 @@ DROP_POLICIES = ("probs", "position")
 SCORE_FUNCS = ("softmax", "sigmoid")
 ACTIVATIONS = ("swiglu", "gelu", "relu")
 AUX_LOSS_SCOPES = ("micro_batch", "global", "sequence")
-EP_EXCHANGES = ("per_expert", "regroup", "dedup", "hierarchical")
+EP_EXCHANGES = ("per_expert", "regroup", "dedup", "hierarchical", "allgather")
 
 
 def _fail(field: str, value, allowed: str) -> None:

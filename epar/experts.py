@@ -95,6 +95,8 @@ def grouped_mm(x_RK: torch.Tensor, w_LKN: torch.Tensor, counts_L: torch.Tensor,
 
     The one overridable grouped-GEMM call: the kernel path where supported, else a loop
     of plain matmuls (reads counts back to the host; fine on CPU and for float64 checks).
+    Rows past sum(counts_L) are padding that no caller reads: the kernel leaves their
+    output (and their input gradient) unwritten, the loop gives zeros.
     """
     if use_kernel is None:
         use_kernel = grouped_mm_supported(x_RK, w_LKN)
@@ -102,10 +104,10 @@ def grouped_mm(x_RK: torch.Tensor, w_LKN: torch.Tensor, counts_L: torch.Tensor,
         offs = torch.cumsum(counts_L, 0).to(torch.int32)
         out = _grouped_mm_op()(x_RK.contiguous(), w_LKN, offs=offs)  # kernel needs aligned strides
         return _ContiguousGrad.apply(out)
-    pieces = torch.split(x_RK, counts_L.tolist())
-    outs = [piece @ w_LKN[i] for i, piece in enumerate(pieces)]
-    if not outs:
-        return x_RK.new_zeros(0, w_LKN.shape[-1])
+    counts = counts_L.tolist()
+    pieces = torch.split(x_RK, counts + [x_RK.shape[0] - sum(counts)])
+    outs = [piece @ w_LKN[i] for i, piece in enumerate(pieces[:-1])]
+    outs.append(x_RK.new_zeros(pieces[-1].shape[0], w_LKN.shape[-1]))  # padding rows (see above)
     return torch.cat(outs)
 
 

@@ -146,6 +146,57 @@ def receive(probe, transfer: Transfer) -> torch.Tensor:
     return probe.backward_mark(out, starts=[(transfer.name, transfer.chunk)])
 
 
+# ---- all-gather and reduce-scatter of rows (the allgather exchange) ---------------------
+def _gather(x: torch.Tensor, group, what: str) -> torch.Tensor:
+    x = x.contiguous()
+    out = x.new_empty((x.shape[0] * dist.get_world_size(group),) + tuple(x.shape[1:]))
+    wait_work(dist.all_gather_into_tensor(out, x, group=group, async_op=True), what, group)
+    return out
+
+
+def _reduce_scatter(x: torch.Tensor, group, what: str) -> torch.Tensor:
+    x = x.contiguous()
+    out = x.new_empty((x.shape[0] // dist.get_world_size(group),) + tuple(x.shape[1:]))
+    wait_work(dist.reduce_scatter_tensor(out, x, group=group, async_op=True), what, group)
+    return out
+
+
+class _AllGather(torch.autograd.Function):
+    """Every rank's rows (equal counts), rank order; backward sums each rank's gradient."""
+
+    @staticmethod
+    def forward(ctx, x, group, what: str):
+        ctx.group, ctx.what = group, what
+        return _gather(x, group, what)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _reduce_scatter(grad, ctx.group, f"{ctx.what} (backward)"), None, None
+
+
+class _ReduceScatter(torch.autograd.Function):
+    """Block r of the sum over ranks goes to rank r; backward gathers the blocks' gradients."""
+
+    @staticmethod
+    def forward(ctx, x, group, what: str):
+        ctx.group, ctx.what = group, what
+        return _reduce_scatter(x, group, what)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _gather(grad, ctx.group, f"{ctx.what} (backward)"), None, None
+
+
+def all_gather_rows(x: torch.Tensor, group, what: str) -> torch.Tensor:
+    """[n * R, ...] from every rank's [R, ...] (R equal on every rank); differentiable."""
+    return _AllGather.apply(x, group, what)
+
+
+def reduce_scatter_rows(x: torch.Tensor, group, what: str) -> torch.Tensor:
+    """This rank's [R, ...] block of the sum over ranks of [n * R, ...]; differentiable."""
+    return _ReduceScatter.apply(x, group, what)
+
+
 def check_before_backward(x: torch.Tensor, check) -> torch.Tensor:
     """x, whose backward first calls check(): placed on a layer call's output, it runs
     before every backward exchange that lies behind that output (each backward pass,

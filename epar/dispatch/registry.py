@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 from .. import parallel
 from ..config import EP_EXCHANGES
+from .allgather import AllGatherExchange
 from .base import TokenExchange
 from .dedup import DedupExchange
 from .hierarchical import HierarchicalExchange
@@ -27,6 +28,7 @@ EXCHANGES = {
     "regroup": RegroupExchange,
     "dedup": DedupExchange,
     "hierarchical": HierarchicalExchange,
+    "allgather": AllGatherExchange,
 }
 if set(EXCHANGES) != set(EP_EXCHANGES):  # the config validates names, this maps them
     raise ImportError(f"epar.dispatch.registry: EXCHANGES {sorted(EXCHANGES)} must name exactly "
