@@ -19,26 +19,16 @@ from __future__ import annotations
 
 import datetime
 import json
-import math
 import os
-import socket
-from datetime import timedelta
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
-import traffic
+import spawn
+from bytecount import count
+from common import STRATEGIES, scaled
 
-STRATEGIES = traffic.STRATEGIES
-
-
-def scaled(shape: dict, scale: int) -> dict:
-    def shrink(n):  # a multiple of 8 keeps bf16 rows 16-byte aligned for the grouped GEMM
-        return max(8, math.ceil(n / scale / 8) * 8)
-    return {**shape, "d_model": shrink(shape["d_model"]), "d_ff": shrink(shape["d_ff"]),
-            "tokens": shrink(shape["tokens"])}
+HERE = Path(__file__).resolve().parent
 
 
 def _count_layer(layer, x) -> dict:
@@ -49,65 +39,39 @@ def _count_layer(layer, x) -> dict:
         out = layer(xg)
         return [out.y, out.aux_loss], [gy, torch.ones_like(out.aux_loss)]
 
-    return traffic.count(forward, [xg, *layer.parameters()])
+    return count(forward, [xg, *layer.parameters()])
 
 
-def _rank_main(rank: int, world: int, port: int, shapes: dict, queue) -> None:
+def _rank_main(rank: int, world: int, shapes: dict) -> dict:
+    """One gloo rank of spawn.run_ranks: {(config, strategy): {"ep2": ..., "ep1": ...}}."""
     import epar
     from epar.parallel import build_groups
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=300))
-    try:
-        groups = build_groups(world)
-        res = {}
-        for name, shape in shapes.items():
-            d, f, e, k, t = (shape[n] for n in ("d_model", "d_ff", "num_experts", "top_k", "tokens"))
-            x = torch.randn(t, d, generator=torch.Generator().manual_seed(100 + rank)).to(torch.bfloat16)
-            for strategy in STRATEGIES:
-                counts = {}
-                for key, exchange in (("ep2", "per_expert"), ("ep2_regroup", "regroup"), ("ep2_dedup", "dedup")):
-                    cfg = epar.MoEConfig(d_model=d, d_ff=f, num_experts=e, top_k=k, strategy=strategy,
-                                         ep_exchange=exchange)
-                    torch.manual_seed(0)  # same weights on both ranks and in the EP 1 layer
-                    ref = epar.MoELayer(cfg).to(torch.bfloat16)
-                    layer = epar.MoELayer(cfg, groups.ep_group).to(torch.bfloat16)
-                    L = layer.num_local_experts
-                    layer.load_state_dict({k_: (v[rank * L:(rank + 1) * L] if k_.startswith("experts.") else v)
-                                           for k_, v in ref.state_dict().items()})
-                    counts[key] = _count_layer(layer, x)
-                counts["ep1"] = _count_layer(ref, x)
-                res[(name, strategy)] = counts
-        queue.put((rank, res))
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    groups = build_groups(world)
+    res = {}
+    for name, shape in shapes.items():
+        d, f, e, k, t = (shape[n] for n in ("d_model", "d_ff", "num_experts", "top_k", "tokens"))
+        x = torch.randn(t, d, generator=torch.Generator().manual_seed(100 + rank)).to(torch.bfloat16)
+        for strategy in STRATEGIES:
+            counts = {}
+            for key, exchange in (("ep2", "per_expert"), ("ep2_regroup", "regroup"), ("ep2_dedup", "dedup")):
+                cfg = epar.MoEConfig(d_model=d, d_ff=f, num_experts=e, top_k=k, strategy=strategy,
+                                     ep_exchange=exchange)
+                torch.manual_seed(0)  # same weights on both ranks and in the EP 1 layer
+                ref = epar.MoELayer(cfg).to(torch.bfloat16)
+                layer = epar.MoELayer(cfg, groups.ep_group).to(torch.bfloat16)
+                L = layer.num_local_experts
+                layer.load_state_dict({k_: (v[rank * L:(rank + 1) * L] if k_.startswith("experts.") else v)
+                                       for k_, v in ref.state_dict().items()})
+                counts[key] = _count_layer(layer, x)
+            counts["ep1"] = _count_layer(ref, x)
+            res[(name, strategy)] = counts
+    return res
 
 
 def measure(shapes: dict) -> dict:
     """{(config, strategy): [per-rank {"ep2": totals, "ep1": totals}]} from two gloo processes."""
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_rank_main, args=(r, 2, port, shapes, queue), daemon=True) for r in range(2)]
-    for p in procs:
-        p.start()
-    per_rank = {}
-    try:
-        for _ in procs:
-            rank, res = queue.get(timeout=600)
-            per_rank[rank] = res
-    finally:
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
+    per_rank = spawn.run_ranks(_rank_main, 2, shapes, timeout=600)
     return {key: [per_rank[r][key] for r in range(2)] for key in per_rank[0]}
 
 
@@ -167,7 +131,7 @@ def main(args) -> int:
         table.add_row(name, strategy, f"{s['ep1_mean_gb'] * 1e3:.1f}", f"{s['ep2_mean_gb'] * 1e3:.1f}",
                       *cells(s), *cells(s["regroup"]), *cells(s["dedup"]), diff)
     Console(width=200).print(table)
-    out = args.out or traffic.HERE / "results" / ("traffic_ep2_tiny.json" if args.tiny else "traffic_ep2.json")
+    out = args.out or HERE / "results" / ("traffic_ep2_tiny.json" if args.tiny else "traffic_ep2.json")
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(json.dumps(results, indent=1))
     print(f"wrote {out}")

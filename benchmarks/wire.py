@@ -36,16 +36,15 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import os
-import socket
 import sys
-from datetime import timedelta
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+
+import spawn
+from common import scaled
 
 HERE = Path(__file__).resolve().parent
 RANKS_PER_NODE = 8
@@ -131,66 +130,32 @@ def _measure_exchange(cfg, group, rank, world, tokens, seed) -> dict:
             "plan_to_ranks": {s: v.tolist() for s, v in to_ranks.items()}}
 
 
-def _rank_main(rank: int, world: int, port: int, eps: tuple, shapes: dict, exchanges: list, queue) -> None:
-    """One process of `world`; each EP size in `eps` runs as (world / ep) EP groups side by side."""
+def _rank_main(rank: int, world: int, eps: tuple, shapes: dict, exchanges: list) -> dict:
+    """One gloo rank of spawn.run_ranks; each EP size in `eps` runs as (world / ep) EP
+    groups side by side."""
     import epar
     from epar.parallel import build_groups
 
-    torch.set_num_threads(1)
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=300))
-    try:
-        res = {}
-        for ep in eps:
-            group = build_groups(ep).ep_group
-            members = dist.get_process_group_ranks(group)
-            for name, s in shapes.items():
-                for exchange in exchanges:
-                    cfg = epar.MoEConfig(d_model=s["d_model"], d_ff=s["d_ff"], num_experts=s["num_experts"],
-                                         top_k=s["top_k"], strategy="dropless", ep_exchange=exchange)
-                    r = _measure_exchange(cfg, group, dist.get_rank(group), ep, s["tokens"], 100 + rank)
-                    res[(ep, name, exchange)] = {**r, "group": members}
-        queue.put((rank, res))
-    except BaseException as e:
-        queue.put((rank, e))
-        raise
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    res = {}
+    for ep in eps:
+        group = build_groups(ep).ep_group
+        members = dist.get_process_group_ranks(group)
+        for name, s in shapes.items():
+            for exchange in exchanges:
+                cfg = epar.MoEConfig(d_model=s["d_model"], d_ff=s["d_ff"], num_experts=s["num_experts"],
+                                     top_k=s["top_k"], strategy="dropless", ep_exchange=exchange)
+                r = _measure_exchange(cfg, group, dist.get_rank(group), ep, s["tokens"], 100 + rank)
+                res[(ep, name, exchange)] = {**r, "group": members}
+    return res
 
 
 def run_ranks(eps: tuple, shapes: dict, exchanges: list) -> dict:
     """{(ep, shape, exchange): [EP groups, each its ranks' results in EP-rank order]} from
     max(eps) gloo processes."""
-    world = max(eps)
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_rank_main, args=(r, world, port, eps, shapes, exchanges, queue), daemon=True)
-             for r in range(world)]
-    for p in procs:
-        p.start()
-    per_rank = {}
-    try:
-        for _ in procs:
-            rank, res = queue.get(timeout=900)
-            if isinstance(res, BaseException):
-                raise RuntimeError(f"rank {rank} failed: {res!r}")
-            per_rank[rank] = res
-    finally:
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
+    per_rank = spawn.run_ranks(_rank_main, max(eps), eps, shapes, exchanges, timeout=900)
     out = {}
     for key in per_rank[0]:
-        groups = sorted({tuple(per_rank[r][key]["group"]) for r in per_rank})
+        groups = sorted({tuple(per_rank[r][key]["group"]) for r in range(len(per_rank))})
         out[key] = [[per_rank[r][key] for r in g] for g in groups]
     return out
 
@@ -325,13 +290,6 @@ def print_tables(results: dict) -> None:
         t.add_row(r["shape"], str(r["ep_size"]), r["routing"], str(r["nodes_per_token_limit"] or "-"),
                   fmt("leave_rank"), fmt("cross_node"), kib)
     con.print(t)
-
-
-def scaled(shape: dict, scale: int) -> dict:
-    def shrink(n):  # a multiple of 8 keeps bf16 rows 16-byte aligned for the grouped GEMM
-        return max(8, math.ceil(n / scale / 8) * 8)
-    return {**shape, "d_model": shrink(shape["d_model"]), "d_ff": shrink(shape["d_ff"]),
-            "tokens": shrink(shape["tokens"])}
 
 
 def main(argv=None) -> int:

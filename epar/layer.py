@@ -75,7 +75,7 @@ def _check_same_config(config: MoEConfig, group, number: int) -> None:
                              f"group ({details})")
 
 
-class MoELayer(nn.Module):
+class MoELayer(parallel.ExpertParallelModule):
     """A Mixture-of-Experts feed-forward layer, its experts sharded over an EP group.
 
     `layer(x)` takes `x[..., d_model]` (any float dtype) and returns an `MoEOutput`: `y`
