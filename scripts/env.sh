@@ -19,6 +19,7 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
     "$VENV/bin/pip" install --quiet "${EPAR_TORCH_SPEC:-torch==2.13.0}"
 fi
 needed="import epar, pytest, rich, numpy"
+case ",$EXTRAS," in *,dev,*) needed="$needed, importlinter" ;; esac
 case ",$EXTRAS," in *,hf,*) needed="$needed, transformers" ;; esac
 if ! "$VENV/bin/python" -c "$needed" 2>/dev/null; then
     epar_env_say "installing epar (editable) with extras [$EXTRAS] and its dependencies into $VENV"

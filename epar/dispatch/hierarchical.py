@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import parallel
+from ..parallel import groups as parallel_groups
 from ..routing.plan import RoutingPlan
 from . import comm, streams
 from .base import CallContext, ExpertFn, TokenExchange
@@ -95,7 +95,7 @@ class HierarchicalExchange(TokenExchange):
     exchange over the node level's group, and a whole DedupExchange inside the node."""
 
     def __init__(self, config, group):
-        topology = parallel.topology_for(group)  # present: registry.py falls back to dedup otherwise
+        topology = parallel_groups.topology_for(group)  # present: registry.py falls back to dedup otherwise
         rpn = topology.ranks_per_node
         self.chunks = config.overlap_chunks
         self.local_experts = config.num_experts // (rpn * topology.nodes)

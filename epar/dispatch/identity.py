@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from .. import parallel
+from ..parallel import groups as parallel_groups
 from . import comm
 
 # Input dtypes by code, for the per-call identity check (a rank in another dtype would
@@ -60,7 +60,7 @@ class PeerGroup:
         self.group = group
         self.world = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
-        self.host_group = parallel.host_group_for(group)  # gloo twin under NCCL (build_groups)
+        self.host_group = parallel_groups.host_group_for(group)  # gloo twin under NCCL (build_groups)
 
     def check_peers(self, peers: list[list[int]], mine: list[int]) -> None:
         """Raise CommError unless every peer's identity equals this rank's."""

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch.distributed as dist
 
-from .. import parallel
+from ..parallel import groups as parallel_groups
 from ..config import EP_EXCHANGES
 from .allgather import AllGatherExchange
 from .base import TokenExchange
@@ -42,18 +42,18 @@ def resolve_exchange(config, group) -> str:
     name = config.ep_exchange
     capacity = config.strategy != "dropless"
     if name == "hierarchical":
-        if parallel.topology_for(group) is None:
-            parallel.notice_once("hierarchical-topology", "epar: ep_exchange='hierarchical' runs as 'dedup': "
+        if parallel_groups.topology_for(group) is None:
+            parallel_groups.notice_once("hierarchical-topology", "epar: ep_exchange='hierarchical' runs as 'dedup': "
                                  "the EP group has no node topology (it sits in one node, or was not made by "
                                  "epar.parallel.build_groups)")
             name = "dedup"
         elif capacity:
-            parallel.notice_once("hierarchical-capacity", "epar: ep_exchange='hierarchical' runs as 'dedup' for "
+            parallel_groups.notice_once("hierarchical-capacity", "epar: ep_exchange='hierarchical' runs as 'dedup' for "
                                  "the capacity strategies (token_drop, expert_choice): only 'dropless' is "
                                  "hierarchical")
             name = "dedup"
     if name == "dedup" and capacity and config.overlap_chunks > 1:
-        parallel.notice_once("dedup-capacity-chunks", "epar: ep_exchange='dedup' runs as 'regroup' for the "
+        parallel_groups.notice_once("dedup-capacity-chunks", "epar: ep_exchange='dedup' runs as 'regroup' for the "
                              "capacity strategies (token_drop, expert_choice) with overlap_chunks > 1")
         name = "regroup"
     return name

@@ -27,6 +27,8 @@ import torch
 
 from .. import wire
 from ..config import MoEConfig
+from ..routing.router import RouterOutput
+from ..routing.strategies import make_strategy
 
 EXCHANGES = ("per_expert", "regroup", "dedup", "hierarchical")
 IGNORES = [
@@ -53,9 +55,6 @@ class Link:
 def synthetic_plan(cfg: MoEConfig, tokens: int, nodes: int, seed: int):
     """A dropless plan of `tokens` tokens from random router scores, node-limited where
     cfg.max_nodes_per_token says so (resolved against `nodes`, as the layer does)."""
-    from ..routing.router import RouterOutput
-    from ..routing.strategies import make_strategy
-
     cfg = MoEConfig(d_model=8, d_ff=8, num_experts=cfg.num_experts, top_k=cfg.top_k, strategy="dropless",
                     max_nodes_per_token=cfg.max_nodes_per_token).resolve_nodes(nodes)
     g = torch.Generator().manual_seed(seed)
