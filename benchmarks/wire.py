@@ -86,6 +86,8 @@ class WireCounter:
                 self.calls[name] = self.calls.get(name, 0) + 1
                 if name == "all_to_all_single":
                     self._count_a2a(*args, **kwargs)
+                elif name in ("all_gather_into_tensor", "reduce_scatter_tensor"):
+                    self._count_gather(name, *args, **kwargs)
             return fn(*args, **kwargs)
         return wrapped
 
@@ -94,7 +96,17 @@ class WireCounter:
         n = dist.get_world_size(group)
         me = dist.get_rank(group)
         splits = list(input_split_sizes) if input_split_sizes else [input.shape[0] // n] * n
-        rows = sum(splits) - splits[me]
+        self._add(sum(splits) - splits[me], input)
+
+
+    def _count_gather(self, name, output, input, group=None, **kwargs):
+        """allgather's collectives: an all-gather sends this rank's rows to each other
+        rank, a reduce-scatter each other rank's block of its rows to that rank."""
+        n = dist.get_world_size(group)
+        rows = input.shape[0] * (n - 1) if name == "all_gather_into_tensor" else input.shape[0] // n * (n - 1)
+        self._add(rows, input)
+
+    def _add(self, rows: int, input) -> None:
         row_numel = input[0].numel() if input.shape[0] else 0
         nbytes = rows * row_numel * input.element_size()
         if input.is_floating_point() and row_numel >= self.d_model:
@@ -124,7 +136,7 @@ def _measure_exchange(cfg, group, rank, world, tokens, seed) -> dict:
     finally:
         counter.restore()
     plan = wire.count_plan(out.routing.plan, rank, cfg.num_experts, world)
-    to_ranks = wire.rows_to_each_rank(*wire.plan_pairs(out.routing.plan), cfg.num_experts, world)
+    to_ranks = wire.rows_to_each_rank(*wire.plan_pairs(out.routing.plan), cfg.num_experts, world, tokens)
     return {"tokens": tokens, "forward": fwd, "backward": bwd,
             "plan_rows": {s: int(plan.rows[s]["leave_rank"].sum()) for s in wire.SCHEMES},
             "plan_to_ranks": {s: v.tolist() for s, v in to_ranks.items()}}

@@ -17,6 +17,8 @@ SCORE_FUNCS = ("softmax", "sigmoid")
 ACTIVATIONS = ("swiglu", "gelu", "relu")
 AUX_LOSS_SCOPES = ("micro_batch", "global", "sequence")
 EP_EXCHANGES = ("per_expert", "regroup", "dedup", "hierarchical", "allgather")
+# The default, in one place: MoEConfig, train_lm.py and `epar profile` / `epar sweep` read it.
+DEFAULT_EP_EXCHANGE = "dedup"
 
 
 def _fail(field: str, value, allowed: str) -> None:
@@ -122,10 +124,13 @@ class MoEConfig:
     # collectives); "regroup" sends one per chunk and permutes the received rows (and back).
     # "hierarchical" sends a token once per destination node across nodes and forwards it
     # inside the node (needs build_groups' node topology and "dropless"; else it runs as
-    # "dedup"): epar/dispatch/hierarchical.py.
-    ep_exchange: str = "dedup"
+    # "dedup"): epar/dispatch/hierarchical.py. "allgather" gathers every token to every
+    # rank and reduce-scatters the partial sums: no count exchange and no device read in
+    # any strategy, n - 1 rows per token (small EP sizes): epar/dispatch/allgather.py.
+    # Fallbacks are decided once per layer: epar/dispatch/registry.py.
+    ep_exchange: str = DEFAULT_EP_EXCHANGE
     """How tokens cross the expert-parallel group at EP > 1: "dedup", "per_expert",
-    "regroup" or "hierarchical" (see the comment above)."""
+    "regroup", "hierarchical" or "allgather" (see the comment above)."""
     # Group-limited routing (DeepSeek-V3): experts in num_expert_groups equal groups of
     # consecutive ids; each token picks top_k only inside its topk_groups best groups.
     num_expert_groups: int = 1

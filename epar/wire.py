@@ -13,6 +13,8 @@ count, per token, the rows an exchange sends between ranks under each scheme:
               its own local rank there (its peer), which forwards it inside that node
               once per destination rank other than itself; inside the token's own node
               it goes once to each destination rank, as per_rank does
+  every_rank  to every other rank whatever its routing ("allgather": the tokens are
+              all-gathered and the partial rows reduce-scattered back)
 
 For each scheme and token three counts, in rows:
   leave_rank  rows the token's own rank sends to other ranks
@@ -31,10 +33,10 @@ from dataclasses import dataclass
 
 import torch
 
-SCHEMES = ("every_slot", "per_rank", "per_node")
+SCHEMES = ("every_slot", "per_rank", "per_node", "every_rank")
 # Which scheme each ep_exchange implements; an exchange not listed has no scheme yet.
 EXCHANGE_SCHEME = {"per_expert": "every_slot", "regroup": "every_slot", "dedup": "per_rank",
-                   "hierarchical": "per_node"}
+                   "hierarchical": "per_node", "allgather": "every_rank"}
 COUNTS = ("leave_rank", "cross_node", "hops")
 
 
@@ -113,6 +115,9 @@ def count_rows(token_P: torch.Tensor, expert_P: torch.Tensor, source_rank_T: tor
     inside_home = per_token(tok_R, home & (rank_R != src_T[tok_R]))
     forwards = per_token(tok_R, ~home & (rank_R != peer_R))
     rows["per_node"] = {"leave_rank": cross + inside_home, "cross_node": cross, "hops": cross + inside_home + forwards}
+    # to every other rank: n - 1 rows, n - rpn of them to other nodes
+    others = torch.full((T,), n - 1, dtype=torch.int64, device=src_T.device)
+    rows["every_rank"] = {"leave_rank": others, "cross_node": torch.full_like(others, n - rpn), "hops": others}
     return WireCounts(rows, T)
 
 
@@ -126,16 +131,18 @@ def nodes_per_token(token_P: torch.Tensor, expert_P: torch.Tensor, num_tokens: i
     return torch.bincount(tok_N, minlength=num_tokens)
 
 
-def rows_to_each_rank(token_P: torch.Tensor, expert_P: torch.Tensor, num_experts: int, ep_size: int) -> dict:
-    """{scheme: int64 [n]} rows one rank's tokens send to each rank of the group (its own
-    entry included), single level: every_slot, and per_rank (which per_node equals
-    inside one node)."""
+def rows_to_each_rank(token_P: torch.Tensor, expert_P: torch.Tensor, num_experts: int, ep_size: int,
+                      num_tokens: int) -> dict:
+    """{scheme: int64 [n]} rows one rank's `num_tokens` tokens send to each rank of the
+    group (its own entry included), single level: every_slot, per_rank (which per_node
+    equals inside one node) and every_rank."""
     L = num_experts // ep_size
     rank_P = expert_P // L
     every = torch.bincount(rank_P, minlength=ep_size)
     _, rank_R = _distinct(token_P, rank_P, ep_size)
     once = torch.bincount(rank_R, minlength=ep_size)
-    return {"every_slot": every, "per_rank": once, "per_node": once}
+    return {"every_slot": every, "per_rank": once, "per_node": once,
+            "every_rank": torch.full((ep_size,), num_tokens, dtype=torch.int64)}
 
 
 def count_plan(plan, source_rank: int, num_experts: int, ep_size: int,

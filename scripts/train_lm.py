@@ -306,8 +306,9 @@ def parse_args(argv=None):
     a("--top-k", type=int, default=2)
     a("--strategy", default="dropless", choices=epar.config.STRATEGIES)
     a("--capacity-factor", type=float, default=1.25)
-    a("--ep-exchange", default="per_expert", choices=epar.config.EP_EXCHANGES,
-      help="how tokens cross ranks (MoEConfig.ep_exchange); 'hierarchical': once per node across nodes")
+    a("--ep-exchange", default=epar.config.DEFAULT_EP_EXCHANGE, choices=epar.config.EP_EXCHANGES,
+      help="how tokens cross ranks (MoEConfig.ep_exchange, default %(default)s); 'hierarchical': once per node "
+           "across nodes")
     a("--max-nodes-per-token", type=int, default=None,
       help="node-limited routing: each token's experts on at most this many nodes (MoEConfig.max_nodes_per_token)")
     a("--shared-expert-d-ff", type=int, default=0)

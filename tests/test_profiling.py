@@ -18,7 +18,7 @@ import torch
 
 import epar
 from epar import profiling
-from epar.profiling import cli, report
+from epar.profiling import cli, projection, report
 from dist_harness import free_port, run_distributed
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -379,6 +379,7 @@ def test_profile_command(tmp_path):
     T = 16
     proc = epar_run("profile", "--d-model", "16", "--d-ff", "16", "--experts", "4", "--top-k", "2", "--tokens", str(T),
                     "--strategy", "token_drop", "--overlap-chunks", "2", "--shared-expert-d-ff", "8",
+                    "--ep-exchange", "per_expert",  # one call per local expert and chunk: what is checked below
                     "--steps", "2", "--warmup", "1", "--json", str(out), "--trace", str(trace))
     assert "busbw" in proc.stdout and "imbalance" in proc.stdout
     # the wire in the terminal: calls per exchange (2 chunks x 2 local experts), node split,
@@ -441,12 +442,16 @@ def test_readme_cpu_commands(tmp_path):
         assert r["busbw_gbps"] == pytest.approx(r["algbw_gbps"] / 2, **REL)
     pred = rep["prediction"]["rows"]
     assert [p["ep_size"] for p in pred] == [2, 4, 8, 16]
-    for p in pred:  # dropless: tokens * top_k rows of d_model float32, (n-1)/n of them leave the rank
-        n = p["ep_size"]
-        assert p["bytes_to_others"] == pytest.approx(512 * 4 * 128 * 4 * (n - 1) / n)
+    cfg = epar.MoEConfig(d_model=128, d_ff=8, num_experts=16, top_k=4)  # cpu-small's routing
+    assert cfg.ep_exchange == "dedup"  # the library's default, which the command uses
+    for p in pred:  # dropless under dedup: each token once per other rank holding one of its
+        n = p["ep_size"]  # experts (counted by epar.wire on a seeded random routing), d_model float32
+        intra, inter = projection.rows_per_token(cfg, n, n)["per_rank"]
+        assert p["bytes_to_others"] == pytest.approx(512 * (intra + inter) * 128 * 4)
+        if n == 2:  # 8 local experts: a token's 4 slots on the other rank travel as one row
+            assert p["bytes_to_others"] < 512 * 4 * 128 * 4 * (n - 1) / n
         assert p["forward_ms"] == pytest.approx(p["dispatch_ms"] + p["combine_ms"])
-        # per_expert (the default): one all-to-all per local expert, where there are several
-        assert p["collectives"] == 16 // n
+        assert p["collectives"] == 1  # one all-to-all per exchange
         fit = rep["fit"]
         assert p["dispatch_ms"] == pytest.approx((p["collectives"] * fit["latency_us"] * 1e-6
                                                   + p["bytes_to_others"] / (fit["bandwidth_gbps"] * 1e9)) * 1e3, **REL)

@@ -43,6 +43,9 @@ def loop_counts(token_P, expert_P, src_T, E, n, rpn):
         out["per_node"]["cross_node"][t] = len(remote_nodes)
         out["per_node"]["leave_rank"][t] = len(remote_nodes) + home
         out["per_node"]["hops"][t] = len(remote_nodes) + home + forwards
+        everyone = [d for d in range(n) if d != src]
+        out["every_rank"]["leave_rank"][t] = out["every_rank"]["hops"][t] = len(everyone)
+        out["every_rank"]["cross_node"][t] = sum(1 for d in everyone if node(d) != node(src))
     return out
 
 

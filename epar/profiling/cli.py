@@ -14,6 +14,7 @@ collective (under torchrun, torchrun's own report follows and its exit code is 1
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -30,10 +31,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from .. import parallel
-from ..config import EP_EXCHANGES, STRATEGIES, MoEConfig
+from ..config import DEFAULT_EP_EXCHANGE, EP_EXCHANGES, STRATEGIES, MoEConfig
 from ..layer import MoELayer
 from ..shapes import BENCH_SHAPES
-from . import recorder, report
+from . import projection, recorder, report
 
 # Preset shapes (tokens per rank) under this CLI's option names. The benchmark shapes
 # are GPU-sized (one profile step of qwen3-like takes minutes on a CPU); cpu-small keeps
@@ -118,10 +119,12 @@ def _layer_options(p: argparse.ArgumentParser, title: str) -> None:
     g.add_argument("--strategy", choices=STRATEGIES, default="dropless")
     g.add_argument("--capacity-factor", type=float, default=1.25)
     g.add_argument("--overlap-chunks", type=int, default=1)
-    g.add_argument("--ep-exchange", choices=EP_EXCHANGES, default="per_expert",
+    g.add_argument("--ep-exchange", choices=EP_EXCHANGES, default=DEFAULT_EP_EXCHANGE,
                    help="per_expert: one all-to-all per local expert, rows land grouped by expert; "
                         "regroup: one per chunk, received rows regrouped by expert; dedup: each token once per "
-                        "destination rank; hierarchical: once per destination node across nodes (see the README)")
+                        "destination rank; hierarchical: once per destination node across nodes; allgather: "
+                        "every token to every rank, partial sums reduce-scattered (see the README; default "
+                        f"{DEFAULT_EP_EXCHANGE})")
     g.add_argument("--shared-expert-d-ff", type=int, default=0)
     g.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="auto: bfloat16 on CUDA, float32 on CPU")
 
@@ -428,11 +431,11 @@ def rows_to_others(cfg: MoEConfig, tokens: int, n: int) -> float:
     counted on a uniformly random routing (epar.wire), the capacity modes their static
     min(tokens, local experts * capacity) rows to each rank (one chunk)."""
     L = cfg.num_experts // n
+    if cfg.ep_exchange == "allgather":  # every token to every other rank, whatever its routing
+        return (n - 1) * tokens
     if cfg.ep_exchange in ("dedup", "hierarchical"):
         if cfg.strategy == "dropless":
-            from .projection import rows_per_token  # samples a routing: only when asked
-
-            intra, inter = rows_per_token(cfg, n, n)["per_rank"]
+            intra, inter = projection.rows_per_token(cfg, n, n)["per_rank"]
             return tokens * (intra + inter)
         if cfg.overlap_chunks == 1:
             return (n - 1) * min(tokens, L * cfg.capacity(tokens))
@@ -445,6 +448,8 @@ def predict(cfg: MoEConfig, tokens: int, elem: int, ep_sizes: list[int], latency
         to_others = rows_to_others(cfg, tokens, n) * cfg.d_model * elem
         local = cfg.num_experts // n
         calls = cfg.overlap_chunks * (local if cfg.ep_exchange == "per_expert" and local > 1 else 1)
+        if cfg.ep_exchange == "allgather":  # tokens and routing gathered: two calls (the combine has one)
+            calls = 2
         one = (calls * latency + to_others / bw) * 1e3  # each all-to-all call pays the latency
         rows.append({"ep_size": n, "bytes_to_others": to_others, "collectives": calls,
                      "dispatch_ms": one, "combine_ms": one,
@@ -531,10 +536,6 @@ def sweep(args, parser) -> dict:
 
 def project_links(cfg: MoEConfig, args, parser) -> dict:
     """The projection per link class (epar.profiling.projection): no process group."""
-    import dataclasses
-
-    from . import projection
-
     for opt, value in (("--intra-gbps", args.intra_gbps), ("--inter-gbps", args.inter_gbps)):
         if value is None or not value > 0:
             parser.error(f"{opt} must be a bandwidth > 0 in GB/s (the projection needs both link classes), got {value}")
