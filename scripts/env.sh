@@ -20,9 +20,14 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
 fi
 needed="import epar, pytest, rich, numpy"
 case ",$EXTRAS," in *,hf,*) needed="$needed, transformers" ;; esac
-if ! "$VENV/bin/python" -c "$needed" 2>/dev/null; then
-    epar_env_say "installing epar (editable) with extras [$EXTRAS] and its dependencies into $VENV"
-    "$VENV/bin/pip" install --quiet -e "$ROOT[$EXTRAS]"
+# epar goes in as a path entry (editable_mode=compat: a .pth naming $ROOT), not behind
+# setuptools' default import hook: the hook comes after the path entries, so a script
+# whose directory holds the clone as epar/ (~/my_script.py beside ~/epar) would import the
+# clone's root as an empty namespace package. On the path, the real package wins.
+epar_on_path() { (cd / && "$VENV/bin/python" -I -c 'import sys; sys.exit(sys.argv[1] not in sys.path)' "$ROOT"); }
+if ! "$VENV/bin/python" -c "$needed" 2>/dev/null || ! epar_on_path 2>/dev/null; then
+    epar_env_say "installing epar (editable, on the path) with extras [$EXTRAS] and its dependencies into $VENV"
+    "$VENV/bin/pip" install --quiet -e "$ROOT[$EXTRAS]" --config-settings editable_mode=compat
 fi
 export PATH="$VENV/bin:$PATH"
 cd "$ROOT"
