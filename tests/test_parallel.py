@@ -43,6 +43,17 @@ def _layout(rank, world):
         build_groups(2, mesh=init_device_mesh("cpu", (2, 2), mesh_dim_names=("a", "b")))
     with pytest.raises(ValueError, match="fully_shard_moe needs ParallelGroups.mesh"):
         fully_shard_moe(torch.nn.Linear(2, 2), dataclasses.replace(g, mesh=None))
+    # a model already sharded (DTensor parameters) is refused by the replica tools, by name
+    from torch.distributed.tensor import Replicate, distribute_tensor
+
+    from epar.parallel import broadcast_parameters, check_replicas
+
+    sharded = torch.nn.Linear(2, 2)
+    sharded.weight = torch.nn.Parameter(distribute_tensor(sharded.weight.detach(), mesh["dp"], [Replicate()]))
+    for tool in (broadcast_parameters, check_replicas):
+        with pytest.raises(TypeError, match=rf"epar.parallel.{tool.__name__}: weight is a DTensor \(already "
+                                            rf"sharded by FSDP2\?\); call {tool.__name__} before fully_shard"):
+            tool(sharded, g)
     return (g.dp_rank, g.ep_rank, dist.get_process_group_ranks(g.ep_group),
             dist.get_process_group_ranks(g.expert_dp_group))
 
