@@ -7,7 +7,8 @@
 #      (token, destination node) across the node boundary;
 #   2. scripts/train_lm.py at a tiny size with EP across both "nodes", exchanging
 #      hierarchically with node-limited routing (M = 1); its JSON log and
-#      checkpoint go to $OUT_DIR (default: a new temporary directory).
+#      checkpoint go to $OUT_DIR (made if missing; default: a new temporary directory,
+#      printed at the end).
 # Exits non-zero if any rank fails.
 #
 # Python: $PYTHON if set; else python3 if it has torch, numpy and rich; else the
@@ -27,6 +28,7 @@ fi
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
 nproc="${NPROC:-2}"
 out="${OUT_DIR:-$(mktemp -d)}"
+mkdir -p "$out"  # an OUT_DIR that does not exist yet is made (rank 0 would fail to write into it)
 
 two_nodes() {  # script and its arguments, run on both agents
     local port="${MASTER_PORT:-$("$PYTHON" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')}"

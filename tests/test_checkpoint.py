@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
+from torch import nn
 
 import epar
 from dist_harness import run_distributed
@@ -146,3 +149,19 @@ def _config_checks(rank, world, root):
 
 def test_checkpoint_config_mismatch_names_layer_field_and_values(tmp_path):
     assert all(run_distributed(_config_checks, 2, str(tmp_path), timeout=180))
+
+
+def test_extra_errors_name_the_key(tmp_path):
+    """`extra=` colliding with a model, optimizer or config key, or holding a non-tensor,
+    raises before anything is written, naming the key."""
+    import epar
+
+    model = nn.Sequential(nn.Linear(4, 4), epar.MoELayer(epar.MoEConfig(d_model=4, d_ff=8, num_experts=2)))
+    opt = torch.optim.AdamW(model.parameters())
+    path = tmp_path / "ck"
+    for key in ("0.weight", "1.experts.w_in.1", "optim.step", "epar.moe_configs"):
+        with pytest.raises(ValueError, match=rf"extra key '{re.escape(key)}' collides with a model or optimizer key"):
+            epar.checkpoint.save(model, path, optimizer=opt, extra={key: torch.zeros(())})
+    with pytest.raises(ValueError, match=r"extra\['step'\] is a int: only tensors are saved"):
+        epar.checkpoint.save(model, path, extra={"step": 3})
+    assert not path.exists()  # nothing written

@@ -97,47 +97,76 @@ def test_both_exchanges_equal_to_one_device(world):
 
 
 def _overlap_chunks_equal(rank, world):
-    """overlap_chunks 1, 2, 4 give the same result to 1e-12 for every strategy."""
+    """overlap_chunks 1, 2, 4 give the same result to 1e-12 for every strategy, and equal
+    the one-device layer on the same weights; and MoEFeedForward at EP > 1 (this spawn,
+    to spawn no more) returns MoELayer(...).y with the same gradients."""
     groups = build_groups(world)
     for strategy in STRATEGIES:
         results = []
         for chunks in (1, 2, 4):
             cfg = epar.MoEConfig(d_model=D, d_ff=FF, num_experts=world * 2, strategy=strategy,
                                  overlap_chunks=chunks, shared_expert_d_ff=4)
-            layer, _ = make_pair(cfg, groups.ep_group, seed=3)
+            layer, ref = make_pair(cfg, groups.ep_group, seed=3)
             x = tagged_batch(rank, [9, 4, 0, 7][rank], seed=3).requires_grad_()
             out = layer(x)
             (out.y.square().sum() + out.aux_loss).backward()
             results.append([out.y, x.grad] + [p.grad for p in layer.parameters()])
+        # one device, this rank's batch: the chunked runs are not just equal to each other
+        torch.testing.assert_close(results[0][0], ref(x.detach()).y, atol=1e-12, rtol=1e-12)
         for other in results[1:]:
             for a, b in zip(results[0], other):
                 torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+    _feedforward_equals_layer(rank, world, groups)
     return True
 
 
-@pytest.mark.parametrize("world", [1, 2, 4])
+def _feedforward_equals_layer(rank, world, groups):
+    cfg = epar.MoEConfig(d_model=D, d_ff=FF, num_experts=world * 2, shared_expert_d_ff=4, aux_loss_coef=0.1)
+    layer, ref = make_pair(cfg, groups.ep_group, seed=5)
+    ffn = epar.MoEFeedForward(cfg, ep_group=groups.ep_group).double()
+    ffn.moe.load_state_dict(layer.state_dict())
+    x = tagged_batch(rank, 6, seed=5)
+    pad = torch.tensor([False, True, False, False, True, False])
+    for round_ in range(2):
+        xf, xl = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ffn.zero_grad(), layer.zero_grad()
+        y = ffn(xf, padding_mask=pad)
+        out = layer(xl, padding_mask=pad)
+        torch.testing.assert_close(y, out.y, atol=0, rtol=0)
+        torch.testing.assert_close(out.y, ref(x, padding_mask=pad).y, atol=1e-12, rtol=1e-12)  # one device
+        assert y[pad].abs().sum() == 0 and y[~pad].abs().sum() > 0
+        (y.square().sum() + epar.collect_aux_losses(ffn)).backward()
+        (out.y.square().sum() + out.aux_loss).backward()
+        torch.testing.assert_close(xf.grad, xl.grad, atol=1e-12, rtol=0)
+        for (name, p), q in zip(ffn.moe.named_parameters(), layer.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, atol=1e-12, rtol=0, msg=name)
+        if round_ == 0:  # reset_parameters re-draws both alike, and they still agree
+            before = ffn.moe.experts.w_in.clone()
+            torch.manual_seed(11 + rank)
+            ffn.reset_parameters()
+            torch.manual_seed(11 + rank)
+            layer.reset_parameters()
+            assert not torch.equal(before, ffn.moe.experts.w_in)
+            for (k, v), w in zip(ffn.moe.state_dict().items(), layer.state_dict().values()):
+                assert torch.equal(v, w), k
+            ref_state = {k: v for k, v in ref.state_dict().items()}
+            # the reference follows: dense weights from this rank, experts gathered from all
+            L = layer.num_local_experts
+            for k in ("experts.w_in", "experts.w_out"):
+                parts = [torch.empty_like(layer.state_dict()[k]) for _ in range(world)]
+                dist.all_gather(parts, layer.state_dict()[k].contiguous(), group=groups.ep_group)
+                ref_state[k] = torch.cat(parts)
+                assert ref_state[k].shape[0] == L * world
+            for k, v in layer.state_dict().items():
+                if not k.startswith("experts."):
+                    ref_state[k] = v
+            ref.load_state_dict(ref_state)
+
+
+@pytest.mark.parametrize("world", [2, 4])
 def test_overlap_chunks_equal(world):
-    if world == 1:  # EP 1: the local path ignores chunking; still must match exactly
-        assert _overlap_chunks_equal_local()
-    else:
-        assert all(run_distributed(_overlap_chunks_equal, world, timeout=180))
-
-
-def _overlap_chunks_equal_local():
-    for strategy in STRATEGIES:
-        outs = []
-        for chunks in (1, 2, 4):
-            cfg = epar.MoEConfig(d_model=D, d_ff=FF, num_experts=4, strategy=strategy, overlap_chunks=chunks)
-            torch.manual_seed(3)
-            layer = epar.MoELayer(cfg).double()
-            x = tagged_batch(0, 9, seed=3).requires_grad_()
-            out = layer(x)
-            out.y.square().sum().backward()
-            outs.append((out.y, x.grad, layer.experts.w_in.grad))
-        for other in outs[1:]:
-            for a, b in zip(outs[0], other):
-                torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
-    return True
+    # (EP 1 is not a case: the one-device path never reads overlap_chunks.)
+    assert all(run_distributed(_overlap_chunks_equal, world, timeout=180))
 
 
 def _grad_reduction_matches_one_device_step(rank, world):

@@ -72,6 +72,83 @@ def test_env_sh_says_what_it_installs(tmp_path):
     assert said[0] < said[1] < pips[0] < said[2] < pips[1], lines
     assert "venv" in lines[said[0]] and "torch==2.13.0" in lines[said[1]]
     assert "epar" in lines[said[2]] and "dev,hf" in lines[said[2]]
+    assert lines[pips[1]].endswith("--config-settings editable_mode=compat"), lines  # see the next test
+
+
+def test_clone_beside_the_script_imports_the_installed_package(tmp_path):
+    """A clone at ~/epar and a script in ~: the script's directory comes first on
+    sys.path and holds the clone's root as `epar/`, which Python imports as an empty
+    namespace package unless the installed epar is itself a path entry (scripts/env.sh
+    installs it so): `AttributeError: module 'epar' has no attribute 'MoEConfig'`."""
+    import importlib.metadata as md
+
+    try:
+        md.distribution("epar")
+    except md.PackageNotFoundError:
+        pytest.skip(f"epar is not installed in {sys.executable} (scripts/env.sh installs it)")
+    (tmp_path / "epar").symlink_to(ROOT, target_is_directory=True)
+    (tmp_path / "my_script.py").write_text("import epar\nprint(epar.MoEConfig.__module__, epar.__file__)\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "my_script.py"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    module, where = proc.stdout.split()
+    assert module == "epar.config" and where.endswith(os.path.join("epar", "__init__.py")), proc.stdout
+
+
+# ---- every module the README calls as epar.X is there after `import epar` -----------------
+def test_readme_names_reachable_after_import_epar():
+    """`epar.checkpoint.save(model, path)` after `import epar` raised AttributeError: every
+    dotted name the README writes from `epar.` resolves after a plain `import epar`, and the
+    costly submodules are imported only when first used."""
+    names = sorted(set(re.findall(r"\bepar(?:\.[A-Za-z_]\w*)+", (ROOT / "README.md").read_text())))
+    assert "epar.checkpoint.save" in names and "epar.wire.EXCHANGE_SCHEME" in names
+    import importlib.util
+
+    if importlib.util.find_spec("transformers") is None:
+        names = [n for n in names if not n.startswith("epar.interop.transformers")]
+    code = ("import sys, functools, epar\n"
+            "assert 'epar.checkpoint' not in sys.modules, 'import epar loaded epar.checkpoint'\n"
+            f"for name in {names!r}:\n"
+            "    functools.reduce(getattr, name.split('.')[1:], epar)\n"
+            "try:\n    epar.no_such_name\nexcept AttributeError as e:\n    print(e)\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == "module 'epar' has no attribute 'no_such_name'"
+    assert "checkpoint" in dir(epar) and "transformers" in dir(epar.interop)
+
+
+# ---- what the README's commands write stays out of git ------------------------------------
+def _readme_outputs() -> set[str]:
+    """Paths the README's commands write, relative to where they run (the repository root
+    in the quick start): option values of the CPU-sized bash blocks, and the path arguments
+    of the python blocks' save calls (directories with a trailing slash)."""
+    from test_readme import readme_blocks
+
+    outs = set()
+    for block in readme_blocks("bash"):
+        if "benchmark" in block.code.splitlines()[0]:
+            continue  # benchmarks rewrite the committed results/
+        for opt, value in re.findall(r"(--json|--trace|--ckpt-dir|--log-json|--profile-json)[ =](\S+)", block.code):
+            if not value.startswith("/"):  # an absolute path is outside the checkout
+                outs.add(value + "/" if opt == "--ckpt-dir" else value)
+    for block in readme_blocks("python"):
+        for node in ast.walk(ast.parse(block.code)):
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", "") in ("save", "save_pretrained"):
+                outs.update(a.value.rstrip("/") + "/" for a in node.args
+                            if isinstance(a, ast.Constant) and isinstance(a.value, str))
+    return outs
+
+
+def test_readme_outputs_are_ignored_by_git():
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    outs = _readme_outputs()
+    assert {"ckpt/", "prof.json", "sweep.json", "trace.json", "ckpt/moe/"} <= outs, outs
+    for path in sorted(outs):
+        proc = subprocess.run(["git", "check-ignore", "-q", path], cwd=ROOT, capture_output=True, text=True,
+                              timeout=30)
+        assert proc.returncode == 0, f"{path} (written by a README command) is not in .gitignore"
 
 
 # ---- the layer describes and documents itself -----------------------------------------

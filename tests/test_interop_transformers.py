@@ -189,6 +189,14 @@ def test_errors_name_the_problem():
     adapter.moe.router.expert_bias.fill_(0.5)  # as after aux-loss-free balancing
     with pytest.raises(ValueError, match="nonzero expert_bias"):
         to_hf_state_dict(adapter)
+    with pytest.raises(ValueError, match="replace_moe_blocks got a block itself; use from_hf_block"):
+        replace_moe_blocks(tiny_model("mixtral").model.layers[0].mlp)
+    block = copy.deepcopy(ref.model.layers[1].mlp)
+    block.experts.has_bias = True  # a layout flag transformers sets for biased experts
+    with pytest.raises(ValueError, match=r"experts has an expert layout epar does not convert: \{'has_bias': True\}"):
+        from_hf_block(block)
+    with pytest.raises(ValueError, match=r"GroupedExperts.w_in: the block gives shape \(4, 16, 16\), the layer expects \(4, 16, 18\)"):
+        from_hf_block(ref.model.layers[1].mlp, d_ff=9)  # an override that changes the shapes
 
 
 # ---- expert parallel ----------------------------------------------------------------------

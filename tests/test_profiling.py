@@ -577,12 +577,55 @@ def test_plain_progress_lines_during_a_long_step(capsys):
     heartbeat line while one step runs longer than the interval."""
     import time
 
+    out = []
     with cli._Lines(every=0.2) as bar:
         bar.start("step", 2)
         bar.advance()
-        time.sleep(0.9)  # a long step: the heartbeat speaks
+        # A long step: it lasts until the heartbeat has spoken (the heartbeat thread wakes
+        # every 0.5 s; on a loaded machine it may wake late, so no fixed sleep), bounded so
+        # that a heartbeat that never speaks fails below instead of hanging.
+        deadline = time.monotonic() + 60
+        while "(step 2 running)" not in "".join(out) and time.monotonic() < deadline:
+            time.sleep(0.05)
+            out.append(capsys.readouterr().out)
         bar.advance()
-    lines = capsys.readouterr().out.splitlines()
+    out.append(capsys.readouterr().out)
+    lines = "".join(out).splitlines()
     assert lines[0].startswith("step 0/2, ") and lines[-1].startswith("step 2/2, ")
     assert any(line.endswith("(step 2 running)") for line in lines)
     assert all(re.fullmatch(r"step \d/2, [0-9.]+ s elapsed( \(step \d running\))?", line) for line in lines)
+
+
+REPORT_OFF_A_TERMINAL = """
+import torch, epar
+from epar import profiling
+
+layer = epar.MoELayer(epar.MoEConfig(d_model=8, d_ff=8, num_experts=4))
+with profiling.record() as rec:
+    layer(torch.randn(6, 8)).y.sum().backward()
+    rec.step()
+rep = profiling.summarize(rec)
+s = lambda v: {"min": v, "median": v, "max": v}
+# an EP 1 layer has no exchange; give it one, as an EP 2 layer's report has (the widest table)
+rep["layers"][0]["exchanges"] = {"dispatch": {"chunks": 1, **{k: s(1.0) for k in (
+    "collectives", "bytes_to_others", "rows_to_others", "bytes_intra_node", "bytes_inter_node", "in_flight_ms",
+    "exposed_ms", "hidden_ms", "transfer_ms", "waiting_ms", "algbw_gbps", "busbw_gbps")}}}
+profiling.report.print_report(rep)
+"""
+
+
+def test_print_report_off_a_terminal_keeps_whole_headers(tmp_path):
+    """A user's script whose stdout is a file: print_report's tables are as wide as they
+    need, as the CLI's are (rich alone assumes 80 columns there and cuts headers to `di…`)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+    with open(tmp_path / "out.txt", "w") as f:
+        proc = subprocess.run([sys.executable, "-c", REPORT_OFF_A_TERMINAL], stdout=f, stderr=subprocess.PIPE,
+                              text=True, timeout=120, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    text = (tmp_path / "out.txt").read_text()
+    for header in ("exchange", "intra / inter node", "in flight ms", "transfer ms", "algbw GB/s", "busbw GB/s",
+                   "phase", "exchanges, forward (median across ranks; calls = all_to_all_singles per exchange"):
+        assert header in text, (header, text)
+    assert "\N{HORIZONTAL ELLIPSIS}" not in text, text
+    # one rule: the CLI's console is the library's
+    assert cli._console().width == report.make_console().width == 1000  # pytest's stdout is no terminal

@@ -10,10 +10,18 @@ scratch directory (blocks share the job's process group: a block's
 `init_process_group()` reuses the group). A failing block fails its
 own test, named by README line and first line, with the traceback pointing into
 README.md. This file is also the job's runner: `python tests/test_readme.py run ...`.
+
+The blocks run with the interpreter running the tests (`sys.executable`, and
+`sys.executable -m torch.distributed.run`), not the quick start's `.venv/` (which
+demo.sh may have made without the `hf` extra); a block importing a package that
+interpreter lacks is skipped, naming the package. Bash blocks run as written, so they
+use `.venv/` (skipped without it).
 """
 
 from __future__ import annotations
 
+import ast
+import importlib.util
 import json
 import os
 import re
@@ -28,8 +36,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
-PY = ROOT / ".venv" / "bin" / "python"  # scripts/env.sh's venv: the quick start's environment
-PYTHON = str(PY) if PY.exists() else sys.executable
+PY = ROOT / ".venv" / "bin" / "python"  # scripts/env.sh's venv: the bash blocks' environment
 DIST_MARKERS = ("init_distributed(", "init_process_group(")
 NOT_RUN_LABELS = ("GPU-sized", "multi-host", "benchmark")  # what a block not run on CPU must say
 JOB_TIMEOUT = 300
@@ -131,10 +138,10 @@ def _job(blocks: list[Block], tmp: Path, distributed: bool) -> dict:
     if distributed:
         from dist_harness import free_port
 
-        cmd = [PYTHON, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
-               *runner]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+               str(free_port()), *runner]
     else:
-        cmd = [PYTHON, *runner]
+        cmd = [sys.executable, *runner]
     try:
         proc = subprocess.run(cmd, cwd=tmp, env=_env(), capture_output=True, text=True, timeout=JOB_TIMEOUT)
         output, why = proc.stdout + proc.stderr, None
@@ -156,6 +163,25 @@ def _job(blocks: list[Block], tmp: Path, distributed: bool) -> dict:
 PYTHON_BLOCKS = readme_blocks("python")
 
 
+def missing_imports(block: Block) -> list[str]:
+    """Top-level packages the block imports that this interpreter cannot find."""
+    names = set()
+    for node in ast.walk(ast.parse(block.code)):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return sorted(n for n in names if importlib.util.find_spec(n) is None)
+
+
+def skip_reason(block: Block) -> str | None:
+    missing = missing_imports(block)
+    if not missing:
+        return None
+    return (f"{block.name}: needs {', '.join(missing)}, which {sys.executable} lacks "
+            "(transformers: pip install -e '.[hf]')")
+
+
 def _ids(blocks):
     return [b.name for b in blocks]
 
@@ -163,8 +189,9 @@ def _ids(blocks):
 @pytest.fixture(scope="module")
 def python_outcomes(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("readme")
-    plain = [b for b in PYTHON_BLOCKS if not b.distributed]
-    dist_blocks = [b for b in PYTHON_BLOCKS if b.distributed]
+    runnable = [b for b in PYTHON_BLOCKS if skip_reason(b) is None]  # a missing import would end the job
+    plain = [b for b in runnable if not b.distributed]
+    dist_blocks = [b for b in runnable if b.distributed]
     return {**_job(plain, tmp / "plain", False), **_job(dist_blocks, tmp / "dist", True)}
 
 
@@ -182,9 +209,24 @@ def test_runner_names_the_failing_line(tmp_path):
     assert outcome[second.line][0]
 
 
+def test_blocks_run_with_this_interpreter_and_skip_what_it_lacks(tmp_path):
+    """A block runs under sys.executable (not .venv/, which may lack the hf extra), and a
+    block importing a package this interpreter lacks is skipped, naming the package."""
+    text = (f"```python\nimport sys\nassert sys.executable == {sys.executable!r}, sys.executable\n```\n"
+            "```python\nimport torch, epar_no_such_package.sub\nfrom epar_nor_this import x\n"
+            "from . import y\nfrom epar import MoEConfig\n```\n")
+    here, lacking = readme_blocks("python", text)
+    assert _job([here], tmp_path, distributed=False)[here.line][0]
+    assert skip_reason(here) is None
+    assert missing_imports(lacking) == ["epar_no_such_package", "epar_nor_this"]
+    assert "needs epar_no_such_package, epar_nor_this, which" in skip_reason(lacking)
+
+
 @pytest.mark.dist
 @pytest.mark.parametrize("block", PYTHON_BLOCKS, ids=_ids(PYTHON_BLOCKS))
 def test_python_block(block, python_outcomes):
+    if skip_reason(block):
+        pytest.skip(skip_reason(block))
     ok, text = python_outcomes[block.line]
     where = "torchrun --nproc-per-node 2" if block.distributed else "python"
     assert ok, f"{block.name} failed under {where}:\n{text}"

@@ -284,9 +284,7 @@ def profile(args, parser) -> dict:
 
 
 def _console() -> Console:
-    # Off a terminal rich would assume 80 columns and cut the tables: let them be as
-    # wide as they need (a log file has no width).
-    return Console(width=None if sys.stdout.isatty() else 1000)
+    return report.make_console()  # one width rule for the CLI and print_report
 
 
 class _Lines:

@@ -37,6 +37,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import statistics
+import sys
 
 import torch.distributed as dist
 
@@ -541,10 +542,21 @@ def load_lines(load: dict) -> str:
     return "\n".join(lines)
 
 
-def print_report(report: dict, console=None) -> None:
+def make_console(file=None):
+    """The rich Console the report (and `python -m epar`) prints to. On a terminal it takes
+    the terminal's width; off one (stdout a file, a pipe, a log) rich would assume 80
+    columns and cut the tables' headers to `di…`, so it is as wide as they need: a log
+    file has no width."""
     from rich.console import Console  # imported here: epar itself need not load rich
 
-    console = console or Console()
+    stream = sys.stdout if file is None else file
+    isatty = getattr(stream, "isatty", None)
+    return Console(file=file, width=None if isatty is not None and isatty() else 1000)
+
+
+def print_report(report: dict, console=None) -> None:
+    """Print the report's tables to `console` (default: make_console(), stdout)."""
+    console = console or make_console()
     n = report["world_size"]
     for lay in report["layers"]:
         console.print(_phase_table(f"layer {lay['layer']}: forward, ms per call over {lay['calls']} calls, "
