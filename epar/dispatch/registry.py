@@ -7,7 +7,8 @@ are decided here, at construction, and announced once per process:
   - "hierarchical" without node topology (an EP group inside one node, or not made by
     epar.parallel.build_groups), or with a capacity strategy: "dedup";
   - "dedup" with a capacity strategy and overlap_chunks > 1: "regroup" (dedup would need
-    a static per-chunk bound on each expert's pairs: up to overlap_chunks times the padding).
+    a static per-chunk bound on each expert's pairs: up to overlap_chunks times the padding);
+  - "allgather" runs one chunk whatever overlap_chunks says.
 """
 
 from __future__ import annotations
@@ -35,33 +36,35 @@ if set(EXCHANGES) != set(EP_EXCHANGES):  # the config validates names, this maps
                       f"epar.config.EP_EXCHANGES {sorted(EP_EXCHANGES)}")
 
 
-def resolve_exchange(config, group) -> str:
-    """The exchange a layer with this config on this EP group runs ("local" for EP 1)."""
-    if group is None or dist.get_world_size(group) == 1:
+def resolve_exchange(config, ep_size: int, has_topology: bool) -> str:
+    """The exchange a layer with this config runs on an EP group of `ep_size` ranks, with
+    or without node topology ("local" for EP 1); each fallback announced once."""
+    if ep_size == 1:
         return "local"
     name = config.ep_exchange
     capacity = config.strategy != "dropless"
-    if name == "hierarchical":
-        if parallel_groups.topology_for(group) is None:
-            parallel_groups.notice_once("hierarchical-topology", "epar: ep_exchange='hierarchical' runs as 'dedup': "
-                                 "the EP group has no node topology (it sits in one node, or was not made by "
-                                 "epar.parallel.build_groups)")
-            name = "dedup"
-        elif capacity:
-            parallel_groups.notice_once("hierarchical-capacity", "epar: ep_exchange='hierarchical' runs as 'dedup' for "
-                                 "the capacity strategies (token_drop, expert_choice): only 'dropless' is "
-                                 "hierarchical")
-            name = "dedup"
+    notice = parallel_groups.notice_once
+    if name == "hierarchical" and not has_topology:
+        notice("hierarchical-topology", "epar: ep_exchange='hierarchical' runs as 'dedup': the EP group has no "
+               "node topology (it sits in one node, or was not made by epar.parallel.build_groups)")
+        name = "dedup"
+    elif name == "hierarchical" and capacity:
+        notice("hierarchical-capacity", "epar: ep_exchange='hierarchical' runs as 'dedup' for the capacity "
+               "strategies (token_drop, expert_choice): only 'dropless' is hierarchical")
+        name = "dedup"
+    if name == "allgather" and config.overlap_chunks > 1:
+        notice("allgather-chunks", "epar: ep_exchange='allgather' runs in one chunk: overlap_chunks is ignored")
     if name == "dedup" and capacity and config.overlap_chunks > 1:
-        parallel_groups.notice_once("dedup-capacity-chunks", "epar: ep_exchange='dedup' runs as 'regroup' for the "
-                             "capacity strategies (token_drop, expert_choice) with overlap_chunks > 1")
+        notice("dedup-capacity-chunks", "epar: ep_exchange='dedup' runs as 'regroup' for the capacity "
+               "strategies (token_drop, expert_choice) with overlap_chunks > 1")
         name = "regroup"
     return name
 
 
 def build_exchange(config, group) -> TokenExchange:
     """The exchange of a layer with this config whose experts are sharded over `group`."""
-    name = resolve_exchange(config, group)
+    ep_size = 1 if group is None else dist.get_world_size(group)
+    name = resolve_exchange(config, ep_size, parallel_groups.topology_for(group) is not None)
     if name == "local":
         return LocalExchange()
     return EXCHANGES[name](config, group)
