@@ -2,7 +2,7 @@
 
 from . import parallel, profiling
 from .config import MoEConfig
-from .dispatch.comm import CommError
+from .errors import CommError
 from .feedforward import MoEFeedForward, collect_aux_losses
 from .layer import MoELayer, MoEOutput
 

@@ -14,6 +14,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from . import parallel, profiling
 from .config import MoEConfig
 from .dispatch import CallContext, CommError, build_exchange
+from .errors import wait_helper
 from .experts import GroupedExperts, SharedExpert
 from .routing.info import RoutingInfo
 from .routing.losses import aux_loss
@@ -261,8 +262,17 @@ class MoELayer(parallel.ExpertParallelModule):
         return MoEOutput(y_TD.to(x.dtype).reshape(x.shape), loss, stats, RoutingInfo(plan, tuple(x.shape[:-1])))
 
     def _sum_over_router_group(self, totals: torch.Tensor) -> None:
-        if self.router_group is not None:
+        if self.router_group is None:
+            return
+        if torch.compiler.is_compiling():  # traced as a functional collective: no host wait to wrap
             dist.all_reduce(totals, group=self.router_group)
+            return
+        work = dist.all_reduce(totals, group=self.router_group, async_op=True)
+        wait_helper(work, f"MoE layer #{self.layer_id} (aux_loss_scope='global': the counts' sum over "
+                    "router_group)", self.router_group,
+                    causes="the ranks of router_group made different numbers of calls of this layer (each "
+                    "must call it equally often), a peer is in another collective (a training helper, "
+                    "update_expert_bias), or a peer died")
 
     def _next_call_no(self) -> int:
         call_no, self._calls = self._calls, self._calls + 1
@@ -280,7 +290,8 @@ class MoELayer(parallel.ExpertParallelModule):
         counts = self.expert_counts.clone()
         group = parallel.as_process_group(group) if group is not None else self.router_group
         if group is not None:
-            dist.all_reduce(counts, group=group)
+            wait_helper(dist.all_reduce(counts, group=group, async_op=True),
+                        f"MoELayer.update_expert_bias (layer #{self.layer_id})", group)
         counts = counts.to(torch.float32)
         self.router.expert_bias += rate * torch.sign(counts.mean() - counts)
         self.expert_counts.zero_()

@@ -5,6 +5,8 @@ step. All checks share one spawned process group (spawning costs more than check
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -187,9 +189,11 @@ def _compile_then_timeout(rank, world):
         loss.backward()
     assert torch.equal(loss, model(x)), "compiled and eager differ"  # same weights, same routing
     breaks = counters["graph_break"]
-    assert breaks and all("_exchange" in reason for reason in breaks), dict(breaks)
+    assert breaks and all("exchange" in reason.lower() for reason in breaks), dict(breaks)
     assert counters["frames"]["ok"] == counters["frames"]["total"], dict(counters["frames"])
     assert model.a.last_call_no == 20 and model.b.last_call_no == 20  # numbered outside the graph
+
+    helpers = _helper_errors(rank)
 
     # Groups made by build_groups inherit the default group's timeout (as if the job had
     # been started with a short one): a silent peer makes them raise, not wait 30 minutes.
@@ -198,16 +202,99 @@ def _compile_then_timeout(rank, world):
     store = dist.distributed_c10d._get_default_store()
     if rank == 1:  # alive but never joins: rank 0 must time out on its own
         store.wait(["rank0_done"], timedelta(seconds=60))
-        return None
+        return None, helpers
     start = time.monotonic()
     with pytest.raises(RuntimeError):
         dist.all_reduce(torch.ones(1), group=short.ep_group)
     elapsed = time.monotonic() - start
     store.set("rank0_done", "1")
-    return elapsed
+    return elapsed, helpers
+
+
+def _short_groups(seconds: float):
+    """Fresh EP 2 groups (the world group too) with a short timeout: each scenario that
+    leaves a collective behind gets its own, so it cannot meet a later one."""
+    from datetime import timedelta
+
+    groups = build_groups(2, timeout=seconds)
+    return dataclasses.replace(groups, world_group=dist.new_group(timeout=timedelta(seconds=seconds)))
+
+
+def _error(fn) -> str:
+    """'CommError: message (from Cause)', or what happened instead."""
+    try:
+        fn()
+    except epar.CommError as exc:
+        return f"CommError: {exc} (from {type(exc.__cause__).__name__})"
+    except Exception as exc:  # noqa: BLE001 - reported to the test as it is
+        return f"{type(exc).__name__} (not CommError): {exc}"
+    return "no error"
+
+
+class _FailingWork:
+    def wait(self):
+        raise RuntimeError("[gloo] Timed out waiting 3000ms for recv operation to complete")
+
+
+def _helper_errors(rank) -> dict:
+    """epar's collectives outside the exchanges raise epar.CommError naming themselves.
+
+    For real: rank 0 calls the layer once more while rank 1 is in reduce_gradients (or
+    update_expert_bias) on other groups; both wait out a 3 s timeout, each raises
+    CommError. Then every helper, with its collectives made to fail on this rank (no peer
+    involved): each names itself and chains the backend's error."""
+    from unittest import mock
+
+    cfg = epar.MoEConfig(d_model=D, d_ff=FF, num_experts=4, expert_bias_rate=1e-3)
+    out = {}
+    for name, helper in (("reduce_gradients", lambda layer, g: epar.parallel.reduce_gradients(layer, g)),
+                         ("update_expert_bias", lambda layer, g: layer.update_expert_bias())):
+        groups = _short_groups(3.0)
+        layer = epar.MoELayer(cfg, groups.ep_group, router_group=groups.world_group)
+        layer(torch.randn(T, D)).y.sum().backward()
+        out["extra_call", name] = _error(lambda: layer(torch.randn(T, D)) if rank == 0 else helper(layer, groups))
+
+    groups = build_groups(2)
+    layer = epar.MoELayer(cfg, groups.ep_group, router_group=groups.world_group)
+    global_aux = epar.MoELayer(dataclasses.replace(cfg, aux_loss_scope="global"), groups.ep_group,
+                               router_group=groups.world_group)
+    layer(torch.randn(T, D)).y.sum().backward()
+    expert_dp = dataclasses.replace(groups, expert_dp_group=groups.world_group)  # a collective to fail
+    calls = {"reduce_gradients": lambda: epar.parallel.reduce_gradients(layer, groups),
+             "reduce_expert_gradients": lambda: epar.parallel.reduce_expert_gradients(layer, expert_dp),
+             "clip_grad_norm_": lambda: epar.parallel.clip_grad_norm_(layer, 1.0, groups),
+             "broadcast_parameters": lambda: epar.parallel.broadcast_parameters(layer, groups),
+             "check_replicas": lambda: epar.parallel.check_replicas(layer, groups),
+             "update_expert_bias": layer.update_expert_bias,
+             "aux_loss_scope": lambda: global_aux(torch.randn(T, D))}
+    with mock.patch.object(dist, "all_reduce", lambda *a, **k: _FailingWork()), \
+            mock.patch.object(dist, "broadcast", lambda *a, **k: _FailingWork()):
+        for name, call in calls.items():
+            out["failing", name] = _error(call)
+    return out
+
+
+HELPER_NAMES = {"reduce_gradients": "epar.parallel.reduce_gradients:",
+                "reduce_expert_gradients": "epar.parallel.reduce_expert_gradients:",
+                "clip_grad_norm_": "epar.parallel.clip_grad_norm_:",
+                "broadcast_parameters": "epar.parallel.broadcast_parameters:",
+                "check_replicas": "epar.parallel.check_replicas:",
+                "update_expert_bias": "MoELayer.update_expert_bias (layer #",
+                "aux_loss_scope": "(aux_loss_scope='global': the counts' sum over router_group)"}
 
 
 @pytest.mark.dist
-def test_ep2_compile_without_recompiles_and_groups_inherit_the_timeout():
-    elapsed = run_distributed(_compile_then_timeout, 2, timeout=240)[0]
+def test_ep2_compile_without_recompiles_groups_inherit_the_timeout_and_helpers_raise_comm_error():
+    (elapsed, helpers0), (_, helpers1) = run_distributed(_compile_then_timeout, 2, timeout=240)
     assert elapsed < 20, f"the group waited {elapsed:.0f}s: it did not inherit the 2 s timeout"
+    for name in ("reduce_gradients", "update_expert_bias"):
+        # rank 0, one layer call ahead, gets the layer's error; rank 1 its helper's, naming it
+        in_layer, in_helper = helpers0["extra_call", name], helpers1["extra_call", name]
+        assert in_layer.startswith("CommError: ") and "call 1 forward" in in_layer, in_layer
+        assert in_helper.startswith("CommError: " + HELPER_NAMES[name]), in_helper
+        assert "still in an MoE layer call" in in_helper and "(from RuntimeError)" in in_helper, in_helper
+    for helpers in (helpers0, helpers1):
+        for name, start in HELPER_NAMES.items():
+            msg = helpers["failing", name]
+            assert msg.startswith("CommError: ") and start in msg, (name, msg)
+            assert "Timed out waiting 3000ms" in msg and msg.endswith("(from RuntimeError)"), (name, msg)

@@ -21,12 +21,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from ..errors import CommError  # defined low, so that the training helpers raise it too
 from ..profiling.recorder import before_backward
-
-
-class CommError(RuntimeError):
-    """An expert-parallel collective failed or timed out (a rank died, ranks made
-    different numbers of layer calls, or ranks disagree on the exchange)."""
 
 
 def wait_work(work, what: str, group) -> None:

@@ -16,6 +16,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from ..errors import wait_helper
 from .groups import ParallelGroups, dense_mesh
 
 
@@ -44,7 +45,7 @@ def reduce_gradients(module: torch.nn.Module, groups: ParallelGroups) -> None:
     Linear in the grads: after several micro-batches' backwards (each loss divided by
     their number), one call gives the single-device result for all of them.
     """
-    _reduce(module, groups, dense=True)
+    _reduce(module, groups, dense=True, helper="epar.parallel.reduce_gradients")
 
 
 @torch.no_grad()
@@ -53,21 +54,30 @@ def reduce_expert_gradients(module: torch.nn.Module, groups: ParallelGroups) -> 
     after ddp_ignore_experts: DDP averages the dense grads over all W ranks (the same
     convention), this sums each expert grad over its expert-DP group and divides by W.
     Call it once per optimizer step, after the last micro-batch's backward."""
-    _reduce(module, groups, dense=False)
+    _reduce(module, groups, dense=False, helper="epar.parallel.reduce_expert_gradients")
 
 
-def _reduce(module: torch.nn.Module, groups: ParallelGroups, dense: bool) -> None:
+def _all_reduce(t: torch.Tensor, group, helper: str, op=dist.ReduceOp.SUM) -> None:
+    """dist.all_reduce, whose failure or timeout raises epar.CommError naming the helper."""
+    wait_helper(dist.all_reduce(t, op=op, group=group, async_op=True), helper, group)
+
+
+def _broadcast(t: torch.Tensor, src: int, group, helper: str) -> None:
+    wait_helper(dist.broadcast(t, src=src, group=group, async_op=True), helper, group)
+
+
+def _reduce(module: torch.nn.Module, groups: ParallelGroups, dense: bool, helper: str) -> None:
     W = groups.world_size
     for p in module.parameters():
         if p.grad is None:
             continue
         if is_expert_param(p):
             if groups.expert_dp_group is not None:
-                dist.all_reduce(p.grad, group=groups.expert_dp_group)
+                _all_reduce(p.grad, groups.expert_dp_group, helper)
         elif not dense:
             continue
         elif W > 1:
-            dist.all_reduce(p.grad, group=groups.world_group)
+            _all_reduce(p.grad, groups.world_group, helper)
         p.grad.div_(W)
 
 
@@ -162,7 +172,7 @@ def clip_grad_norm_(model: torch.nn.Module, max_norm: float, groups: ParallelGro
                             or [torch.zeros((), dtype=acc, device=device)])
         total = norms.max() if inf else norms.pow(norm_type).sum()
         for group in over:
-            dist.all_reduce(total, op=dist.ReduceOp.MAX if inf else dist.ReduceOp.SUM, group=group)
+            _all_reduce(total, group, "epar.parallel.clip_grad_norm_", dist.ReduceOp.MAX if inf else dist.ReduceOp.SUM)
         totals.append(total)
     totals = torch.stack(totals)
     total_norm = totals.max() if inf else totals.sum().pow(1.0 / norm_type)
@@ -224,9 +234,9 @@ def broadcast_parameters(model: torch.nn.Module, groups: ParallelGroups) -> None
         _reject_sharded(name, t, "broadcast_parameters")
         if expert:
             if first_expert_rank is not None:
-                dist.broadcast(t.data, src=first_expert_rank, group=groups.expert_dp_group)
+                _broadcast(t.data, first_expert_rank, groups.expert_dp_group, "epar.parallel.broadcast_parameters")
         elif groups.world_size > 1:
-            dist.broadcast(t.data, src=0, group=groups.world_group)
+            _broadcast(t.data, 0, groups.world_group, "epar.parallel.broadcast_parameters")
 
 
 def _checksums(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -262,7 +272,7 @@ def check_replicas(model: torch.nn.Module, groups: ParallelGroups) -> None:
             continue
         sums = _checksums([t for _, t in items])
         both = torch.cat([sums, -sums], dim=1).to(items[0][1].device)
-        dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
+        _all_reduce(both, group, "epar.parallel.check_replicas", dist.ReduceOp.MAX)
         hi, neg_lo = both.cpu().chunk(2, dim=1)
         differs = (hi != -neg_lo).any(dim=1)
         if differs.any():
