@@ -409,8 +409,10 @@ def train(args, env, groups) -> dict:
         # ranks; FSDP2 reduces (and scales) the gradients, so no reduce_gradients.
         from torch.distributed.fsdp import fully_shard
 
-        # FSDP2 warns when a wrapped module returns a view; this model adds to them out of place.
-        warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
+        # FSDP2 warns when a wrapped module returns a view. fully_shard_moe silences it for
+        # the MoE layers; Block and ByteLM return the layers' MoEOutputs (y a view) beside
+        # their results, and nothing here modifies those in place.
+        warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDP(Block|ByteLM)\) returned a view tensor")
         fully_shard_moe(model, groups, shard_root=False)
         for block in model.blocks:
             fully_shard(block, mesh=dense_mesh(groups))

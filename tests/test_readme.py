@@ -9,7 +9,7 @@ scratch directory (blocks share the job's process group: a block's
 `destroy_process_group()` is deferred to the end of the job, a second
 `init_process_group()` reuses the group). A failing block fails its
 own test, named by README line and first line, with the traceback pointing into
-README.md. This file is also the job's runner: `python tests/test_readme.py run ...`.
+README.md; so does a block that prints a warning of FORBIDDEN_WARNINGS. This file is also the job's runner: `python tests/test_readme.py run ...`.
 
 The blocks run with the interpreter running the tests (`sys.executable`, and
 `sys.executable -m torch.distributed.run`), not the quick start's `.venv/` (which
@@ -29,6 +29,7 @@ import shlex
 import subprocess
 import sys
 import traceback
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +41,8 @@ PY = ROOT / ".venv" / "bin" / "python"  # scripts/env.sh's venv: the bash blocks
 DIST_MARKERS = ("init_distributed(", "init_process_group(")
 NOT_RUN_LABELS = ("GPU-sized", "multi-host", "benchmark")  # what a block not run on CPU must say
 JOB_TIMEOUT = 300
+# Warnings a block must not print (a newcomer's first run would show them).
+FORBIDDEN_WARNINGS = (r"returned a view tensor",)
 
 
 @dataclass(frozen=True)
@@ -99,11 +102,17 @@ def _run_blocks(blocks_json: str, out_dir: str) -> int:
         os.chdir(scratch)
         # Padded to the block's README line, under README.md's name: tracebacks show README lines.
         code = compile("\n" * (block.line - 1) + block.code, str(README), "exec")
-        try:
-            exec(code, {"__name__": "__main__"})
-            entry = {"line": block.line, "ok": True}
-        except BaseException:  # SystemExit too: a block must run to its end
-            entry = {"line": block.line, "ok": False, "error": traceback.format_exc()}
+        with warnings.catch_warnings(record=True) as caught:  # the filters in force, fresh per block
+            try:
+                exec(code, {"__name__": "__main__"})
+                entry = {"line": block.line, "ok": True}
+            except BaseException:  # SystemExit too: a block must run to its end
+                entry = {"line": block.line, "ok": False, "error": traceback.format_exc()}
+        for w in caught:  # shown as they would have been; one that the README must not print fails the block
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+            if entry["ok"] and any(re.search(p, str(w.message)) for p in FORBIDDEN_WARNINGS):
+                entry = {"line": block.line, "ok": False,
+                         "error": f"the block warned {w.category.__name__}: {w.message} ({w.filename}:{w.lineno})"}
         sys.stdout.flush()
         with results.open("a") as f:
             f.write(json.dumps(entry) + "\n")
@@ -207,6 +216,10 @@ def test_runner_names_the_failing_line(tmp_path):
     ok, trace = outcome[first.line]
     assert not ok and f'README.md", line {first.line + 1}' in trace and "ValueError: boom" in trace, trace
     assert outcome[second.line][0]
+    warns = readme_blocks("python", "```python\nimport warnings\nwarnings.warn('FSDP2-wrapped module (X) "
+                          "returned a view tensor. An in-place op')\n```\n")[0]
+    ok, trace = _job([warns], tmp_path / "warns", distributed=False)[warns.line]
+    assert not ok and "the block warned UserWarning: FSDP2-wrapped module (X) returned a view tensor" in trace, trace
 
 
 def test_blocks_run_with_this_interpreter_and_skip_what_it_lacks(tmp_path):

@@ -10,6 +10,8 @@ epar.layer.MoELayer subclasses it.
 from __future__ import annotations
 
 import math
+import re
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -305,6 +307,18 @@ def fully_shard_moe(model: torch.nn.Module, groups: ParallelGroups, shard_root: 
         raise ValueError("fully_shard_moe needs ParallelGroups.mesh: make the groups with build_groups")
     expert_mesh, world_mesh = groups.mesh["dp"], dense_mesh(groups)
     layers = [m for m in model.modules() if isinstance(m, ExpertParallelModule)]
+    # FSDP2 warns, once per wrapped class, when a module returns a view: an in-place op on
+    # it would drop the pre-backward hook. Each MoE layer's outputs are views by design (y
+    # is the [T, D] result reshaped to the input's shape, which a non-view would copy on
+    # every call; the experts' output is the identity view that makes its gradient
+    # contiguous for the grouped GEMM), and the experts' output is read out of place by
+    # the exchange alone. Silenced for these classes only: a view returned by a module of
+    # the user's (the root too) still warns. Do not modify an MoE layer's y in place.
+    names = sorted({type(m).__name__ for layer in layers for m in (layer, layer.experts)})
+    if names:
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.distributed\.fsdp\.",
+                                message=rf"FSDP2-wrapped module \((FSDP)?({'|'.join(map(re.escape, names))})\) "
+                                        r"returned a view tensor")
     for layer in layers:
         fully_shard(layer.experts, mesh=expert_mesh, **fsdp_kwargs)
         layer.experts.set_gradient_divide_factor(float(groups.world_size))
