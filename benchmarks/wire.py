@@ -52,8 +52,9 @@ SIM_EP = (8, 16, 32, 64, 128, 256)
 NODE_LIMIT = 4  # DeepSeek-V3's M: nodes each token may reach
 # Simulated shapes: the three benchmark shapes, plus DeepSeek-V3's routed experts.
 SIM_SHAPES = {"deepseek-v3-like": dict(d_model=7168, num_experts=256, top_k=8)}
-COLLECTIVES = ("all_to_all_single", "all_to_all", "all_gather", "all_gather_into_tensor", "all_reduce",
-               "broadcast", "reduce_scatter_tensor", "gather", "scatter", "send", "recv", "isend", "irecv")
+COLLECTIVES = ("all_to_all_single", "all_to_all", "all_gather", "all_gather_into_tensor", "all_gather_single",
+               "all_reduce", "broadcast", "reduce_scatter_tensor", "reduce_scatter_single", "gather", "scatter", "send",
+               "recv", "isend", "irecv")
 
 
 # ---- real processes ------------------------------------------------------------------
@@ -86,7 +87,8 @@ class WireCounter:
                 self.calls[name] = self.calls.get(name, 0) + 1
                 if name == "all_to_all_single":
                     self._count_a2a(*args, **kwargs)
-                elif name in ("all_gather_into_tensor", "reduce_scatter_tensor"):
+                elif name in ("all_gather_into_tensor", "reduce_scatter_tensor", "all_gather_single",
+               "reduce_scatter_single"):
                     self._count_gather(name, *args, **kwargs)
             return fn(*args, **kwargs)
         return wrapped
@@ -103,7 +105,8 @@ class WireCounter:
         """allgather's collectives: an all-gather sends this rank's rows to each other
         rank, a reduce-scatter each other rank's block of its rows to that rank."""
         n = dist.get_world_size(group)
-        rows = input.shape[0] * (n - 1) if name == "all_gather_into_tensor" else input.shape[0] // n * (n - 1)
+        gather = name.startswith("all_gather")
+        rows = input.shape[0] * (n - 1) if gather else input.shape[0] // n * (n - 1)
         self._add(rows, input)
 
     def _add(self, rows: int, input) -> None:

@@ -23,7 +23,8 @@ pytestmark = pytest.mark.dist
 
 STRATEGIES = ("dropless", "token_drop", "expert_choice")
 COLLECTIVES = ("all_to_all_single", "all_gather", "all_reduce", "all_to_all", "broadcast",
-               "all_gather_into_tensor", "reduce_scatter_tensor", "gather", "scatter")
+               "all_gather_into_tensor", "reduce_scatter_tensor", "all_gather_single",
+               "reduce_scatter_single", "gather", "scatter")
 
 
 class CountCollectives:

@@ -143,17 +143,21 @@ def receive(probe, transfer: Transfer) -> torch.Tensor:
 
 
 # ---- all-gather and reduce-scatter of rows (the allgather exchange) ---------------------
+# torch 2.13 renamed all_gather_into_tensor / reduce_scatter_tensor (the old names warn);
+# looked up per call, so that a wrapper around torch.distributed's functions sees them.
 def _gather(x: torch.Tensor, group, what: str) -> torch.Tensor:
     x = x.contiguous()
     out = x.new_empty((x.shape[0] * dist.get_world_size(group),) + tuple(x.shape[1:]))
-    wait_work(dist.all_gather_into_tensor(out, x, group=group, async_op=True), what, group)
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    wait_work(gather(out, x, group=group, async_op=True), what, group)
     return out
 
 
 def _reduce_scatter(x: torch.Tensor, group, what: str) -> torch.Tensor:
     x = x.contiguous()
     out = x.new_empty((x.shape[0] // dist.get_world_size(group),) + tuple(x.shape[1:]))
-    wait_work(dist.reduce_scatter_tensor(out, x, group=group, async_op=True), what, group)
+    scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    wait_work(scatter(out, x, group=group, async_op=True), what, group)
     return out
 
 
