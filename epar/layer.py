@@ -209,7 +209,13 @@ class MoELayer(parallel.ExpertParallelModule):
         loss, z-loss, counts or stats. Their input rows are replaced by zeros first, so
         their content (even NaN) reaches nothing, and the layer's whole output there is
         exactly zero: nothing routed, and the shared expert (bias-free) maps a zero row to
-        zero. No gradient flows from or to padded positions."""
+        zero. No gradient flows from or to padded positions.
+
+        A non-finite token (NaN or Inf in its row, found from its router logits) reaches
+        no weight either: its routing weights are 0 and its row is zeroed before the
+        experts and the shared expert, so every weight's gradient is what it would be with
+        that token padded (capacity aside: it still counts towards T). Its output is NaN,
+        so the problem stays visible, and it is counted in stats["nonfinite_tokens"]."""
         self._check_input(x)
         valid_T, num_real = self._padding(x, padding_mask)
         rec = profiling.current()
@@ -236,6 +242,9 @@ class MoELayer(parallel.ExpertParallelModule):
             counted_T = r_out.finite_T if valid_T is None else valid_T & r_out.finite_T
             self.expert_counts += counted_selections(plan, counted_T, self.config.num_experts)
 
+        # Non-finite tokens reach no weight (see the docstring): zero rows, zero weights.
+        bad_T1 = ~r_out.finite_T.unsqueeze(1)
+        x_TD = x_TD.masked_fill(bad_T1, 0.0)
         shared_fn = (lambda: self.shared_expert(x_TD)) if self.shared_expert is not None else None
         # With nothing added after it, the combine rounds its float32 sum to x's dtype itself.
         out_dt = acc if shared_fn is not None else x.dtype
@@ -246,6 +255,7 @@ class MoELayer(parallel.ExpertParallelModule):
             y_TD = y_TD * self.config.routed_scaling_factor
         if shared_out is not None:
             y_TD = y_TD + shared_out.to(acc)
+        y_TD = y_TD.masked_fill(bad_T1, float("nan"))  # no gradient flows back through it
 
         stats = {
             "tokens_per_expert": plan.kept_per_expert_E,

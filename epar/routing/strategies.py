@@ -55,6 +55,14 @@ def nonfinite_slots(router_out: RouterOutput, k: int) -> torch.Tensor | None:
     return (~router_out.finite_T).unsqueeze(1).expand(-1, k)
 
 
+def zero_nonfinite(weight_XK: torch.Tensor, finite_X: torch.Tensor | None) -> torch.Tensor:
+    """Routing weights with a non-finite token's set to exactly 0 (its scores are NaN): its
+    rows then reach no weight (MoELayer also zeroes its input row), like padding's."""
+    if finite_X is None:
+        return weight_XK
+    return weight_XK.masked_fill(~finite_X.unsqueeze(1), 0.0)
+
+
 def counted_selections(plan: RoutingPlan, counted_T: torch.Tensor | None, num_experts: int) -> torch.Tensor:
     """int64 [E]: slots selected per expert by the tokens the statistics count (counted_T:
     real and finite; None = every token), before any drop. Expert choice: its counts."""
@@ -90,7 +98,7 @@ class _TokenChoice(RoutingStrategy):
         weight_TK = router_out.scores_TE.gather(1, expert_TK)
         if self.config.normalize_topk:
             weight_TK = weight_TK / weight_TK.sum(dim=-1, keepdim=True)
-        return expert_TK, weight_TK
+        return expert_TK, zero_nonfinite(weight_TK, router_out.finite_T)
 
 
 class Dropless(_TokenChoice):
@@ -214,6 +222,8 @@ class ExpertChoice(RoutingStrategy):
         if real_first_T is not None:
             token_EC = real_first_T[token_EC]
         weight_EC = router_out.scores_TE.t().gather(1, token_EC)
+        if router_out.finite_T is not None:  # a non-finite token taken (C > finite tokens): weight 0
+            weight_EC = weight_EC.masked_fill(~router_out.finite_T[token_EC], 0.0)
         taken_T = torch.zeros(T, dtype=torch.int64, device=dev).index_add_(
             0, token_EC.reshape(-1), torch.ones(E * C, dtype=torch.int64, device=dev))
         per_expert = torch.full((E,), C, dtype=torch.int64, device=dev)
