@@ -25,15 +25,16 @@ case ",$EXTRAS," in *,hf,*) needed="$needed, transformers" ;; esac
 # setuptools' default import hook: the hook comes after the path entries, so a script
 # whose directory holds the clone as epar/ (~/my_script.py beside ~/epar) would import the
 # clone's root as an empty namespace package. On the path, the real package wins.
-# The check: from a directory holding an empty epar/, `import epar` must still find epar.
-epar_wins() {
+# The check, one interpreter for both: every needed module imports, and from a directory
+# holding an empty epar/, `import epar` still finds the package.
+installed() {
     local dir status
     dir="$(mktemp -d)" && mkdir "$dir/epar"
-    (cd "$dir" && "$VENV/bin/python" -E -c "import epar; epar.MoEConfig") && status=0 || status=1
+    (cd "$dir" && "$VENV/bin/python" -E -c "$needed; epar.MoEConfig") && status=0 || status=1
     rm -rf "$dir"
     return $status
 }
-if ! "$VENV/bin/python" -c "$needed" 2>/dev/null || ! epar_wins 2>/dev/null; then
+if ! installed 2>/dev/null; then
     epar_env_say "installing epar (editable, on the path) with extras [$EXTRAS] and its dependencies into $VENV"
     "$VENV/bin/pip" install --quiet -e "$ROOT[$EXTRAS]" --config-settings editable_mode=compat
 fi

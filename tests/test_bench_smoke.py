@@ -1,15 +1,20 @@
 """Smoke test of benchmarks/layer_bench.py: tiny shapes, CPU, float32, two iterations.
-Checks the JSON it writes (documented keys, positive times), never the speed."""
+Checks the JSON it writes (documented keys, positive times), never the speed. And the
+benchmarks' spawn helper's liveness check."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "layer_bench.py"
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "layer_bench.py"
 TOP_KEYS = {"schema", "gpu", "device", "torch", "transformers", "date", "dtype", "iters", "warmup",
             "tiny", "timing", "configs"}
 TIMED_KEYS = {"median_ms", "p10_ms", "p90_ms", "ratio_to_floor", "peak_mem_above_weights_gib", "times_ms"}
@@ -53,3 +58,30 @@ def test_layer_bench_tiny_cpu(tmp_path):
         elif name == "hf_qwen3_eager":
             assert rec["status"] == "ok", rec
             assert cfg["hf_block"]["experts_implementation"]
+
+
+def _die_on_rank_1(rank, world):
+    """Rank 1 is killed by a signal (no Python traceback, no result); rank 0 waits for it
+    in a collective that would otherwise hang until the gloo timeout."""
+    import os
+    import signal
+
+    import torch.distributed as dist
+
+    if rank == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    dist.barrier()
+    return rank
+
+
+def test_spawn_fails_fast_when_a_rank_dies():
+    """benchmarks/spawn.py notices a rank that died without a result from its exit code
+    (the liveness check) instead of waiting out the deadline: the error names the signal,
+    where a missing liveness check would end in the TimeoutError after `timeout`."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))  # also for the spawned ranks, which import it by name
+    try:
+        spawn = importlib.import_module("spawn")
+        with pytest.raises(RuntimeError, match="rank 1 killed by SIGKILL"):
+            spawn.run_ranks(_die_on_rank_1, 2, timeout=240)
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
