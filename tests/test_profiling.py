@@ -629,3 +629,27 @@ def test_print_report_off_a_terminal_keeps_whole_headers(tmp_path):
     assert "\N{HORIZONTAL ELLIPSIS}" not in text, text
     # one rule: the CLI's console is the library's
     assert cli._console().width == report.make_console().width == 1000  # pytest's stdout is no terminal
+
+
+def test_exchange_table_shows_no_bandwidth_for_an_exchange_never_replayed():
+    """hierarchical and allgather are not replayed: their transfer, waiting and bandwidth
+    print as "-" (a 0 would read as a measured figure); a replayed exchange prints numbers."""
+    from rich.console import Console
+
+    def spread3(v):
+        return {"min": v, "median": v, "max": v}
+
+    row = {k: spread3(v) for k, v in dict(bytes_to_others=1024, bytes_total=2048, rows_to_others=4, collectives=2,
+                                           bytes_intra_node=1024, bytes_inter_node=0, in_flight_ms=1.5,
+                                           exposed_ms=1.5, hidden_ms=0.0, transfer_ms=0.0, waiting_ms=1.5,
+                                           algbw_gbps=0.0, busbw_gbps=0.0).items()}
+    replayed = {**row, "transfer_ms": spread3(0.25), "waiting_ms": spread3(1.25), "algbw_gbps": spread3(8.0),
+                "busbw_gbps": spread3(4.0)}
+    console = Console(record=True, width=300)
+    console.print(report._exchange_table("t", {"dispatch": {"chunks": 1, **row},
+                                               "combine": {"chunks": 1, **replayed}}))
+    lines = {line.split("│")[1].strip(): [c.strip() for c in line.split("│")[2:-1]]
+             for line in console.export_text().splitlines() if line.count("│") > 5 and "exchange" not in line}
+    assert lines["dispatch"][8:] == ["-", "-", "-", "-"], lines  # transfer, waiting, algbw, busbw
+    assert lines["dispatch"][5] == "1.500"  # in flight stays
+    assert lines["combine"][8:] == ["0.250", "1.250", "8 / 8 / 8", "4 / 4 / 4"], lines

@@ -323,7 +323,8 @@ class _Call:
         self.dispatches, self.combines = [], []
 
     def send(self, name, j, x, out_splits, in_splits):
-        what = f"MoE layer #{self.call.layer_id} call {self.call.call_no}: {self.exchange.label} {name} all_to_all_single"
+        call, label = self.call, self.exchange.label
+        what = f"MoE layer #{call.layer_id} call {call.call_no}: {label} {name} all_to_all_single"
         return comm.send(self.call.probe, name, j, x, self.exchange.peers.group, [out_splits], [in_splits], what)
 
 

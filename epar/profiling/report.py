@@ -501,13 +501,24 @@ def _exchange_table(title: str, exchanges: dict):
                 "exposed ms", "hidden ms", "transfer ms", "waiting ms", "algbw GB/s", "busbw GB/s"):
         t.add_column(col, justify="right")
     for name, x in exchanges.items():
-        bw = lambda k: " / ".join(f"{x[k][q]:.3g}" for q in ("min", "median", "max"))  # noqa: E731
-        med = lambda k: x.get(k, {}).get("median", 0)  # noqa: E731
+        # An exchange the recorder does not replay (hierarchical, allgather: no all-to-all of
+        # the EP group) has no transfer time, so no bandwidth and no waiting: "-", not 0.
+        replayed = x["transfer_ms"]["max"] > 0
+        timed = ("in_flight_ms", "exposed_ms", "hidden_ms") + (("transfer_ms", "waiting_ms") if replayed else ())
+
+        def bw(k):
+            return " / ".join(f"{x[k][q]:.3g}" for q in ("min", "median", "max")) if replayed else "-"
+
+        def ms(k):
+            return f"{x[k]['median']:.3f}" if k in timed else "-"
+
+        def med(k):
+            return x.get(k, {}).get("median", 0)
+
         t.add_row(name, str(x["chunks"]), f"{med('collectives'):.0f}", _fmt_bytes(x["bytes_to_others"]["median"]),
                   f"{med('rows_to_others'):.0f}",
                   f"{_fmt_bytes(med('bytes_intra_node'))} / {_fmt_bytes(med('bytes_inter_node'))}",
-                  *(f"{x[k]['median']:.3f}" for k in ("in_flight_ms", "exposed_ms", "hidden_ms", "transfer_ms",
-                                                      "waiting_ms")),
+                  *(ms(k) for k in ("in_flight_ms", "exposed_ms", "hidden_ms", "transfer_ms", "waiting_ms")),
                   bw("algbw_gbps"), bw("busbw_gbps"))
     return t
 
