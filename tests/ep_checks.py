@@ -59,3 +59,15 @@ def run_and_compare(layer, ref, x: torch.Tensor, ep_group, atol: float = 1e-12) 
         assert not torch.isnan(p.grad).any(), name
         torch.testing.assert_close(p.grad, expected, **close, msg=lambda m: f"{name}: {m}")
     return out.stats
+
+
+def padded_step(cfg: epar.MoEConfig, ep_group, rank: int) -> list:
+    """One forward + backward of an 8-token batch whose rank-dependent tail is padding
+    (a different share on each rank), float64: [y, x.grad, every parameter's grad]."""
+    layer, _ = make_pair(cfg, ep_group, seed=3)
+    x = tagged_batch(rank, 8, seed=1).view(2, 4, D).requires_grad_()
+    mask = torch.zeros(2, 4, dtype=torch.bool)
+    mask[rank, 1:] = True
+    out = layer(x, padding_mask=mask)
+    (out.y.square().sum() + out.aux_loss).backward()
+    return [out.y, x.grad] + [p.grad for p in layer.parameters()]

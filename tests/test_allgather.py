@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 import epar
 from dist_harness import run_distributed
-from ep_checks import D, FF, make_pair, run_and_compare, tagged_batch
+from ep_checks import D, FF, make_pair, padded_step, run_and_compare, tagged_batch
 from epar.parallel import build_groups
 from test_dedup import STRATEGIES, CountCollectives
 from test_ep_host_reads import _host_reads
@@ -61,17 +61,9 @@ def _collectives(rank, groups, ep_size) -> int:
 def _padding_mask_as_per_expert(rank, groups) -> int:
     checked = 0
     for strategy in STRATEGIES:
-        results = []
-        for exchange in ("per_expert", "allgather"):
-            cfg = epar.MoEConfig(d_model=D, d_ff=FF, num_experts=6, top_k=2, strategy=strategy,
-                                 ep_exchange=exchange, shared_expert_d_ff=4)
-            layer, _ = make_pair(cfg, groups.ep_group, seed=3)
-            x = tagged_batch(rank, 8, seed=1).view(2, 4, D).requires_grad_()
-            mask = torch.zeros(2, 4, dtype=torch.bool)
-            mask[rank, 1:] = True
-            out = layer(x, padding_mask=mask)
-            (out.y.square().sum() + out.aux_loss).backward()
-            results.append([out.y, x.grad] + [p.grad for p in layer.parameters()])
+        results = [padded_step(epar.MoEConfig(d_model=D, d_ff=FF, num_experts=6, top_k=2, strategy=strategy,
+                                              ep_exchange=exchange, shared_expert_d_ff=4), groups.ep_group, rank)
+                   for exchange in ("per_expert", "allgather")]
         for a, b in zip(*results):
             torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
         checked += 1

@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 import epar
 from dist_harness import run_distributed
-from ep_checks import D, FF, make_pair, run_and_compare, tagged_batch
+from ep_checks import D, FF, make_pair, padded_step, run_and_compare, tagged_batch
 from epar.parallel import build_groups
 
 pytestmark = pytest.mark.dist
@@ -185,17 +185,9 @@ def _padding_mask_as_per_expert(rank, groups) -> int:
     checked = 0
     for strategy in STRATEGIES:
         for chunks in (1, 2):
-            results = []
-            for exchange in ("per_expert", "dedup"):
-                cfg = epar.MoEConfig(d_model=D, d_ff=FF, num_experts=6, top_k=2, strategy=strategy,
-                                     ep_exchange=exchange, overlap_chunks=chunks)
-                layer, _ = make_pair(cfg, groups.ep_group, seed=3)
-                x = tagged_batch(rank, 8, seed=1).view(2, 4, D).requires_grad_()
-                mask = torch.zeros(2, 4, dtype=torch.bool)
-                mask[rank, 1:] = True
-                out = layer(x, padding_mask=mask)
-                (out.y.square().sum() + out.aux_loss).backward()
-                results.append([out.y, x.grad] + [p.grad for p in layer.parameters()])
+            results = [padded_step(epar.MoEConfig(d_model=D, d_ff=FF, num_experts=6, top_k=2, strategy=strategy,
+                                                  ep_exchange=exchange, overlap_chunks=chunks),
+                                   groups.ep_group, rank) for exchange in ("per_expert", "dedup")]
             for a, b in zip(*results):
                 torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
             checked += 1
