@@ -459,10 +459,12 @@ def train(args, env, groups) -> dict:
         kept, dropped = load.read()
         for i, row in enumerate(kept):
             total = max(sum(row), 1)
+            bal = epar.placement.balance(row, args.ep_size)
             out.log(f"  layer {i} load: max/mean {max(row) * len(row) / total:.2f}, "
+                    f"EP rank max/mean {bal['rank_max_over_mean']:.2f} (floor {bal['permutation_floor']:.2f}), "
                     f"share % {[round(100 * n / total, 1) for n in row]}"
                     + (f", dropped slots {dropped[i]}" if dropped[i] else ""))
-            out.event(step=step, layer=i, tokens_per_expert=row, dropped_slots=dropped[i])
+            out.event(step=step, layer=i, tokens_per_expert=row, dropped_slots=dropped[i], **bal)
 
     if step == 0 and args.eval_every:
         run_eval()

@@ -235,6 +235,10 @@ def test_trainer_report(trainer_runs, name):
     assert load["imbalance"] == pytest.approx(max(tpe) / (sum(tpe) / E))
     assert load["per_expert"] == {"min": min(tpe), "max": max(tpe), "mean": pytest.approx(sum(tpe) / E)}
     assert load["per_ep_rank"]["slots"] == [tpe[0] + tpe[1], tpe[2] + tpe[3]]
+    ranks = [tpe[0] + tpe[1], tpe[2] + tpe[3]]  # the balance figures, from the sums by hand
+    assert load["balance"] == {"rank_max_over_mean": pytest.approx(max(ranks) / (sum(tpe) / 2)),
+                               "expert_max_over_mean": pytest.approx(max(tpe) / (sum(tpe) / E)),
+                               "permutation_floor": pytest.approx(max(sum(tpe) / 2, max(tpe)) / (sum(tpe) / 2))}
     assert [h["slots"] for h in load["hottest"]] == sorted(tpe, reverse=True)[:5]
     assert [c["slots"] for c in load["coldest"]] == sorted(tpe)[:5]
     assert sum(load["histogram"]["counts"]) == E

@@ -10,6 +10,7 @@ import importlib.util
 import io
 import json
 import os
+import re
 import shutil
 
 import pytest
@@ -66,7 +67,8 @@ def _train_and_resume(rank, world, tmp):
     def run(ep, *extra):
         return tl.train(tl.parse_args(TINY + ["--ep-size", str(ep), *extra]), env, build_groups(ep))
 
-    full = run(2, "--ckpt-dir", f"{tmp}/full", "--ckpt-every", "6")
+    with contextlib.redirect_stdout(io.StringIO()) as full_said:
+        full = run(2, "--ckpt-dir", f"{tmp}/full", "--ckpt-every", "6")
     start = tl.checkpoint_path(f"{tmp}/full", 6)
     if rank == 0:  # a directory whose newest checkpoint is step 6: bare --resume picks it
         shutil.copytree(start, tl.checkpoint_path(f"{tmp}/same", 6))
@@ -82,12 +84,15 @@ def _train_and_resume(rank, world, tmp):
     # Resuming from the last checkpoint (step 12) with --steps 12 trains nothing: it must say so.
     with contextlib.redirect_stdout(io.StringIO()) as said:
         past_end = run(2, "--ckpt-dir", f"{tmp}/full", "--resume")
-    return full, same, other, fsdp, reshard_ok, nonzero, (past_end, said.getvalue())
+    return full, same, other, fsdp, reshard_ok, nonzero, (past_end, said.getvalue()), full_said.getvalue()
 
 
 def test_train_lm_learns_and_resumes(tmp_path):
     results = run_distributed(_train_and_resume, 2, str(tmp_path), timeout=240, pg_timeout=120)
-    full, same, other, fsdp, reshard_ok, nonzero, (past_end, said) = results[0]
+    full, same, other, fsdp, reshard_ok, nonzero, (past_end, said), full_said = results[0]
+    # The load lines give the EP ranks' balance: the floor never above the contiguous figure.
+    bal = re.findall(r"EP rank max/mean ([\d.]+) \(floor ([\d.]+)\)", full_said)
+    assert bal and all(1.0 <= float(f) <= float(m) for m, f in bal), full_said
     assert results[1][0] == full  # every rank reports the same global losses
 
     heldout = dict(full["heldout"])

@@ -41,6 +41,7 @@ import sys
 
 import torch.distributed as dist
 
+from .. import placement
 from .recorder import BACKWARD_PHASES, PHASES, PhaseRecorder
 
 SCHEMA = "epar.profile/2"
@@ -270,6 +271,8 @@ def _load(ranks: list[dict], top_k: int, ep_size: int) -> dict:
         "imbalance": per_expert["imbalance"],
         "per_expert": {k: per_expert[k] for k in ("min", "max", "mean")},
         "per_ep_rank": {"slots": per_rank, **_stat(per_rank)},
+        # the step waits on the most loaded rank; the floor is the best any placement reaches
+        "balance": placement.balance(tpe, ep_size) if E and E % ep_size == 0 else {},
         "hottest": [{"expert": e, "slots": tpe[e]} for e in by_count[:5]],
         "coldest": [{"expert": e, "slots": tpe[e]} for e in sorted(range(E), key=lambda e: (tpe[e], e))[:5]],
         "histogram": histogram(tpe) if tpe else {"edges": [], "counts": []},
@@ -544,6 +547,10 @@ def load_lines(load: dict) -> str:
         f"  hottest (expert:slots) {fmt(load['hottest'])}",
         f"  coldest (expert:slots) {fmt(load['coldest'])}",
     ]
+    if load.get("balance"):
+        b = load["balance"]
+        lines.insert(3, f"  rank load    max/mean {b['rank_max_over_mean']:.3f}  permutation floor "
+                        f"{b['permutation_floor']:.3f}  (hottest expert max/mean {b['expert_max_over_mean']:.3f})")
     if h["counts"]:
         lines.append(f"  histogram    {h['edges'][0]:.0f} |{_sparkline(h['counts'])}| {h['edges'][-1]:.0f}   "
                      f"experts per bin {h['counts']}")
