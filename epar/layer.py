@@ -14,6 +14,8 @@ from torch.distributed.device_mesh import DeviceMesh
 from . import parallel, profiling
 from .config import MoEConfig
 from .dispatch import CallContext, CommError, build_exchange
+from .dispatch.identity import PeerGroup
+from .dispatch.physical import physical_plan
 from .errors import wait_helper
 from .experts import GroupedExperts, SharedExpert
 from .routing.info import RoutingInfo
@@ -126,6 +128,13 @@ class MoELayer(parallel.ExpertParallelModule):
         self.strategy = make_strategy(config)
         self.register_buffer("expert_counts", torch.zeros(config.num_experts, dtype=torch.int64),
                              persistent=False)
+        # Placement (see set_expert_placement): the logical expert each physical slot holds,
+        # rank r holding slots [r*L, (r+1)*L), and its inverse. Contiguous by default: the
+        # plan then goes to the exchange as it is (bit-identical to before placements).
+        E = config.num_experts
+        self.register_buffer("expert_of_slot", torch.arange(E), persistent=False)
+        self.register_buffer("slot_of_expert", torch.arange(E), persistent=False)
+        self._contiguous = True
         # Numbered per EP group (see _next_layer_number); one-device layers apart.
         self.layer_id = _next_layer_number(ep_group if ep_size > 1 else None)
         if ep_size > 1:
@@ -136,11 +145,11 @@ class MoELayer(parallel.ExpertParallelModule):
 
     def extra_repr(self) -> str:
         cfg = self.config
-        first = self.ep_rank * self.num_local_experts
+        ids = self.global_expert_ids
+        held = f"global {ids[0]}..{ids[-1]}" if isinstance(ids, range) else f"global {ids}"
         return (f"d_model={cfg.d_model}, d_ff={cfg.d_ff}, num_experts={cfg.num_experts}, "
                 f"strategy={cfg.strategy!r}, top_k={cfg.top_k}, ep_size={self.ep_size}, "
-                f"ep_rank={self.ep_rank}, local_experts={self.num_local_experts} "
-                f"(global {first}..{first + self.num_local_experts - 1})")
+                f"ep_rank={self.ep_rank}, local_experts={self.num_local_experts} ({held})")
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -161,9 +170,48 @@ class MoELayer(parallel.ExpertParallelModule):
         return self._calls - 1
 
     @property
-    def global_expert_ids(self) -> range:
-        """Global ids of the experts this rank holds: a contiguous block."""
-        return range(self.ep_rank * self.num_local_experts, (self.ep_rank + 1) * self.num_local_experts)
+    def global_expert_ids(self) -> range | list[int]:
+        """Global (logical) ids of the experts this rank holds, local slot by local slot: a
+        contiguous block (a range) unless set_expert_placement placed them otherwise."""
+        L, r = self.num_local_experts, self.ep_rank
+        if self._contiguous:
+            return range(r * L, (r + 1) * L)
+        return [int(e) for e in self.expert_of_slot[r * L:(r + 1) * L].tolist()]
+
+    @torch.no_grad()
+    def set_expert_placement(self, expert_of_slot) -> None:
+        """Which logical expert each physical slot holds (slot s on EP rank s // L, local
+        slot s % L): a permutation of range(num_experts), the same on every rank of the
+        router group (checked: ValueError naming the layer otherwise, before anything
+        changes). Routing, capacity, losses, stats and checkpoints stay in logical ids;
+        only where rows are sent and which local weight computes them follow the map.
+        This sets the map only: the local expert weights must already be those of the
+        experts it names (as after building, loading a checkpoint, or moving them).
+        With node topology (hierarchical exchange, node-limited routing) every expert
+        must stay within its node's block of slots."""
+        E = self.config.num_experts
+        perm = torch.as_tensor(expert_of_slot, dtype=torch.int64).reshape(-1).cpu()
+        if perm.numel() != E or not torch.equal(torch.sort(perm).values, torch.arange(E)):
+            raise ValueError(f"MoE layer #{self.layer_id}: expert placement must be a permutation of the "
+                             f"{E} logical expert ids, got {perm.tolist()}")
+        topology = parallel.topology_for(self.ep_group)
+        if topology is not None:
+            per_node = E // topology.nodes
+            if not torch.equal(perm // per_node, torch.arange(E) // per_node):
+                raise ValueError(f"MoE layer #{self.layer_id}: expert placement moves experts across nodes "
+                                 f"(each node holds {per_node} consecutive slots and must keep its own "
+                                 f"experts: the hierarchical exchange and node-limited routing assume it)")
+        if self.router_group is not None:
+            peers = PeerGroup(self.router_group)
+            table = peers.gather_meta(perm.tolist(), self.expert_of_slot.device,
+                                      f"MoE layer #{self.layer_id} expert placement check")
+            differ = [src for src, row in enumerate(table) if row != perm.tolist()]
+            if differ:
+                raise ValueError(f"MoE layer #{self.layer_id}: expert placement differs across ranks "
+                                 f"(ranks {differ} of the router group hold another one than rank {peers.rank})")
+        self.expert_of_slot.copy_(perm)
+        self.slot_of_expert.copy_(torch.argsort(perm))
+        self._contiguous = bool(torch.equal(perm, torch.arange(E)))
 
     # The dtypes the router, the experts and the combine compute in (float8 and the rest
     # fail deep inside, e.g. "Promotion for Float8 Types is not supported").
@@ -250,7 +298,9 @@ class MoELayer(parallel.ExpertParallelModule):
         out_dt = acc if shared_fn is not None else x.dtype
         call = CallContext(self.layer_id, call_no, self._next_call_no, acc, out_dt, shared_fn,
                            profiling.probe_for(rec, self.layer_id, call_no, dev))
-        y_TD, shared_out = self.exchange(x_TD, plan, self.experts, call)
+        # The exchange sends rows by physical slot; everything above stays in logical ids.
+        sent = plan if self._contiguous else physical_plan(plan, self.expert_of_slot, self.slot_of_expert)
+        y_TD, shared_out = self.exchange(x_TD, sent, self.experts, call)
         if self.config.routed_scaling_factor != 1.0:  # routed experts only, never the shared one
             y_TD = y_TD * self.config.routed_scaling_factor
         if shared_out is not None:

@@ -12,13 +12,16 @@ import epar
 D, FF = 8, 16
 
 
-def make_pair(cfg: epar.MoEConfig, ep_group, seed: int = 0):
-    """(ep_layer, reference layer with all experts) on identical weights, float64."""
+def make_pair(cfg: epar.MoEConfig, ep_group, seed: int = 0, placement=None):
+    """(ep_layer, reference layer with all experts) on identical weights, float64. With
+    `placement` (expert_of_slot), the EP layer's local slots hold those logical experts."""
     torch.manual_seed(seed)
     ref = epar.MoELayer(cfg).double()
     layer = epar.MoELayer(cfg, ep_group).double()
-    L, r = layer.num_local_experts, layer.ep_rank
-    state = {k: (v[r * L:(r + 1) * L] if k.startswith("experts.") else v) for k, v in ref.state_dict().items()}
+    if placement is not None:
+        layer.set_expert_placement(placement)
+    ids = list(layer.global_expert_ids)
+    state = {k: (v[ids] if k.startswith("experts.") else v) for k, v in ref.state_dict().items()}
     layer.load_state_dict(state)
     return layer, ref
 
@@ -47,14 +50,14 @@ def run_and_compare(layer, ref, x: torch.Tensor, ep_group, atol: float = 1e-12) 
         assert torch.equal(out.stats[key], out_ref.stats[key]), key
     torch.testing.assert_close(x_ep.grad, x_ref.grad, **close)
     ref_params = dict(ref.named_parameters())
-    L, r = layer.num_local_experts, layer.ep_rank
+    ids = list(layer.global_expert_ids)  # the logical expert of each local slot
     for name, p in layer.named_parameters():
         expected = ref_params[name].grad.clone()
         if name.startswith("experts."):
             # Expert grads hold every EP rank's tokens routed here: sum the references.
             if ep_group is not None:
                 dist.all_reduce(expected, group=ep_group)
-            expected = expected[r * L:(r + 1) * L]
+            expected = expected[ids]
         assert p.grad is not None, name
         assert not torch.isnan(p.grad).any(), name
         torch.testing.assert_close(p.grad, expected, **close, msg=lambda m: f"{name}: {m}")

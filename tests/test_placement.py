@@ -1,11 +1,15 @@
-"""epar.placement.balance: the load figures of an EP group, checked by hand and against a
-brute force over every placement of whole experts."""
+"""Expert placement. epar.placement.balance: the load figures of an EP group, checked by
+hand and against a brute force over every placement of whole experts. Placement as data
+(MoELayer.set_expert_placement): under a random placement every exchange, strategy and
+chunk count equals the one-device layer (float64, EP 4 and DP 2 x EP 2, one spawn); bad
+placements raise ValueError on every rank."""
 
 from __future__ import annotations
 
 import itertools
 
 import pytest
+import torch
 
 from epar import placement
 
@@ -37,3 +41,83 @@ def test_floor_bounds_every_placement(loads, n):
 def test_bad_ep_size_names_it():
     with pytest.raises(ValueError, match="ep_size=4 is invalid"):
         placement.balance([1, 2, 3, 4, 5, 6], 4)
+
+
+# ---- placement as data: any placement equals one device ------------------------------
+def _random_placement(E: int, seed: int) -> list[int]:
+    return torch.randperm(E, generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def _placed_cases(rank, world) -> int:
+    """Every exchange x strategy x chunks under a random placement (the same on every
+    rank), at EP 4 and at DP 2 x EP 2: outputs, input grads, dense grads and every local
+    slot's expert grads equal the one-device layer's for the logical expert it holds."""
+    import epar
+    from ep_checks import D, FF, make_pair, run_and_compare, tagged_batch
+    from epar.parallel import build_groups
+
+    checked = 0
+    for ep, batch in ((4, (6, 0, 9, 3)), (2, (4, 7, 0, 5))):
+        groups = build_groups(ep)
+        E = 2 * ep
+        for exchange in epar.config.EP_EXCHANGES:
+            for strategy in ("dropless", "token_drop", "expert_choice"):
+                for chunks in (1, 2):
+                    cfg = epar.MoEConfig(d_model=D, d_ff=FF, num_experts=E, top_k=2, strategy=strategy,
+                                         ep_exchange=exchange, overlap_chunks=chunks, shared_expert_d_ff=4)
+                    placement_ = _random_placement(E, seed=checked)
+                    assert placement_ != list(range(E))
+                    layer, ref = make_pair(cfg, groups.ep_group, seed=checked, placement=placement_)
+                    assert list(layer.global_expert_ids) == placement_[layer.ep_rank * 2:(layer.ep_rank + 1) * 2]
+                    run_and_compare(layer, ref, tagged_batch(rank, batch[rank], seed=checked), groups.ep_group)
+                    checked += 1
+    return checked
+
+
+def _bad_placements(rank, world) -> list[str]:
+    """Not a permutation, or a different one on some rank: ValueError naming the layer on
+    every rank, before the map changes."""
+    import epar
+    from epar.parallel import build_groups
+
+    groups = build_groups(world)
+    layer = epar.MoELayer(epar.MoEConfig(d_model=8, d_ff=8, num_experts=4), groups.ep_group)
+    said = []
+    for bad in ([0, 1, 2, 2], [0, 1, 2], [1, 0, 3, 2] if rank == 0 else [0, 1, 2, 3]):
+        with pytest.raises(ValueError) as err:
+            layer.set_expert_placement(bad)
+        said.append(str(err.value))
+    assert list(layer.global_expert_ids) == [2 * rank, 2 * rank + 1]  # unchanged
+    # Two nodes of one rank each (node topology): experts stay in their node's slots.
+    nodes = build_groups(world, ranks_per_node=1)
+    layer = epar.MoELayer(epar.MoEConfig(d_model=8, d_ff=8, num_experts=4), nodes.ep_group)
+    with pytest.raises(ValueError) as err:
+        layer.set_expert_placement([2, 1, 0, 3])
+    said.append(str(err.value))
+    layer.set_expert_placement([1, 0, 3, 2])  # a permutation within each node is fine
+    assert list(layer.global_expert_ids) == [[1, 0], [3, 2]][rank]
+    return said
+
+
+def test_any_placement_equals_one_device():
+    from dist_harness import run_distributed
+
+    assert run_distributed(_placed_cases_and_bad, 4, timeout=400) == [(60, True)] * 4
+
+
+def _placed_cases_and_bad(rank, world):
+    n = _placed_cases(rank, world)
+    return n, True
+
+
+def _world2_bad(rank, world):
+    return _bad_placements(rank, world)
+
+
+def test_bad_placement_raises_on_every_rank():
+    from dist_harness import run_distributed
+
+    for said in run_distributed(_world2_bad, 2, timeout=120):
+        assert all("MoE layer #" in s for s in said), said
+        assert "permutation" in said[0] and "permutation" in said[1] and "differs across ranks" in said[2], said
+        assert "across nodes" in said[3], said
