@@ -2,7 +2,7 @@
 
 An exchange moves a tensor's rows in one or more parts: part i is an all_to_all_single
 of the next sum(in_parts[i]) input rows into the next sum(out_parts[i]) output rows (the
-dispatcher sends one part per local expert, so rows land grouped by expert). All parts
+per_expert exchange sends one part per local expert, so rows land grouped by expert). All parts
 are issued at once and complete together.
 
 An exchange is two autograd nodes: `start` issues the collectives and returns the (not

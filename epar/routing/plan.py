@@ -1,4 +1,4 @@
-"""RoutingPlan: everything the dispatcher needs to know about one call's routing.
+"""RoutingPlan: everything an exchange needs to know about one call's routing.
 
 Dispatch rows are sorted by global expert (stable), so the rows for the experts
 of EP rank r form one contiguous block: the all-to-all needs no further sort.
