@@ -1,4 +1,4 @@
-"""How evenly an EP group's expert load falls on its ranks (issue #24, first step: measure).
+"""How evenly an EP group's expert load falls on its ranks, and a placement that evens it.
 
 Dropless, an EP group's step takes as long as its most loaded rank: it runs the longest
 grouped GEMM and receives the most rows. With experts placed in contiguous blocks (rank r
@@ -15,6 +15,8 @@ summed over the EP group, or the profile report's `load.tokens_per_expert`):
 
 A rank_max_over_mean well above its floor means a better placement would pay off; a floor
 well above 1 means only splitting hot experts (replicas) or the loss terms can help.
+`plan` computes such a placement; MoELayer.set_expert_placement applies a map (moving the
+weights and their optimizer state with it is not there yet).
 """
 
 from __future__ import annotations
@@ -43,3 +45,58 @@ def balance(load_E: Sequence[float], ep_size: int) -> dict:
     return {"rank_max_over_mean": max(ranks) / rank_mean,
             "expert_max_over_mean": max(load_E) / expert_mean,
             "permutation_floor": max(rank_mean, max(load_E)) / rank_mean}
+
+
+def placed_rank_loads(load_E: Sequence[float], expert_of_slot: Sequence[int], ep_size: int) -> list[float]:
+    """Load of each EP rank when physical slot s holds logical expert expert_of_slot[s]."""
+    return rank_loads([load_E[e] for e in expert_of_slot], ep_size)
+
+
+def plan(load_E: Sequence[float], ep_size: int, nodes: int = 1, max_swaps: int = 10_000) -> list[int]:
+    """A placement (expert_of_slot, see MoELayer.set_expert_placement) that evens the ranks'
+    loads: largest load first into the lightest rank with a free slot, then swaps of an
+    expert on the most loaded rank with a lighter one elsewhere while that lowers the most
+    loaded rank (plain largest-first packing leaves a few percent on the table). Each
+    node's experts stay on that node's ranks (`nodes` equal blocks of consecutive ranks
+    and experts). Deterministic: ties go to the lower rank and expert id, so every rank
+    computing it from the same loads gets the same plan."""
+    load = [float(v) for v in load_E]
+    E = len(load)
+    if ep_size < 1 or E % ep_size or ep_size % nodes:
+        raise ValueError(f"ep_size={ep_size}, nodes={nodes} is invalid for {E} experts: ep_size must divide "
+                         f"the experts and nodes must divide ep_size")
+    per_node, ranks_per_node = E // nodes, ep_size // nodes
+    out: list[int] = []
+    for b in range(nodes):
+        experts = range(b * per_node, (b + 1) * per_node)
+        out += _pack([load[e] for e in experts], ranks_per_node, max_swaps, offset=b * per_node)
+    return out
+
+
+def _pack(load: list[float], n: int, max_swaps: int, offset: int) -> list[int]:
+    L = len(load) // n
+    held: list[list[int]] = [[] for _ in range(n)]
+    sums = [0.0] * n
+    for e in sorted(range(len(load)), key=lambda e: (-load[e], e)):
+        r = min((r for r in range(n) if len(held[r]) < L), key=lambda r: (sums[r], r))
+        held[r].append(e)
+        sums[r] += load[e]
+    for _ in range(max_swaps):
+        h = max(range(n), key=lambda r: (sums[r], -r))
+        best = None  # (new max of the pair, other rank, expert out of h, expert into h)
+        for o in range(n):
+            if o == h:
+                continue
+            for a in held[h]:
+                for b in held[o]:
+                    d = load[a] - load[b]
+                    pair_max = max(sums[h] - d, sums[o] + d)
+                    if d > 0 and pair_max < sums[h] and (best is None or (pair_max, o, a, b) < best):
+                        best = (pair_max, o, a, b)
+        if best is None:
+            break
+        _, o, a, b = best
+        held[h][held[h].index(a)], held[o][held[o].index(b)] = b, a
+        d = load[a] - load[b]
+        sums[h], sums[o] = sums[h] - d, sums[o] + d
+    return [offset + e for r in range(n) for e in sorted(held[r])]

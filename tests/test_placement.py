@@ -121,3 +121,37 @@ def test_bad_placement_raises_on_every_rank():
         assert all("MoE layer #" in s for s in said), said
         assert "permutation" in said[0] and "permutation" in said[1] and "differs across ranks" in said[2], said
         assert "across nodes" in said[3], said
+
+
+def _lognormal(E: int, sigma: float, seed: int) -> list[float]:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(E, generator=g, dtype=torch.float64) * sigma).exp().tolist()
+
+
+@pytest.mark.parametrize("E,n,sigma", [(64, 8, 0.6), (64, 16, 0.6), (64, 32, 0.6), (256, 32, 0.3), (256, 64, 0.6)])
+def test_plan_reaches_the_floor(E, n, sigma):
+    """Issue #24's bar on log-normal loads, 16 draws (its "layers"): every draw's planned
+    max/mean is a valid, deterministic placement, never above contiguous, never below the
+    floor; where the mean floor is 1.00, the mean planned max/mean is within 2% of it."""
+    planned_ratio, floors = [], []
+    for seed in range(16):
+        load = _lognormal(E, sigma, seed)
+        planned = placement.plan(load, n)
+        assert sorted(planned) == list(range(E))
+        assert planned == placement.plan(load, n)
+        got = max(placement.placed_rank_loads(load, planned, n)) / (sum(load) / n)
+        b = placement.balance(load, n)
+        assert b["permutation_floor"] - 1e-12 <= got <= b["rank_max_over_mean"] + 1e-12, (seed, got, b)
+        planned_ratio.append(got)
+        floors.append(b["permutation_floor"])
+    mean_floor, mean_planned = sum(floors) / 16, sum(planned_ratio) / 16
+    if round(mean_floor, 2) == 1.00:
+        assert mean_planned <= 1.02 * mean_floor, (mean_planned, mean_floor)
+
+
+def test_plan_keeps_experts_in_their_node():
+    load = _lognormal(32, 1.0, 3)
+    planned = placement.plan(load, 8, nodes=2)
+    assert sorted(planned[:16]) == list(range(16)) and sorted(planned[16:]) == list(range(16, 32))
+    with pytest.raises(ValueError, match="nodes must divide"):
+        placement.plan(load, 8, nodes=3)
