@@ -155,3 +155,24 @@ def test_plan_keeps_experts_in_their_node():
     assert sorted(planned[:16]) == list(range(16)) and sorted(planned[16:]) == list(range(16, 32))
     with pytest.raises(ValueError, match="nodes must divide"):
         placement.plan(load, 8, nodes=3)
+
+
+def test_placement_bench_runs(tmp_path):
+    """benchmarks/placement.py at 2 draws: its JSON holds every setting, planned never above
+    contiguous nor below the floor."""
+    import importlib
+    import json
+    import sys
+    from pathlib import Path
+
+    bench_dir = str(Path(__file__).resolve().parents[1] / "benchmarks")
+    sys.path.insert(0, bench_dir)
+    try:
+        bench = importlib.import_module("placement")
+        assert bench.main(["--layers", "2", "--out", str(tmp_path / "p.json")]) == 0
+    finally:
+        sys.path.remove(bench_dir)
+    res = json.loads((tmp_path / "p.json").read_text())
+    assert len(res["settings"]) == len(bench.SETTINGS)
+    for r in res["settings"]:
+        assert r["floor"]["mean"] - 1e-12 <= r["planned"]["mean"] <= r["contiguous"]["mean"] + 1e-12, r
