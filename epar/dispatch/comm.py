@@ -161,40 +161,28 @@ def _reduce_scatter(x: torch.Tensor, group, what: str) -> torch.Tensor:
     return out
 
 
-class _AllGather(torch.autograd.Function):
-    """Every rank's rows (equal counts), rank order; backward sums each rank's gradient."""
+class _RowCollective(torch.autograd.Function):
+    """`op` forward and `adjoint` backward: all-gather and reduce-scatter (sum) of rows are
+    each other's adjoint, so each one's gradient is the other of the gradient."""
 
     @staticmethod
-    def forward(ctx, x, group, what: str):
-        ctx.group, ctx.what = group, what
-        return _gather(x, group, what)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _reduce_scatter(grad, ctx.group, f"{ctx.what} (backward)"), None, None
-
-
-class _ReduceScatter(torch.autograd.Function):
-    """Block r of the sum over ranks goes to rank r; backward gathers the blocks' gradients."""
-
-    @staticmethod
-    def forward(ctx, x, group, what: str):
-        ctx.group, ctx.what = group, what
-        return _reduce_scatter(x, group, what)
+    def forward(ctx, x, group, what: str, op, adjoint):
+        ctx.group, ctx.what, ctx.adjoint = group, what, adjoint
+        return op(x, group, what)
 
     @staticmethod
     def backward(ctx, grad):
-        return _gather(grad, ctx.group, f"{ctx.what} (backward)"), None, None
+        return ctx.adjoint(grad, ctx.group, f"{ctx.what} (backward)"), None, None, None, None
 
 
 def all_gather_rows(x: torch.Tensor, group, what: str) -> torch.Tensor:
     """[n * R, ...] from every rank's [R, ...] (R equal on every rank); differentiable."""
-    return _AllGather.apply(x, group, what)
+    return _RowCollective.apply(x, group, what, _gather, _reduce_scatter)
 
 
 def reduce_scatter_rows(x: torch.Tensor, group, what: str) -> torch.Tensor:
     """This rank's [R, ...] block of the sum over ranks of [n * R, ...]; differentiable."""
-    return _ReduceScatter.apply(x, group, what)
+    return _RowCollective.apply(x, group, what, _reduce_scatter, _gather)
 
 
 def check_before_backward(x: torch.Tensor, check) -> torch.Tensor:

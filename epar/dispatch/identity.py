@@ -117,14 +117,8 @@ class PeerGroup:
         dropless with a gloo twin of an NCCL group sends it on the twin (no device read in
         backward). `width` / `lead`: the integers before the identity in the forward's
         dropless all_to_all / capacity host gather."""
-        what = exchange_name(ident, "identity exchange")
         if not dropless or self.host_group not in (None, self.group):
-            table = self.gather_meta([0] * lead + ident, device, what)
-            self.check_peers([row[lead:] for row in table], ident)
-            return
-        columns = [torch.zeros(self.world, width, dtype=torch.int64, device=device)]
-        columns += [torch.full((self.world, 1), v, dtype=torch.int64, device=device) for v in ident]
-        send_nX = torch.cat(columns, dim=1)
-        recv_nX = torch.empty_like(send_nX)
-        comm.wait_work(dist.all_to_all_single(recv_nX, send_nX, group=self.group, async_op=True), what, self.group)
-        self.check_peers([row[width:] for row in recv_nX.tolist()], ident)
+            self.gather_checked([0] * lead, ident, device, "identity exchange")
+        else:
+            zeros = torch.zeros(self.world, width, dtype=torch.int64, device=device)
+            self.exchange_counts(zeros, ident, "identity exchange")
