@@ -74,3 +74,30 @@ def padded_step(cfg: epar.MoEConfig, ep_group, rank: int) -> list:
     out = layer(x, padding_mask=mask)
     (out.y.square().sum() + out.aux_loss).backward()
     return [out.y, x.grad] + [p.grad for p in layer.parameters()]
+
+
+def pinned_router_run(layer, x_in: torch.Tensor, x_clean: torch.Tensor, gy: torch.Tensor | None = None):
+    """layer(x_in) with its router seeing x_clean (routing pinned to the clean tokens):
+    the output y, and with `gy` also x_in's gradient of sum(y * gy)."""
+    orig = layer.router.forward
+    layer.router.forward = lambda x_r: orig(x_clean)
+    try:
+        if gy is None:
+            return layer(x_in).y.detach()
+        xg = x_in.clone().requires_grad_()
+        y = layer(xg).y
+        (gx,) = torch.autograd.grad((y * gy).sum(), [xg])
+        return y.detach(), gx
+    finally:
+        layer.router.forward = orig
+
+
+def comm_error(fn, with_cause: bool = False) -> str:
+    """'CommError: message' (with_cause: ' (from Cause)' appended), or what happened instead."""
+    try:
+        fn()
+    except epar.CommError as exc:
+        return f"CommError: {exc}" + (f" (from {type(exc.__cause__).__name__})" if with_cause else "")
+    except Exception as exc:  # noqa: BLE001 - reported to the test as it is
+        return f"{type(exc).__name__} (not CommError): {exc}"
+    return "no error"

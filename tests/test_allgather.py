@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 import epar
 from dist_harness import run_distributed
-from ep_checks import D, FF, make_pair, padded_step, run_and_compare, tagged_batch
+from ep_checks import D, FF, make_pair, padded_step, pinned_router_run, run_and_compare, tagged_batch
 from epar.parallel import build_groups
 from test_dedup import STRATEGIES, CountCollectives
 from test_ep_host_reads import _host_reads
@@ -80,12 +80,7 @@ def _nan_token_stays_local(rank, groups) -> int:
             x_in = x.clone()
             if bad and rank == 0:
                 x_in[3, 2] = float("nan")
-            orig = layer.router.forward
-            layer.router.forward = lambda x_r: orig(x)  # the router sees the clean tokens
-            try:
-                runs.append(layer(x_in).y.detach())
-            finally:
-                layer.router.forward = orig
+            runs.append(pinned_router_run(layer, x_in, x))  # the router sees the clean tokens
         others = torch.ones(x.shape[0], dtype=torch.bool)
         if rank == 0:
             others[3] = False

@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 import epar
 from dist_harness import RankFailure, run_distributed
+from ep_checks import comm_error
 
 pytestmark = pytest.mark.dist
 
@@ -38,14 +39,7 @@ def _layers(setup, n: int = 1) -> list[epar.MoELayer]:
 
 
 def _error(fn) -> str:
-    """'CommError: message', or what happened instead."""
-    try:
-        fn()
-    except epar.CommError as exc:
-        return f"CommError: {exc}"
-    except Exception as exc:  # noqa: BLE001 - reported to the test as it is
-        return f"{type(exc).__name__} (not CommError): {exc}"
-    return "no error"
+    return comm_error(fn, with_cause=False)
 
 
 def _extra_forward(rank, layer):

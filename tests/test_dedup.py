@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 import epar
 from dist_harness import run_distributed
-from ep_checks import D, FF, make_pair, padded_step, run_and_compare, tagged_batch
+from ep_checks import D, FF, make_pair, padded_step, pinned_router_run, run_and_compare, tagged_batch
 from epar.parallel import build_groups
 
 pytestmark = pytest.mark.dist
@@ -132,15 +132,7 @@ def _nan_token_stays_local(rank, groups) -> int:
             x_in = x.clone()
             if bad and rank == 0:
                 x_in[3, 2] = float("nan")
-            orig = layer.router.forward
-            layer.router.forward = lambda x_r: orig(x)  # the router sees the clean tokens
-            try:
-                xg = x_in.requires_grad_()
-                y = layer(xg).y
-                (gx,) = torch.autograd.grad((y * gy).sum(), [xg])
-            finally:
-                layer.router.forward = orig
-            runs.append((y.detach(), gx))
+            runs.append(pinned_router_run(layer, x_in, x, gy))  # the router sees the clean tokens
         others = torch.ones(x.shape[0], dtype=torch.bool)
         if rank == 0:
             others[3] = False

@@ -14,7 +14,7 @@ from torch import nn
 
 import epar
 from dist_harness import run_distributed
-from ep_checks import D, FF, make_pair, run_and_compare, tagged_batch
+from ep_checks import D, FF, comm_error, make_pair, run_and_compare, tagged_batch
 from epar.parallel import broadcast_parameters, build_groups, check_replicas, fully_shard_moe
 from test_trainer_safety import TinyModel, safety_checks
 
@@ -221,14 +221,7 @@ def _short_groups(seconds: float):
 
 
 def _error(fn) -> str:
-    """'CommError: message (from Cause)', or what happened instead."""
-    try:
-        fn()
-    except epar.CommError as exc:
-        return f"CommError: {exc} (from {type(exc.__cause__).__name__})"
-    except Exception as exc:  # noqa: BLE001 - reported to the test as it is
-        return f"{type(exc).__name__} (not CommError): {exc}"
-    return "no error"
+    return comm_error(fn, with_cause=True)
 
 
 class _FailingWork:
