@@ -7,13 +7,13 @@ from .feedforward import MoEFeedForward, collect_aux_losses
 from .layer import MoELayer, MoEOutput
 
 __all__ = ["MoEConfig", "MoELayer", "MoEOutput", "MoEFeedForward", "collect_aux_losses", "CommError",
-           "parallel", "profiling", "checkpoint", "interop", "placement", "shapes", "wire"]
+           "parallel", "profiling", "checkpoint", "interop", "placement", "rebalance", "shapes", "wire"]
 __version__ = "0.1.0"
 
 # Submodules imported on first use, so that `epar.checkpoint.save(...)` works after a plain
 # `import epar` without every `import epar` paying for them (checkpoint loads
 # torch.distributed.checkpoint; interop's submodules their optional dependency).
-_LAZY_SUBMODULES = ("checkpoint", "interop", "placement", "shapes", "wire")
+_LAZY_SUBMODULES = ("checkpoint", "interop", "placement", "rebalance", "shapes", "wire")
 
 
 def __getattr__(name: str):

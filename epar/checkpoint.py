@@ -8,6 +8,13 @@ With `optimizer=`, the optimizer's per-parameter state is keyed the same way und
 `optim.` (`optim.<layer>.experts.w_in.<g>.exp_avg`), so it reshards with the experts;
 `extra=` carries any further tensors (a trainer's step, data position, RNG states).
 
+Each MoE layer's placement (MoELayer.set_expert_placement, epar.rebalance) is saved as
+data beside it (`epar.placements`: module path -> EP size and expert_of_slot). The tensors
+never depend on it: they are keyed by logical id, so a checkpoint loads under any
+placement and EP size. load(placement="saved") (the default) gives each layer the saved
+placement where its EP size is the saved one, so a resumed run computes exactly as
+before; elsewhere, and with placement="keep", the model keeps its own.
+
 Each MoE layer's config is saved too (one JSON entry, `epar.moe_configs`, keyed by the
 layer's module path). Before reading any tensor, load compares the fields that fix the
 parameters' shapes or what they compute (MUST_MATCH) and raises ValueError naming the
@@ -34,6 +41,7 @@ from .layer import MoELayer
 
 _EXPERT_WEIGHTS = ("w_in", "w_out")
 _CONFIGS_KEY = "epar.moe_configs"
+_PLACEMENTS_KEY = "epar.placements"
 
 # Fields that decide the parameters' shapes (d_model ... shared_expert_gate) or the
 # function the loaded weights compute (top_k ... routed_scaling_factor): a checkpoint
@@ -122,7 +130,7 @@ def _full_state(model, optimizer, extra) -> dict[str, torch.Tensor]:
     if optimizer is not None:
         state.update(expert_keyed_optimizer_state(model, optimizer))
     for key, value in (extra or {}).items():
-        if key in state or key.startswith("optim.") or key == _CONFIGS_KEY:
+        if key in state or key.startswith("optim.") or key in (_CONFIGS_KEY, _PLACEMENTS_KEY):
             raise ValueError(f"extra key {key!r} collides with a model or optimizer key")
         if not torch.is_tensor(value):
             raise ValueError(f"extra[{key!r}] is a {type(value).__name__}: only tensors are saved")
@@ -138,16 +146,31 @@ def save(model: nn.Module, path: str | os.PathLike, process_group=None,
     state = _full_state(model, optimizer, extra)
     configs = {name: layer.config.to_dict() for name, layer in _moe_layers(model).items()}
     state[_CONFIGS_KEY] = json.dumps(configs, sort_keys=True)
+    placements = {name: {"ep_size": layer.ep_size, "expert_of_slot": layer.expert_of_slot.tolist()}
+                  for name, layer in _moe_layers(model).items()}
+    state[_PLACEMENTS_KEY] = json.dumps(placements, sort_keys=True)
     dcp.save(state, checkpoint_id=path, process_group=process_group, no_dist=not dist.is_initialized())
 
 
-def _saved_configs(path, process_group) -> dict | None:
-    """Each saved MoE layer's config fields by module path; None for a checkpoint saved
-    without them. Reads that one entry only (collective, like every dcp.load)."""
-    wanted = {_CONFIGS_KEY: ""}
+def _saved_entries(path, process_group) -> tuple[dict | None, dict | None]:
+    """(each saved MoE layer's config fields, its placement), by module path; None for a
+    checkpoint saved without them. Reads those two entries only (collective, like every
+    dcp.load)."""
+    wanted = {_CONFIGS_KEY: "", _PLACEMENTS_KEY: ""}
     dcp.load(wanted, checkpoint_id=path, process_group=process_group, no_dist=not dist.is_initialized(),
              planner=DefaultLoadPlanner(allow_partial_load=True))
-    return json.loads(wanted[_CONFIGS_KEY]) if wanted[_CONFIGS_KEY] else None
+    return tuple(json.loads(wanted[k]) if wanted[k] else None for k in (_CONFIGS_KEY, _PLACEMENTS_KEY))
+
+
+def _restore_placements(model: nn.Module, saved: dict) -> None:
+    for name, layer in _moe_layers(model).items():
+        entry = saved.get(name)
+        if entry is not None and entry["ep_size"] == layer.ep_size:
+            try:  # the same JSON on every rank: no cross-rank comparison needed
+                layer.set_expert_placement(entry["expert_of_slot"], check_peers=False)
+            except ValueError as exc:
+                raise ValueError(f"epar.checkpoint.load: the placement saved for {name!r} does not fit this "
+                                 f"model ({exc}); load with placement='keep' to keep the model's own") from exc
 
 
 def _check_configs(model: nn.Module, saved: dict, allow_changes) -> None:
@@ -179,17 +202,23 @@ def _check_configs(model: nn.Module, saved: dict, allow_changes) -> None:
 @torch.no_grad()
 def load(model: nn.Module, path: str | os.PathLike, process_group=None,
          optimizer: torch.optim.Optimizer | None = None, extra: dict | None = None,
-         allow_config_changes=()) -> None:
+         allow_config_changes=(), placement: str = "saved") -> None:
     """Load into `model` (built at any EP size dividing num_experts): each rank reads the
     experts it holds by their global ids, and with `optimizer` their optimizer state.
     Tensors in `extra` are filled in place from the same keys. Collective over
     `process_group`. First compares every MoE layer's config with the saved one: a field
     of MUST_MATCH that differs (unless named in allow_config_changes, e.g. ("top_k",) to
     fine-tune with another top-k) raises ValueError naming the layer, the field and both
-    values, before any tensor is read."""
-    saved = _saved_configs(path, process_group)
+    values, before any tensor is read. placement: "saved" gives each layer the placement
+    saved with it where the EP size matches (see the module docstring), "keep" leaves the
+    model's own; the weights come out the same by logical id either way."""
+    if placement not in ("saved", "keep"):
+        raise ValueError(f"placement={placement!r} is invalid: it must be 'saved' or 'keep'")
+    saved, placements = _saved_entries(path, process_group)
     if saved is not None:
         _check_configs(model, saved, allow_config_changes)
+    if placement == "saved" and placements is not None:
+        _restore_placements(model, placements)
     if optimizer is not None:
         _materialize_optimizer_state(optimizer)
     live = _full_state(model, optimizer, extra)  # views of parameters, buffers, state

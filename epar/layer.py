@@ -179,7 +179,7 @@ class MoELayer(parallel.ExpertParallelModule):
         return [int(e) for e in self.expert_of_slot[r * L:(r + 1) * L].tolist()]
 
     @torch.no_grad()
-    def set_expert_placement(self, expert_of_slot) -> None:
+    def set_expert_placement(self, expert_of_slot, check_peers: bool = True) -> None:
         """Which logical expert each physical slot holds (slot s on EP rank s // L, local
         slot s % L): a permutation of range(num_experts), the same on every rank of the
         router group (checked: ValueError naming the layer otherwise, before anything
@@ -188,7 +188,24 @@ class MoELayer(parallel.ExpertParallelModule):
         This sets the map only: the local expert weights must already be those of the
         experts it names (as after building, loading a checkpoint, or moving them).
         With node topology (hierarchical exchange, node-limited routing) every expert
-        must stay within its node's block of slots."""
+        must stay within its node's block of slots. check_peers=False skips the comparison
+        across ranks (a collective), for a caller that made it already (epar.rebalance)."""
+        perm = self.checked_placement(expert_of_slot)
+        if check_peers and self.router_group is not None:
+            peers = PeerGroup(self.router_group)
+            table = peers.gather_meta(perm.tolist(), self.expert_of_slot.device,
+                                      f"MoE layer #{self.layer_id} expert placement check")
+            differ = [src for src, row in enumerate(table) if row != perm.tolist()]
+            if differ:
+                raise ValueError(f"MoE layer #{self.layer_id}: expert placement differs across ranks "
+                                 f"(ranks {differ} of the router group hold another one than rank {peers.rank})")
+        self.expert_of_slot.copy_(perm)
+        self.slot_of_expert.copy_(torch.argsort(perm))
+        self._contiguous = bool(torch.equal(perm, torch.arange(self.config.num_experts)))
+
+    def checked_placement(self, expert_of_slot) -> torch.Tensor:
+        """`expert_of_slot` as an int64 CPU tensor after this rank's own checks (a permutation;
+        node blocks kept); ValueError naming the layer otherwise."""
         E = self.config.num_experts
         perm = torch.as_tensor(expert_of_slot, dtype=torch.int64).reshape(-1).cpu()
         if perm.numel() != E or not torch.equal(torch.sort(perm).values, torch.arange(E)):
@@ -201,17 +218,7 @@ class MoELayer(parallel.ExpertParallelModule):
                 raise ValueError(f"MoE layer #{self.layer_id}: expert placement moves experts across nodes "
                                  f"(each node holds {per_node} consecutive slots and must keep its own "
                                  f"experts: the hierarchical exchange and node-limited routing assume it)")
-        if self.router_group is not None:
-            peers = PeerGroup(self.router_group)
-            table = peers.gather_meta(perm.tolist(), self.expert_of_slot.device,
-                                      f"MoE layer #{self.layer_id} expert placement check")
-            differ = [src for src, row in enumerate(table) if row != perm.tolist()]
-            if differ:
-                raise ValueError(f"MoE layer #{self.layer_id}: expert placement differs across ranks "
-                                 f"(ranks {differ} of the router group hold another one than rank {peers.rank})")
-        self.expert_of_slot.copy_(perm)
-        self.slot_of_expert.copy_(torch.argsort(perm))
-        self._contiguous = bool(torch.equal(perm, torch.arange(E)))
+        return perm
 
     # The dtypes the router, the experts and the combine compute in (float8 and the rest
     # fail deep inside, e.g. "Promotion for Float8 Types is not supported").
