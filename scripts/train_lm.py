@@ -12,7 +12,9 @@ over all ranks (epar.parallel.reduce_gradients), or sharded with FSDP2 (--fsdp).
 Checkpoints (torch.distributed.checkpoint via epar.checkpoint) hold the model, the
 optimizer state, the step, every rank's RNG states and the data position, with experts
 and their optimizer state keyed by global expert id: --resume continues exactly at the
-same layout and also at another --ep-size.
+same layout and also at another --ep-size. --rebalance-every N moves experts between
+the EP ranks to even their loads (epar.rebalance); the placement is saved with the
+checkpoint and restored on --resume at the same --ep-size.
 
 Shapes: B sequences, S positions, D d_model, H heads, V = 256 byte values.
 """
@@ -334,6 +336,10 @@ def parse_args(argv=None):
     a("--profile", type=int, default=0, metavar="N", help="record N steps with epar.profiling and print the report")
     a("--profile-json", default=None)
     a("--fsdp", action="store_true", help="shard parameters with FSDP2 (epar.parallel.fully_shard_moe)")
+    a("--rebalance-every", type=int, default=0, metavar="N",
+      help="every N steps, move experts between EP ranks to even their loads (epar.rebalance; 0: off)")
+    a("--rebalance-threshold", type=float, default=0.02,
+      help="move only when the predicted EP rank max/mean falls by more than this fraction")
     a("--log-json", default=None, help="rank 0 writes one JSON object per event here")
     args = ap.parse_args(argv)
     if args.resume == "latest" and not args.ckpt_dir:
@@ -345,6 +351,11 @@ def parse_args(argv=None):
     if args.fsdp and (args.ckpt_dir or args.resume):
         ap.error("--fsdp with --ckpt-dir/--resume is not supported yet: epar.checkpoint keys plain "
                  "(unsharded) expert tensors by global id, not FSDP2's DTensor shards")
+    if args.rebalance_every < 0:
+        ap.error("--rebalance-every must be >= 0")
+    if args.fsdp and args.rebalance_every:
+        ap.error("--fsdp with --rebalance-every is not supported: epar.rebalance moves unsharded expert "
+                 "parameters, not FSDP2's DTensor shards")
     return args
 
 
@@ -459,16 +470,29 @@ def train(args, env, groups) -> dict:
         kept, dropped = load.read()
         for i, row in enumerate(kept):
             total = max(sum(row), 1)
-            bal = epar.placement.balance(row, args.ep_size)
+            # Under the placement each layer has now (contiguous unless --rebalance-every moved it).
+            bal = epar.placement.balance(row, groups.ep_size, model.blocks[i].moe.expert_of_slot.tolist())
             out.log(f"  layer {i} load: max/mean {max(row) * len(row) / total:.2f}, "
                     f"EP rank max/mean {bal['rank_max_over_mean']:.2f} (floor {bal['permutation_floor']:.2f}), "
                     f"share % {[round(100 * n / total, 1) for n in row]}"
                     + (f", dropped slots {dropped[i]}" if dropped[i] else ""))
             out.event(step=step, layer=i, tokens_per_expert=row, dropped_slots=dropped[i], **bal)
 
+    def rebalance():
+        moves = epar.rebalance.rebalance(model, groups, opt, loads=tracker.read(groups),
+                                         threshold=args.rebalance_threshold)
+        for i, m in enumerate(moves):
+            what = (f"moved experts {m.moved} ({m.bytes / 1e6:.2f} MB on the wire per EP group)" if m.applied
+                    else "kept (gain below --rebalance-threshold)")
+            out.log(f"step {step}: layer {i} rebalance: predicted EP rank max/mean {m.before:.3f} -> "
+                    f"{m.after:.3f}, {what}")
+            out.event(step=step, layer=i, rebalance_before=m.before, rebalance_after=m.after,
+                      rebalance_applied=m.applied, rebalance_moved=m.moved, rebalance_bytes=m.bytes)
+
     if step == 0 and args.eval_every:
         run_eval()
     load = LoadMeter(args.layers, args.experts, device)
+    tracker = epar.rebalance.LoadTracker(model) if args.rebalance_every else None
     pending = []  # this rank's (step, loss) since the last log, still on the device
     tokens_per_step = args.batch * env.world_size * args.seq_len
     t_last, steps_last = time.perf_counter(), step
@@ -497,6 +521,8 @@ def train(args, env, groups) -> dict:
             for block in model.blocks:  # counts summed over the router group: every rank
                 block.moe.update_expert_bias()
         load.add(outs)
+        if tracker is not None and step % args.rebalance_every == 0 and step < args.steps:
+            rebalance()  # a step boundary: after the optimizer step, before the next forward
         pending.append(ce.detach())
         if rec is not None and step == profile_at + args.profile:
             rec_ctx.close()

@@ -1,7 +1,8 @@
 """scripts/train_lm.py at a tiny size on 2 gloo ranks: the held-out loss falls, and a run
 resumed from a checkpoint continues the uninterrupted run exactly at the same layout and
 within float rounding at another EP size (checkpoints keyed by global expert id, the
-optimizer state included); --fsdp trains the same model to the same losses."""
+optimizer state included); --fsdp trains the same model to the same losses, and so does
+--rebalance-every (experts moved between ranks with their optimizer state)."""
 
 from __future__ import annotations
 
@@ -77,6 +78,8 @@ def _train_and_resume(rank, world, tmp):
     other = run(1, "--ckpt-dir", f"{tmp}/other", "--resume", start,
                 "--profile", "2", "--profile-json", f"{tmp}/profile.json")
     fsdp = run(1, "--fsdp")  # dp 2: FSDP2 shards every expert over the 2 ranks
+    with contextlib.redirect_stdout(io.StringIO()) as rebal_said:  # experts moved every 4 steps
+        rebal = run(2, "--rebalance-every", "4", "--rebalance-threshold", "0")
     moments_ep2 = _expert_moments(tl, start, 2, env)
     moments_ep1 = _expert_moments(tl, start, 1, env)
     reshard_ok = all(torch.equal(a, b) for a, b in zip(moments_ep2, moments_ep1))
@@ -84,12 +87,13 @@ def _train_and_resume(rank, world, tmp):
     # Resuming from the last checkpoint (step 12) with --steps 12 trains nothing: it must say so.
     with contextlib.redirect_stdout(io.StringIO()) as said:
         past_end = run(2, "--ckpt-dir", f"{tmp}/full", "--resume")
-    return full, same, other, fsdp, reshard_ok, nonzero, (past_end, said.getvalue()), full_said.getvalue()
+    return (full, same, other, fsdp, reshard_ok, nonzero, (past_end, said.getvalue()), full_said.getvalue(),
+            (rebal, rebal_said.getvalue()))
 
 
 def test_train_lm_learns_and_resumes(tmp_path):
     results = run_distributed(_train_and_resume, 2, str(tmp_path), timeout=240, pg_timeout=120)
-    full, same, other, fsdp, reshard_ok, nonzero, (past_end, said), full_said = results[0]
+    full, same, other, fsdp, reshard_ok, nonzero, (past_end, said), full_said, (rebal, rebal_said) = results[0]
     # The load lines give the EP ranks' balance: the floor never above the contiguous figure.
     bal = re.findall(r"EP rank max/mean ([\d.]+) \(floor ([\d.]+)\)", full_said)
     assert bal and all(1.0 <= float(f) <= float(m) for m, f in bal), full_said
@@ -114,6 +118,13 @@ def test_train_lm_learns_and_resumes(tmp_path):
     assert [s for s, _ in fsdp["train"]] == list(range(1, 13))
     for (s, want), (_, got) in zip(full["train"], fsdp["train"]):
         assert abs(got - want) <= 1e-5 * abs(want), (s, got, want)
+
+    # --rebalance-every: experts moved with their Adam state compute the same run (float32:
+    # the same sums in another order) and the log says what moved.
+    assert "moved experts" in rebal_said, rebal_said
+    for (s, want), (_, got) in zip(full["train"], rebal["train"]):
+        assert abs(got - want) <= 1e-5 * abs(want), (s, got, want)
+    assert len(rebal["train"]) == 12
 
     # The Adam moments of every global expert are the same loaded at EP 2 or EP 1.
     assert reshard_ok and nonzero
