@@ -341,6 +341,9 @@ def parse_args(argv=None):
     a("--rebalance-threshold", type=float, default=0.02,
       help="move only when the predicted EP rank max/mean falls by more than this fraction")
     a("--log-json", default=None, help="rank 0 writes one JSON object per event here")
+    a("--load-trace", default=None, metavar="FILE",
+      help="rank 0 writes each step's rows per expert and layer, summed over all ranks, as JSON lines "
+           "(one all_reduce per step; benchmarks/placement.py replays them)")
     args = ap.parse_args(argv)
     if args.resume == "latest" and not args.ckpt_dir:
         ap.error("--resume without a path needs --ckpt-dir")
@@ -493,6 +496,7 @@ def train(args, env, groups) -> dict:
         run_eval()
     load = LoadMeter(args.layers, args.experts, device)
     tracker = epar.rebalance.LoadTracker(model) if args.rebalance_every else None
+    trace = open(args.load_trace, "a") if (args.load_trace and env.rank == 0) else None
     pending = []  # this rank's (step, loss) since the last log, still on the device
     tokens_per_step = args.batch * env.world_size * args.seq_len
     t_last, steps_last = time.perf_counter(), step
@@ -521,6 +525,11 @@ def train(args, env, groups) -> dict:
             for block in model.blocks:  # counts summed over the router group: every rank
                 block.moe.update_expert_bias()
         load.add(outs)
+        if args.load_trace:
+            step_LE = torch.stack([o.stats["tokens_per_expert"] for o in outs])
+            dist.all_reduce(step_LE)
+            if trace is not None:
+                trace.write(json.dumps({"step": step, "tokens_per_expert": step_LE.tolist()}) + "\n")
         if tracker is not None and step % args.rebalance_every == 0 and step < args.steps:
             rebalance()  # a step boundary: after the optimizer step, before the next forward
         pending.append(ce.detach())
@@ -555,6 +564,8 @@ def train(args, env, groups) -> dict:
         if args.eval_every and step % args.eval_every == 0 or args.ckpt_every and step % args.ckpt_every == 0:
             t_last, steps_last = time.perf_counter(), step  # tokens/s counts training steps only
     out.close()
+    if trace is not None:
+        trace.close()
     return history
 
 
