@@ -23,6 +23,14 @@ simulated  EP 8 to 256 from the routing alone (no processes): a router's choices
            strategy, so node-limited routing is epar's group-limited top-k with one group
            per node (num_expert_groups = nodes, topk_groups = M). 8 ranks per node.
 
+fp8        FP8 on the wire (MoEConfig.dispatch_dtype, combine_grad_dtype): the same real
+           processes at the full d_model of qwen3-like (2048; d_ff / 16, 256 tokens per
+           rank; --tiny: 128 and 64), bf16, every exchange, three settings: off, FP8
+           dispatch, FP8 dispatch + FP8 combine gradient. Counted on the wrapped
+           collectives: the forward dispatch's bytes per row (values, scales and dedup's
+           metadata), which must equal the plan's rows times epar.wire.dispatch_row_bytes,
+           and the bytes of the whole layer step (forward + backward, every collective).
+
 Rows are per token per direction (dispatch; the combine returns as many, and backward
 mirrors both: a step moves 4x). Bytes in the simulated rows are rows x d_model x 2
 (bf16 payload; whatever metadata a scheme needs is not in them); in the real rows they
@@ -76,6 +84,7 @@ class WireCounter:
         self.payload_bytes = 0
         self.meta_bytes = 0
         self.calls: dict[str, int] = {}
+        self.payload_log: list[tuple[int, int]] = []  # (rows, bytes) of each payload collective, in order
 
     def restore(self) -> None:
         for name, fn in self._orig.items():
@@ -110,11 +119,13 @@ class WireCounter:
         self._add(rows, input)
 
     def _add(self, rows: int, input) -> None:
-        row_numel = input[0].numel() if input.shape[0] else 0
+        row_numel = input[0].numel() if input.shape[0] else (input.shape[1:].numel() if input.dim() > 1 else 0)
         nbytes = rows * row_numel * input.element_size()
-        if input.is_floating_point() and row_numel >= self.d_model:
+        # uint8 rows are FP8 payload (epar/quant.py): values, scales and metadata as bytes
+        if (input.is_floating_point() or input.dtype == torch.uint8) and row_numel >= self.d_model:
             self.payload_rows += rows
             self.payload_bytes += nbytes
+            self.payload_log.append((rows, nbytes))
         else:
             self.meta_bytes += nbytes
 
@@ -132,6 +143,7 @@ def _measure_exchange(cfg, group, rank, world, tokens, seed) -> dict:
         counter.on = True
         out = layer(x)
         fwd = (counter.payload_rows, counter.payload_bytes, counter.meta_bytes, dict(counter.calls))
+        log = list(counter.payload_log)
         counter.reset()
         (out.y.float().square().mean() + out.aux_loss).backward()
         bwd = (counter.payload_rows, counter.payload_bytes, counter.meta_bytes, dict(counter.calls))
@@ -140,18 +152,36 @@ def _measure_exchange(cfg, group, rank, world, tokens, seed) -> dict:
         counter.restore()
     plan = wire.count_plan(out.routing.plan, rank, cfg.num_experts, world)
     to_ranks = wire.rows_to_each_rank(*wire.plan_pairs(out.routing.plan), cfg.num_experts, world, tokens)
+    # Forward payload collectives: the dispatch's first, then as many of the combine.
+    dispatch = log[: len(log) // 2]
     return {"tokens": tokens, "forward": fwd, "backward": bwd,
+            "dispatch_rows": sum(r for r, _ in dispatch), "dispatch_bytes": sum(b for _, b in dispatch),
             "plan_rows": {s: int(plan.rows[s]["leave_rank"].sum()) for s in wire.SCHEMES},
             "plan_to_ranks": {s: v.tolist() for s, v in to_ranks.items()}}
 
 
-def _rank_main(rank: int, world: int, eps: tuple, shapes: dict, exchanges: list) -> dict:
+FP8_SETTINGS = {"off": (None, None), "dispatch": ("float8_e4m3", None),
+                "dispatch+combine-grad": ("float8_e4m3", "float8_e4m3")}
+
+
+def _rank_main(rank: int, world: int, eps: tuple, shapes: dict, exchanges: list, fp8_shape: dict) -> dict:
     """One gloo rank of spawn.run_ranks; each EP size in `eps` runs as (world / ep) EP
     groups side by side."""
     import epar
     from epar.parallel import build_groups
 
     res = {}
+    for ep in eps:
+        group = build_groups(ep).ep_group
+        members = dist.get_process_group_ranks(group)
+        s = fp8_shape
+        for exchange in exchanges:
+            for setting, (dispatch, grad) in FP8_SETTINGS.items():
+                cfg = epar.MoEConfig(d_model=s["d_model"], d_ff=s["d_ff"], num_experts=s["num_experts"],
+                                     top_k=s["top_k"], strategy="dropless", ep_exchange=exchange,
+                                     dispatch_dtype=dispatch, combine_grad_dtype=grad)
+                r = _measure_exchange(cfg, group, dist.get_rank(group), ep, s["tokens"], 100 + rank)
+                res[(ep, "fp8", exchange, setting)] = {**r, "group": members}
     for ep in eps:
         group = build_groups(ep).ep_group
         members = dist.get_process_group_ranks(group)
@@ -164,10 +194,10 @@ def _rank_main(rank: int, world: int, eps: tuple, shapes: dict, exchanges: list)
     return res
 
 
-def run_ranks(eps: tuple, shapes: dict, exchanges: list) -> dict:
-    """{(ep, shape, exchange): [EP groups, each its ranks' results in EP-rank order]} from
-    max(eps) gloo processes."""
-    per_rank = spawn.run_ranks(_rank_main, max(eps), eps, shapes, exchanges, timeout=900)
+def run_ranks(eps: tuple, shapes: dict, exchanges: list, fp8_shape: dict) -> dict:
+    """{(ep, shape, exchange) or (ep, "fp8", exchange, setting): [EP groups, each its ranks'
+    results in EP-rank order]} from max(eps) gloo processes."""
+    per_rank = spawn.run_ranks(_rank_main, max(eps), eps, shapes, exchanges, fp8_shape, timeout=900)
     out = {}
     for key in per_rank[0]:
         groups = sorted({tuple(per_rank[r][key]["group"]) for r in range(len(per_rank))})
@@ -215,6 +245,35 @@ def real_row(world: int, name: str, shape: dict, full_d: int, exchange: str, gro
             "plan_rows_per_token": plan, "agrees_with_plan": agrees,
             "per_rank_rows_forward": [r["forward"][0] for r in ranks],
             "per_rank_plan_rows": [r["plan_rows"] for r in ranks]}
+
+
+def fp8_row(world: int, shape: dict, exchange: str, setting: str, groups: list) -> dict:
+    """One (EP size, exchange, FP8 setting) at the fp8 shape: dispatch bytes per row and the
+    layer step's bytes per token (all collectives, forward + backward), counted; and the
+    dispatch bytes from the plan (rows of the exchange's scheme x dispatch_row_bytes)."""
+    from epar import wire
+
+    ranks = [r for g in groups for r in g]
+    tokens = sum(r["tokens"] for r in ranks)
+    rows = sum(r["dispatch_rows"] for r in ranks)
+    counted = sum(r["dispatch_bytes"] for r in ranks)
+    dispatch_dtype = FP8_SETTINGS[setting][0]
+    scheme = wire.EXCHANGE_SCHEME[exchange]
+    K = min(shape["top_k"], shape["num_experts"] // world)
+    meta = K * (4 + 4) if scheme in ("per_rank", "per_node") else 0  # float32 weights + int32 ids per row
+    row_bytes = wire.dispatch_row_bytes(shape["d_model"], torch.bfloat16, dispatch_dtype, meta)
+    if scheme == "every_rank":  # allgather: every padded token to every other rank
+        plan_rows = sum(max(r["tokens"] for r in g) * (len(g) - 1) for g in groups for _ in g)
+    else:
+        plan_rows = sum(r["plan_rows"][scheme] for r in ranks)
+    step = sum(r[p][1] + r[p][2] for r in ranks for p in ("forward", "backward"))
+    return {"ep_size": world, "ep_exchange": exchange, "setting": setting, "d_model": shape["d_model"],
+            "tokens_per_rank": shape["tokens"], "dispatch_rows_per_token": rows / tokens,
+            "dispatch_bytes_per_row": counted / rows if rows else 0.0,
+            "bf16_value_bytes_per_row": shape["d_model"] * 2,
+            "plan_dispatch_bytes": plan_rows * row_bytes, "counted_dispatch_bytes": counted,
+            "agrees_with_plan": counted == plan_rows * row_bytes,
+            "step_bytes_per_token": step / tokens}
 
 
 # ---- simulated -------------------------------------------------------------------------
@@ -293,6 +352,16 @@ def print_tables(results: dict) -> None:
                   f"{r['bytes_per_token']:.0f}", f"{r['row_bytes_per_token_full_d_bf16'] / 1024:.1f} KiB",
                   str(r["collectives_per_step"]))
     con.print(t)
+    t = Table(title=f"FP8 on the wire, real gloo ranks, bf16, d_model {results['fp8_shape']['d_model']}: dispatch "
+                    "bytes per row (values, scales, metadata; counted = plan) and layer-step bytes per token")
+    for col in ("EP", "ep_exchange", "setting", "dispatch B/row", "x off", "x bf16 values", "agrees",
+                "step B/token", "x off"):
+        t.add_column(col, justify="right")
+    for r in results["fp8"]:
+        t.add_row(str(r["ep_size"]), r["ep_exchange"], r["setting"], f"{r['dispatch_bytes_per_row']:.0f}",
+                  f"{r['dispatch_row_ratio_vs_off']:.3f}", f"{r['dispatch_row_ratio_vs_bf16_values']:.3f}",
+                  str(r["agrees_with_plan"]), f"{r['step_bytes_per_token']:.0f}", f"{r['step_bytes_ratio_vs_off']:.3f}")
+    con.print(t)
     t = Table(title=f"simulated, {RANKS_PER_NODE} ranks per node: rows per token leaving a rank "
                     "| crossing the node boundary (every slot / per rank / per node)")
     for col in ("shape", "EP", "routing", "nodes/token ≤", "leave rank", "cross node", "KiB/token cross node (bf16)"):
@@ -332,9 +401,22 @@ def main(argv=None) -> int:
                "torch": torch.__version__, "date": datetime.date.today().isoformat(), "tiny": args.tiny,
                "scale": scale, "ranks_per_node": RANKS_PER_NODE, "ep_exchanges": list(EP_EXCHANGES),
                "real_shapes": shapes, "real": [], "simulated": []}
-    raw = run_ranks((2, 4), shapes, list(EP_EXCHANGES))  # 4 processes: EP 2 as two groups, then EP 4
-    for (ep, name, exchange), groups in raw.items():
+    q = BENCH_SHAPES["qwen3-like"]
+    fp8_shape = dict(q, d_model=128, d_ff=16, tokens=64) if args.tiny else dict(q, d_ff=q["d_ff"] // 16, tokens=256)
+    results["fp8_shape"] = fp8_shape
+    raw = run_ranks((2, 4), shapes, list(EP_EXCHANGES), fp8_shape)  # 4 processes: EP 2 as two groups, then EP 4
+    for key, groups in raw.items():
+        if key[1] == "fp8":
+            results.setdefault("fp8", []).append(fp8_row(key[0], fp8_shape, key[2], key[3], groups))
+            continue
+        ep, name, exchange = key
         results["real"].append(real_row(ep, name, shapes[name], BENCH_SHAPES[name]["d_model"], exchange, groups))
+    for r in results["fp8"]:  # against the same exchange without FP8
+        off = next(o for o in results["fp8"] if (o["ep_size"], o["ep_exchange"], o["setting"]) ==
+                   (r["ep_size"], r["ep_exchange"], "off"))
+        r["dispatch_row_ratio_vs_off"] = r["dispatch_bytes_per_row"] / off["dispatch_bytes_per_row"]
+        r["dispatch_row_ratio_vs_bf16_values"] = r["dispatch_bytes_per_row"] / r["bf16_value_bytes_per_row"]
+        r["step_bytes_ratio_vs_off"] = r["step_bytes_per_token"] / off["step_bytes_per_token"]
     results["simulated"] = simulated_rows(tokens, (8, 64) if args.tiny else SIM_EP)
     print_tables(results)
     out = args.out or HERE / "results" / ("wire_tiny.json" if args.tiny else "wire.json")
@@ -342,6 +424,7 @@ def main(argv=None) -> int:
     out.write_text(json.dumps(results, indent=1))
     print(f"wrote {out}")
     bad = [(r["ep_size"], r["shape"], r["ep_exchange"]) for r in results["real"] if r["agrees_with_plan"] is False]
+    bad += [(r["ep_size"], "fp8", r["ep_exchange"], r["setting"]) for r in results["fp8"] if not r["agrees_with_plan"]]
     if bad:
         print(f"measured rows differ from the plan's count: {bad}", file=sys.stderr)
         return 1

@@ -11,6 +11,8 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+from .quant import BLOCK as FP8_BLOCK, FORMATS as WIRE_FORMATS
+
 STRATEGIES = ("token_drop", "dropless", "expert_choice")
 DROP_POLICIES = ("probs", "position")
 SCORE_FUNCS = ("softmax", "sigmoid")
@@ -154,6 +156,25 @@ class MoEConfig:
     """Where the load-balancing statistics are pooled: "micro_batch" (this call's
     tokens), "global" (counts summed over router_group first, one all-reduce per call)
     or "sequence" (per sequence of x[..., S, D], averaged; DeepSeek-V3)."""
+    # FP8 on the wire (epar/quant.py has the format): half the dispatch bytes. The expert
+    # rank computes on quantized-then-dequantized rows; gradients are straight-through.
+    dispatch_dtype: str | None = None
+    """Rows of the forward dispatch on the wire: None (the compute dtype, as without this
+    field) or "float8_e4m3" (e4m3 values, one float32 scale per 128 channels, the
+    expert rank dequantizes to the compute dtype before the experts; needs d_model
+    divisible by 128). Every expert input becomes its row quantized and dequantized, at
+    EP 1 too (so results do not depend on the EP size); the combine and the backward
+    exchanges stay in the compute dtype (see combine_grad_dtype). "hierarchical"
+    quantizes the exchange across nodes; its forwarding inside the node stays in the
+    compute dtype."""
+    combine_grad_dtype: str | None = None
+    """The backward exchange that travels in the dispatch direction (the combine's
+    output gradient, sent to the expert ranks): None (compute dtype) or "float8_e4m3"
+    (same format as dispatch_dtype, needs d_model divisible by 128). Off by default:
+    gradients then carry FP8 rounding. No effect at EP 1 (nothing crosses a wire)."""
+    wire_scales_pow2: bool = False
+    """FP8 rows (dispatch_dtype, combine_grad_dtype): round each scale up to a power of two
+    (True or False)."""
 
     def __post_init__(self) -> None:
         _check_int("d_model", self.d_model, 1)
@@ -186,6 +207,18 @@ class MoEConfig:
         self._check_max_nodes()
         _check_float("routed_scaling_factor", self.routed_scaling_factor, 0.0, strict=True)
         _check_choice("aux_loss_scope", self.aux_loss_scope, AUX_LOSS_SCOPES)
+        self._check_wire_formats()
+
+    def _check_wire_formats(self) -> None:
+        for field in ("dispatch_dtype", "combine_grad_dtype"):
+            value = getattr(self, field)
+            _check_choice(field, value, (None,) + WIRE_FORMATS)
+            # No silent fallback to a smaller block: a scale per 128 channels is the format.
+            if value is not None and self.d_model % FP8_BLOCK:
+                _fail(field, value, f"FP8 rows need d_model divisible by {FP8_BLOCK} (one scale per "
+                      f"{FP8_BLOCK} channels), got d_model={self.d_model}")
+        if not isinstance(self.wire_scales_pow2, bool):
+            _fail("wire_scales_pow2", self.wire_scales_pow2, "must be True or False")
 
     def _check_routing_groups(self) -> None:
         G = self.num_expert_groups

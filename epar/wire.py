@@ -33,6 +33,8 @@ from dataclasses import dataclass
 
 import torch
 
+from . import quant
+
 SCHEMES = ("every_slot", "per_rank", "per_node", "every_rank")
 # Which scheme each ep_exchange implements; an exchange not listed has no scheme yet.
 EXCHANGE_SCHEME = {"per_expert": "every_slot", "regroup": "every_slot", "dedup": "per_rank",
@@ -54,6 +56,18 @@ class WireCounts:
     def table(self) -> dict:
         """{scheme: {count: mean rows per token}} as plain floats."""
         return {s: {c: self.per_token(s, c) for c in COUNTS} for s in SCHEMES}
+
+
+def dispatch_row_bytes(d_model: int, dtype: torch.dtype, dispatch_dtype: str | None = None,
+                       meta_bytes: int = 0) -> int:
+    """Bytes of one dispatch row on the wire: d_model values in `dtype`, or in FP8 with
+    one float32 scale per 128 (MoEConfig.dispatch_dtype, epar/quant.py), plus `meta_bytes`
+    of routing metadata (dedup's K weights and K int32 ids) padded to a whole `dtype`
+    element, as the packed row carries them."""
+    meta = -(-meta_bytes // dtype.itemsize) * dtype.itemsize
+    if dispatch_dtype is None:
+        return d_model * dtype.itemsize + meta
+    return quant.wire_row_bytes(d_model, d_model, dtype) + meta
 
 
 def plan_pairs(plan) -> tuple[torch.Tensor, torch.Tensor]:

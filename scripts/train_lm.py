@@ -314,6 +314,8 @@ def parse_args(argv=None):
     a("--max-nodes-per-token", type=int, default=None,
       help="node-limited routing: each token's experts on at most this many nodes (MoEConfig.max_nodes_per_token)")
     a("--shared-expert-d-ff", type=int, default=0)
+    a("--fp8-wire", default="off", choices=("off", "dispatch", "dispatch+combine-grad"),
+      help="FP8 rows on the wire (MoEConfig.dispatch_dtype, and combine_grad_dtype too); d_model divisible by 128")
     a("--aux-loss-coef", type=float, default=0.01)
     a("--expert-bias-rate", type=float, default=0.0, help="aux-loss-free balancing (0: off)")
     a("--dropout", type=float, default=0.0, help="attention dropout")
@@ -411,7 +413,9 @@ def train(args, env, groups) -> dict:
                          strategy=args.strategy, capacity_factor=args.capacity_factor,
                          shared_expert_d_ff=args.shared_expert_d_ff, aux_loss_coef=args.aux_loss_coef,
                          expert_bias_rate=args.expert_bias_rate, ep_exchange=args.ep_exchange,
-                         max_nodes_per_token=args.max_nodes_per_token)
+                         max_nodes_per_token=args.max_nodes_per_token,
+                         dispatch_dtype=None if args.fp8_wire == "off" else "float8_e4m3",
+                         combine_grad_dtype="float8_e4m3" if args.fp8_wire == "dispatch+combine-grad" else None)
     # router_group: every rank holds a copy of each router, so the expert-bias update sums
     # the counts of all of them and the copies stay identical.
     model = ByteLM(cfg, args.layers, args.heads, args.seq_len, args.dropout, groups.ep_group, groups.world_group)

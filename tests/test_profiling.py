@@ -84,11 +84,16 @@ def check_bandwidth_and_times(rep: dict, ep: int) -> None:
                 assert x["algbw_gbps"] == pytest.approx(x["bytes_total"] / (x["transfer_ms"] * 1e-3) / 1e9, **REL)
                 assert x["busbw_gbps"] == pytest.approx(x["algbw_gbps"] * (ep - 1) / ep, **REL)
                 assert x["waiting_ms"] == pytest.approx(max(x["exposed_ms"] - x["transfer_ms"], 0), **REL)
-            # a backward exchange moves the bytes of the forward one that mirrors it
+            # a backward exchange moves the rows of the forward one that mirrors it, each the
+            # size of a gradient row of its own forward exchange (no FP8 here: the same size,
+            # dedup's packed metadata included)
             for name, mirror in (("dispatch", "combine"), ("combine", "dispatch")):
                 if name in r["backward_exchanges"]:
-                    b, f = r["backward_exchanges"][name], r["exchanges"][mirror]
-                    assert (b["bytes_total"], b["transfer_ms"]) == (f["bytes_total"], f["transfer_ms"])
+                    b, f, own = r["backward_exchanges"][name], r["exchanges"][mirror], r["exchanges"][name]
+                    assert (b["rows_to_others"], b["transfer_ms"]) == (f["rows_to_others"], f["transfer_ms"])
+                    if b["rows_to_others"] and own["rows_to_others"]:
+                        assert b["bytes_to_others"] / b["rows_to_others"] == pytest.approx(
+                            own["bytes_to_others"] / own["rows_to_others"], **REL)
         for s in list(lay["phases"].values()) + list(lay["backward"]["phases"].values()):
             assert 0 <= s["min"] <= s["median"] <= s["max"]
         for x in lay["exchanges"].values():

@@ -117,6 +117,13 @@ def test_wire_bench_tiny(tmp_path):
             assert r["agrees_with_plan"] is True
             assert r["rows_per_token"] == pytest.approx(r["plan_rows_per_token"][scheme])
         assert r["collectives_per_step"] >= 4
+    fp8 = res["fp8"]  # FP8 dispatch bytes counted on the collectives == the plan's, every exchange
+    assert {(r["ep_exchange"], r["setting"]) for r in fp8} == {
+        (e, s) for e in epar.config.EP_EXCHANGES for s in ("off", "dispatch", "dispatch+combine-grad")}
+    for r in fp8:
+        assert r["agrees_with_plan"] is True, r
+        if r["setting"] != "off":  # d_model 128 here: 128 + 4 bytes of values and scale, plus metadata
+            assert r["dispatch_row_ratio_vs_off"] < 0.75 and r["step_bytes_ratio_vs_off"] < 1, r
     sims = res["simulated"]
     assert {s["routing"] for s in sims} >= {"random", "zipf"}
     limited = [s for s in sims if s["nodes_per_token_limit"] == 4]

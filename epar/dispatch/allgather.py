@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from ..routing.plan import RoutingPlan
 from . import comm, streams
-from .base import CallContext, ExpertFn, TokenExchange
+from .base import CallContext, ExpertFn, TokenExchange, wire_codecs
 from .identity import BACKWARD, PeerGroup, identity
 from .permute import bag_sum, inverse_permutation, packed_bags
 
@@ -81,6 +81,7 @@ class AllGatherExchange(TokenExchange):
     def __init__(self, config, group):
         self.peers = PeerGroup(group)
         self.local_experts = config.num_experts // self.peers.world
+        self.codec, self.grad_codec = wire_codecs(config)  # FP8 token gather / combine gradient's gather
 
     def _expert_side(self, X_GD, route_NX, Tmax: int, Nmax: int, experts: ExpertFn, out_dtype):
         """Partial rows [G, D] of every gathered token (G = n * Tmax): the weighted sum of
@@ -125,10 +126,11 @@ class AllGatherExchange(TokenExchange):
 
         x_send = probe.backward_mark(x_send, ends=[("dispatch", 0)])
         started = probe.mark()
-        X_GD = comm.all_gather_rows(x_send, group, what.format("token all_gather_into_tensor"))
+        X_GD = comm.all_gather_rows(x_send, group, what.format("token all_gather_into_tensor"), codec=self.codec)
         route_NX = comm.all_gather_rows(route, group, what.format("routing all_gather_into_tensor"))
         probe.comm_span("dispatch", 0, started, started)
-        probe.record_exchange("dispatch", 0, x_send, group, [[Tmax] * n], [[Tmax] * n], collectives=2)
+        probe.record_exchange("dispatch", 0, x_send if self.codec is None else self.codec.template(x_send), group,
+                              [[Tmax] * n], [[Tmax] * n], collectives=2, grad_row_bytes=comm.wire_row_bytes(x_send))
         X_GD = probe.backward_mark(X_GD, starts=[("dispatch", 0)])
 
         with probe.phase("experts", 0) as ph:
@@ -136,9 +138,11 @@ class AllGatherExchange(TokenExchange):
 
         part_GD = probe.backward_mark(part_GD, ends=[("combine", 0)])
         started = probe.mark()
-        y_block = comm.reduce_scatter_rows(part_GD, group, what.format("reduce_scatter_tensor"))
+        y_block = comm.reduce_scatter_rows(part_GD, group, what.format("reduce_scatter_tensor"),
+                                           grad_codec=self.grad_codec)
         probe.comm_span("combine", 0, started, started)
-        probe.record_exchange("combine", 0, y_block, group, [[Tmax] * n], [[Tmax] * n])
+        probe.record_exchange("combine", 0, y_block, group, [[Tmax] * n], [[Tmax] * n],
+                              grad_row_bytes=comm.wire_row_bytes(y_block, self.grad_codec))
         y_block = probe.backward_mark(y_block, starts=[("combine", 0)])
 
         streams.join(shared_out, dev)

@@ -41,6 +41,7 @@ from typing import Callable
 
 import torch
 
+from ..quant import RowCodec
 from ..routing.plan import RoutingPlan
 
 ExpertFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -63,6 +64,15 @@ class CallContext:
     def numbered(self) -> "CallContext":
         """This call with its number taken (call it only outside the compiled graph)."""
         return self if self.call_no is not None else replace(self, call_no=self.next_call())
+
+
+def wire_codecs(config) -> tuple[RowCodec | None, RowCodec | None]:
+    """(rows of the forward dispatch, the combine's gradient in backward): the FP8 codec
+    where the config asks for it (MoEConfig.dispatch_dtype / combine_grad_dtype), else
+    None (the compute dtype, bit-identical to no codec)."""
+    def codec(fmt):
+        return None if fmt is None else RowCodec(config.d_model, config.wire_scales_pow2)
+    return codec(config.dispatch_dtype), codec(config.combine_grad_dtype)
 
 
 class TokenExchange(ABC):

@@ -14,6 +14,12 @@ so the autograd engine pipelines backward chunks the same way as forward.
 `send` / `receive` are what an exchange calls: `start` / `wait` plus the profiling
 probe's lines for the phase (sizes, the span in flight, backward marks), so an exchange
 spends one line on each.
+
+Codecs (FP8 on the wire, epar/quant.py's RowCodec): `codec` encodes the rows before the
+forward collective and decodes them on arrival; `grad_codec` does the same to the
+gradient in the backward collective. The tensor autograd sees is the decoded one, and the
+gradient of the decoded rows is what goes back (straight-through: the quantizer has no
+gradient of its own).
 """
 
 from __future__ import annotations
@@ -40,19 +46,24 @@ class Pending:
     """One exchange in flight in each direction; holds every tensor the collective
     reads or writes until it has completed (no record_stream needed)."""
 
-    __slots__ = ("group", "what", "out_parts", "in_parts", "work", "tensors", "bwd_work", "bwd_tensors")
+    __slots__ = ("group", "what", "out_parts", "in_parts", "work", "tensors", "bwd_work", "bwd_tensors",
+                 "codec", "grad_codec", "like")
 
-    def __init__(self, group, what: str, out_parts: list[list[int]], in_parts: list[list[int]]):
+    def __init__(self, group, what: str, out_parts: list[list[int]], in_parts: list[list[int]],
+                 codec=None, grad_codec=None):
         self.group, self.what = group, what
         self.out_parts, self.in_parts = out_parts, in_parts
         self.work = self.bwd_work = None
         self.tensors = self.bwd_tensors = None
+        self.codec, self.grad_codec = codec, grad_codec
+        self.like = None  # (dtype, row width) of the rows before encoding
 
 
-def _issue(group, out_parts, in_parts, x: torch.Tensor):
+def _issue(group, out_parts, in_parts, x: torch.Tensor, codec=None):
     """One all_to_all_single per part, each between contiguous row ranges of x and out
-    (every rank issues the same number of parts, empty ones included: each is a collective)."""
-    x = x.contiguous()
+    (every rank issues the same number of parts, empty ones included: each is a collective).
+    With a codec, x's encoded rows travel (decode `out` on arrival)."""
+    x = x.contiguous() if codec is None else codec.encode(x)
     out = x.new_empty((sum(map(sum, out_parts)),) + tuple(x.shape[1:]))
     works, o, i = [], 0, 0
     for out_splits, in_splits in zip(out_parts, in_parts):
@@ -71,9 +82,12 @@ def _wait_all(works, what: str, group) -> None:
 class _Start(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, pending: Pending):
-        pending.work, out, src = _issue(pending.group, pending.out_parts, pending.in_parts, x)
+        pending.work, out, src = _issue(pending.group, pending.out_parts, pending.in_parts, x, pending.codec)
         pending.tensors = (out, src)
+        pending.like = (x.dtype, x.shape[1])
         ctx.pending = pending
+        if pending.codec is not None:  # `out` holds bytes: autograd gets an empty stand-in
+            return x.new_empty(out.shape[0], 0)
         return out
 
     @staticmethod
@@ -81,6 +95,8 @@ class _Start(torch.autograd.Function):
         pending = ctx.pending
         _wait_all(pending.bwd_work, f"{pending.what} (backward)", pending.group)
         grad_in = pending.bwd_tensors[0]
+        if pending.grad_codec is not None:
+            grad_in = pending.grad_codec.decode(grad_in, *pending.like)
         pending.bwd_work = pending.bwd_tensors = None
         return grad_in, None
 
@@ -89,6 +105,8 @@ class _Wait(torch.autograd.Function):
     @staticmethod
     def forward(ctx, out, pending: Pending):
         _wait_all(pending.work, pending.what, pending.group)
+        if pending.codec is not None:
+            out = pending.codec.decode(pending.tensors[0], *pending.like)
         pending.work = pending.tensors = None
         ctx.pending = pending
         return out.view_as(out)
@@ -97,15 +115,18 @@ class _Wait(torch.autograd.Function):
     def backward(ctx, grad):
         pending = ctx.pending
         # The reverse exchange: what we received from rank s goes back to rank s.
-        pending.bwd_work, grad_in, g = _issue(pending.group, pending.in_parts, pending.out_parts, grad)
+        pending.bwd_work, grad_in, g = _issue(pending.group, pending.in_parts, pending.out_parts, grad,
+                                              pending.grad_codec)
         pending.bwd_tensors = (grad_in, g)
-        return grad, None
+        return (grad if pending.codec is None else grad[:, :0]), None
 
 
-def start(x: torch.Tensor, group, out_parts: list[list[int]], in_parts: list[list[int]], what: str):
+def start(x: torch.Tensor, group, out_parts: list[list[int]], in_parts: list[list[int]], what: str,
+          codec=None, grad_codec=None):
     """Issue the exchange of x's rows in parts (out_parts[i][r]: rows part i receives from
-    rank r; in_parts[i][r]: rows it sends to rank r); returns (buffer, pending) for `wait`."""
-    pending = Pending(group, what, out_parts, in_parts)
+    rank r; in_parts[i][r]: rows it sends to rank r); returns (buffer, pending) for `wait`.
+    codec / grad_codec: encode the rows / their gradient on the wire (module docstring)."""
+    pending = Pending(group, what, out_parts, in_parts, codec, grad_codec)
     return _Start.apply(x, pending), pending
 
 
@@ -122,14 +143,20 @@ class Transfer:
         self.name, self.chunk, self.buffer, self.pending, self.started = name, chunk, buffer, pending, started
 
 
+def wire_row_bytes(x: torch.Tensor, codec=None) -> int:
+    """Bytes one of x's rows takes on the wire (encoded by `codec`, or as it is)."""
+    return x.shape[1] * x.element_size() if codec is None else codec.wire_bytes(x.shape[1], x.dtype)
+
+
 def send(probe, name: str, chunk, x: torch.Tensor, group, out_parts: list[list[int]],
-         in_parts: list[list[int]], what: str) -> Transfer:
+         in_parts: list[list[int]], what: str, codec=None, grad_codec=None) -> Transfer:
     """Issue phase `name` (chunk `chunk`) of an exchange: x's rows in parts (see `start`),
     recorded on the probe (sizes; backward: the phase ends when x's gradient is complete)."""
     x = probe.backward_mark(x, ends=[(name, chunk)])
     started = probe.mark()
-    buffer, pending = start(x, group, out_parts, in_parts, what)
-    probe.record_exchange(name, chunk, x, group, in_parts, out_parts)
+    buffer, pending = start(x, group, out_parts, in_parts, what, codec, grad_codec)
+    probe.record_exchange(name, chunk, x if codec is None else codec.template(x), group, in_parts, out_parts,
+                          grad_row_bytes=wire_row_bytes(x, grad_codec))
     return Transfer(name, chunk, buffer, pending, started)
 
 
@@ -161,28 +188,40 @@ def _reduce_scatter(x: torch.Tensor, group, what: str) -> torch.Tensor:
     return out
 
 
+def _coded(op, x: torch.Tensor, group, what: str, codec) -> torch.Tensor:
+    """op on x's rows, encoded by `codec` on the wire (a gather only: bytes must not be summed)."""
+    if codec is None:
+        return op(x, group, what)
+    return codec.decode(op(codec.encode(x), group, what), x.dtype, x.shape[1])
+
+
 class _RowCollective(torch.autograd.Function):
     """`op` forward and `adjoint` backward: all-gather and reduce-scatter (sum) of rows are
-    each other's adjoint, so each one's gradient is the other of the gradient."""
+    each other's adjoint, so each one's gradient is the other of the gradient. A codec
+    applies to the gather side (forward for all_gather_rows, backward for
+    reduce_scatter_rows): straight-through, as in `start`."""
 
     @staticmethod
-    def forward(ctx, x, group, what: str, op, adjoint):
-        ctx.group, ctx.what, ctx.adjoint = group, what, adjoint
-        return op(x, group, what)
+    def forward(ctx, x, group, what: str, op, adjoint, codec, grad_codec):
+        ctx.group, ctx.what, ctx.adjoint, ctx.grad_codec = group, what, adjoint, grad_codec
+        return _coded(op, x, group, what, codec)
 
     @staticmethod
     def backward(ctx, grad):
-        return ctx.adjoint(grad, ctx.group, f"{ctx.what} (backward)"), None, None, None, None
+        g = _coded(ctx.adjoint, grad.contiguous(), ctx.group, f"{ctx.what} (backward)", ctx.grad_codec)
+        return g, None, None, None, None, None, None
 
 
-def all_gather_rows(x: torch.Tensor, group, what: str) -> torch.Tensor:
-    """[n * R, ...] from every rank's [R, ...] (R equal on every rank); differentiable."""
-    return _RowCollective.apply(x, group, what, _gather, _reduce_scatter)
+def all_gather_rows(x: torch.Tensor, group, what: str, codec=None) -> torch.Tensor:
+    """[n * R, ...] from every rank's [R, ...] (R equal on every rank); differentiable.
+    codec: x's rows travel encoded (the gradient's reduce-scatter does not)."""
+    return _RowCollective.apply(x, group, what, _gather, _reduce_scatter, codec, None)
 
 
-def reduce_scatter_rows(x: torch.Tensor, group, what: str) -> torch.Tensor:
-    """This rank's [R, ...] block of the sum over ranks of [n * R, ...]; differentiable."""
-    return _RowCollective.apply(x, group, what, _reduce_scatter, _gather)
+def reduce_scatter_rows(x: torch.Tensor, group, what: str, grad_codec=None) -> torch.Tensor:
+    """This rank's [R, ...] block of the sum over ranks of [n * R, ...]; differentiable.
+    grad_codec: the gradient's all-gather travels encoded."""
+    return _RowCollective.apply(x, group, what, _reduce_scatter, _gather, None, grad_codec)
 
 
 def check_before_backward(x: torch.Tensor, check) -> torch.Tensor:

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from ..routing.plan import RoutingPlan
 from . import comm, streams
-from .base import CallContext, ExpertFn, TokenExchange
+from .base import CallContext, ExpertFn, TokenExchange, wire_codecs
 from .identity import BACKWARD, PeerGroup, identity
 from .packing import ID_DTYPE, RowLayout, offsets
 from .permute import bag_sum, packed_bags, sum_bags
@@ -322,10 +322,11 @@ class _Call:
         self.sizes = self.layout = None
         self.dispatches, self.combines = [], []
 
-    def send(self, name, j, x, out_splits, in_splits):
+    def send(self, name, j, x, out_splits, in_splits, codec=None, grad_codec=None):
         call, label = self.call, self.exchange.label
         what = f"MoE layer #{call.layer_id} call {call.call_no}: {label} {name} all_to_all_single"
-        return comm.send(self.call.probe, name, j, x, self.exchange.peers.group, [out_splits], [in_splits], what)
+        return comm.send(self.call.probe, name, j, x, self.exchange.peers.group, [out_splits], [in_splits], what,
+                         codec, grad_codec)
 
 
 class DedupExchange(TokenExchange):
@@ -336,17 +337,21 @@ class DedupExchange(TokenExchange):
 
     def __init__(self, config, group):
         peers = PeerGroup(group)
-        self._setup(peers, config.num_experts // peers.world, config.overlap_chunks)
+        self._setup(peers, config.num_experts // peers.world, config.overlap_chunks, wire_codecs(config))
 
     @classmethod
-    def on_group(cls, peers: PeerGroup, local_experts: int, chunks: int, label: str = "dedup") -> "DedupExchange":
+    def on_group(cls, peers: PeerGroup, local_experts: int, chunks: int, label: str = "dedup",
+                 codecs=(None, None)) -> "DedupExchange":
         self = cls.__new__(cls)
-        self._setup(peers, local_experts, chunks)
+        self._setup(peers, local_experts, chunks, codecs)
         self.label = label
         return self
 
-    def _setup(self, peers: PeerGroup, local_experts: int, chunks: int) -> None:
+    def _setup(self, peers: PeerGroup, local_experts: int, chunks: int, codecs) -> None:
         self.peers, self.local_experts, self.chunks = peers, local_experts, chunks
+        # FP8 on the wire: the packed rows' first d_model columns (the metadata after them
+        # travels as bytes beside the scales), and the combine's gradient.
+        self.codec, self.grad_codec = codecs
 
     @torch.compiler.disable
     def _start_dispatch(self, call: CallContext, x_TD, send: SendRows, plan: RoutingPlan) -> _Call:
@@ -366,7 +371,8 @@ class DedupExchange(TokenExchange):
                                       [sum(s) for s in state.sizes.send])
             chunks = [ph.leave(t, j) for j, t in enumerate(chunks)]
         for j, rows in enumerate(chunks):
-            state.dispatches.append(state.send("dispatch", j, rows, state.sizes.recv[j], state.sizes.send[j]))
+            state.dispatches.append(state.send("dispatch", j, rows, state.sizes.recv[j], state.sizes.send[j],
+                                               codec=self.codec))
         return state
 
     @staticmethod
@@ -386,7 +392,8 @@ class DedupExchange(TokenExchange):
     @staticmethod
     @torch.compiler.disable
     def _start_combine(state: _Call, j: int, part_RD) -> None:
-        state.combines.append(state.send("combine", j, part_RD, state.sizes.send[j], state.sizes.recv[j]))
+        state.combines.append(state.send("combine", j, part_RD, state.sizes.send[j], state.sizes.recv[j],
+                                         grad_codec=state.exchange.grad_codec))
 
     @staticmethod
     @torch.compiler.disable

@@ -50,7 +50,7 @@ import torch
 from ..parallel import groups as parallel_groups
 from ..routing.plan import RoutingPlan
 from . import comm, streams
-from .base import CallContext, ExpertFn, TokenExchange
+from .base import CallContext, ExpertFn, TokenExchange, wire_codecs
 from .dedup import DedupExchange, SendChunks, build_send, dropless_sizes
 from .identity import BACKWARD, PeerGroup, identity
 from .packing import RowLayout
@@ -104,6 +104,10 @@ class HierarchicalExchange(TokenExchange):
         self.inter = PeerGroup(topology.inter_group)
         self.node_experts = rpn * self.local_experts
         self.intra = DedupExchange.on_group(PeerGroup(topology.intra_group), self.local_experts, 1)
+        # FP8 (MoEConfig.dispatch_dtype / combine_grad_dtype) on the node level only: the
+        # forwarding peer dequantizes, and forwards inside the node in the compute dtype, so
+        # each expert input is its row quantized once, as in every other exchange.
+        self.codec, self.grad_codec = wire_codecs(config)
 
     def _node_side(self, packed_RX, layout: RowLayout, experts: ExpertFn, call: CallContext):
         """On the forwarding peer: the received rows through the intra-node deduplicated
@@ -137,7 +141,8 @@ class HierarchicalExchange(TokenExchange):
             chunks = [ph.leave(t, j) for j, t in enumerate(chunks)]
 
         dispatches = [comm.send(probe, "dispatch", j, rows, inter.group, [sizes.recv[j]], [sizes.send[j]],
-                                "hierarchical node dispatch all_to_all_single") for j, rows in enumerate(chunks)]
+                                "hierarchical node dispatch all_to_all_single", codec=self.codec)
+                      for j, rows in enumerate(chunks)]
         shared_out = streams.run_shared(call.shared_fn, dev, probe)
 
         combines = []
@@ -146,7 +151,7 @@ class HierarchicalExchange(TokenExchange):
             with probe.phase("experts", j) as ph:  # forward in the node, experts, partial sums
                 part_RD = ph.leave(self._node_side(ph.enter(recv), lay, experts, call))
             combines.append(comm.send(probe, "combine", j, part_RD, inter.group, [sizes.send[j]], [sizes.recv[j]],
-                                      "hierarchical node combine all_to_all_single"))
+                                      "hierarchical node combine all_to_all_single", grad_codec=self.grad_codec))
         backs = [comm.receive(probe, t) for t in combines]
 
         streams.join(shared_out, dev)

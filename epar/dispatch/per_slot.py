@@ -32,7 +32,7 @@ import torch
 
 from ..routing.plan import RoutingPlan
 from . import comm, streams
-from .base import CallContext, ExpertFn, TokenExchange
+from .base import CallContext, ExpertFn, TokenExchange, wire_codecs
 from .identity import BACKWARD, PeerGroup, identity
 from .permute import combine, gather_rows, inverse_permutation, permute_rows, segment_arange
 
@@ -68,6 +68,7 @@ class _PerSlotExchange(TokenExchange):
         # Rows need sending in expert order only where a rank has several local experts.
         self.expert_major = self.expert_major and self.local_experts > 1
         self._send_orders: dict = {}  # device -> send order of the expert blocks (constant)
+        self.codec, self.grad_codec = wire_codecs(config)  # FP8 dispatch rows / combine gradient
 
     # ---- metadata: host-side split sizes for every chunk -----------------------
     def _capacity_counts(self, plan: RoutingPlan, ident: list[int], chunks: int, device):
@@ -184,7 +185,7 @@ class _PerSlotExchange(TokenExchange):
         # Every chunk's dispatch goes out at once: chunk j+1 is in flight while j computes.
         what = f"MoE layer #{lid} call {no}: {{}} all_to_all_single"
         dispatches = [comm.send(probe, "dispatch", j, sends[j], group, ch.out_parts, ch.in_parts,
-                                what.format("dispatch")) for j, ch in enumerate(chunks)]
+                                what.format("dispatch"), codec=self.codec) for j, ch in enumerate(chunks)]
         shared_out = streams.run_shared(call.shared_fn, dev, probe)
 
         combines = []
@@ -193,7 +194,7 @@ class _PerSlotExchange(TokenExchange):
             with probe.phase("experts", j) as ph:
                 out_RD = ph.leave(self._run_experts(ph.enter(recv_RD), ch, experts))
             combines.append(comm.send(probe, "combine", j, out_RD, group, ch.in_parts, ch.out_parts,
-                                      what.format("combine")))
+                                      what.format("combine"), grad_codec=self.grad_codec))
         backs = [comm.receive(probe, t) for t in combines]
 
         streams.join(shared_out, dev)

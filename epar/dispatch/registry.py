@@ -66,5 +66,5 @@ def build_exchange(config, group) -> TokenExchange:
     ep_size = 1 if group is None else dist.get_world_size(group)
     name = resolve_exchange(config, ep_size, parallel_groups.topology_for(group) is not None)
     if name == "local":
-        return LocalExchange()
+        return LocalExchange(config)
     return EXCHANGES[name](config, group)

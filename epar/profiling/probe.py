@@ -131,16 +131,20 @@ class CallProbe:
         return self.rec.mark(self.device) if self.timed else None
 
     def record_exchange(self, name: str, chunk, like: torch.Tensor, group, in_parts: list[list[int]],
-                        out_parts: list[list[int]], collectives: int | None = None) -> None:
+                        out_parts: list[list[int]], collectives: int | None = None,
+                        grad_row_bytes: int | None = None) -> None:
         """One chunk of a row exchange, issued as one all_to_all_single per part (or as
-        `collectives` calls of another kind)."""
+        `collectives` calls of another kind). `like`: a tensor shaped like one row on the
+        wire; grad_row_bytes: a row of its backward (reverse) exchange, when that differs
+        (FP8 on the wire in one direction only)."""
         in_splits = [sum(col) for col in zip(*in_parts)]
         out_splits = [sum(col) for col in zip(*out_parts)]
         row_bytes = like.shape[1] * like.element_size()
         me = dist.get_rank(group)
         total = row_bytes * sum(in_splits)
         others = sum(in_splits) - in_splits[me]
-        ex = Exchange(self.layer, self.call, name, chunk, row_bytes * others, total, rows_to_others=others)
+        ex = Exchange(self.layer, self.call, name, chunk, row_bytes * others, total, rows_to_others=others,
+                      row_bytes=row_bytes, grad_row_bytes=row_bytes if grad_row_bytes is None else grad_row_bytes)
         if self.link is None:  # bytes split by node from the group's ranks
             self.rec.add_exchange(ex, group, in_splits, out_splits, like, in_parts, out_parts, replay=self.replay)
         else:

@@ -66,6 +66,10 @@ class Exchange:
     bytes_intra_node: int = 0  # of bytes_to_others: to ranks on this rank's node
     bytes_inter_node: int = 0  # ... and to ranks on other nodes
     collectives: int = 1  # all_to_all_single calls this chunk of the exchange issued
+    # One row on the wire, and one row of its gradient in the backward (reverse) exchange:
+    # they differ where FP8 travels one way only (epar/quant.py), or 0 when not known.
+    row_bytes: int = 0
+    grad_row_bytes: int = 0
 
 
 @dataclass

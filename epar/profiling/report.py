@@ -27,9 +27,11 @@ Conventions
               algbw = bytes_total / transfer time (the whole send buffer, self block
               included), busbw = algbw * (n-1)/n, n = EP group size; GB = 1e9 bytes
   backward    phases timed between identity autograd nodes; a backward exchange moves
-              the bytes of the forward exchange that mirrors it (backward dispatch sends
+              the rows of the forward exchange that mirrors it (backward dispatch sends
               what forward dispatch received, i.e. the forward combine's buffers), so its
-              transfer time is that exchange's isolated replay
+              transfer time is that exchange's isolated replay; its bytes are those rows
+              at the size of a gradient row (which differs from the forward row where
+              FP8 travels one way only, or where dedup's packed metadata rides along)
 """
 
 from __future__ import annotations
@@ -161,7 +163,13 @@ def _pass_figures(rows: list[dict], calls: list[int], sizes: dict, transfer: dic
             f, e = exchange_intervals(by_call[c], name)
             flight, exposed = flight + _length(f), exposed + _length(e)
         source = MIRROR[name] if mirror else name  # whose bytes and replay this exchange mirrors
-        size = {f: sum(sizes.get((c, source), {}).get(f, 0) for c in calls) / n for f in SIZE_FIELDS}
+        def scale(c, f):  # backward bytes: the mirrored rows at this exchange's gradient row size
+            src, own = sizes.get((c, source), {}), sizes.get((c, name), {})
+            if not mirror or "bytes" not in f or not src.get("row_bytes") or not own.get("grad_row_bytes"):
+                return 1.0
+            return own["grad_row_bytes"] / src["row_bytes"]
+
+        size = {f: sum(sizes.get((c, source), {}).get(f, 0) * scale(c, f) for c in calls) / n for f in SIZE_FIELDS}
         bytes_total, to_others = size["bytes_total"], size["bytes_to_others"]
         replays = [transfer[(c, source)] for c in calls if (c, source) in transfer]
         transfer_ms = statistics.median(replays) if replays else 0.0  # one stalled replay must not skew it
@@ -203,6 +211,8 @@ def rank_figures(summary: dict, layer: int, ep_size: int) -> dict:
             b = sizes.setdefault((e["call"], e["phase"]), dict.fromkeys(SIZE_FIELDS, 0))
             for f in SIZE_FIELDS:
                 b[f] += e.get(f, 0)
+            for f in ("row_bytes", "grad_row_bytes"):  # per row: the same in every chunk
+                b[f] = max(b.get(f, 0), e.get(f, 0))
     transfer: dict = {}  # (call, exchange) -> fastest isolated repeat
     for i in summary.get("isolated", []):
         if i["layer"] == layer:
@@ -308,6 +318,8 @@ def _wire(ranks: list[dict]) -> dict:
             continue
         total = {f: sum(r["exchanges"].get(name, {}).get(f, 0.0) * r["calls"] for r in ranks)
                  for f in ("rows_to_others", "bytes_to_others", "bytes_intra_node", "bytes_inter_node")}
+        back = sum(r.get("backward_exchanges", {}).get(name, {}).get("bytes_to_others", 0.0) * r["calls"]
+                   for r in ranks)
         per = (lambda v: v / tokens) if tokens else (lambda v: 0.0)
         # Rows of one exchange are all one size: rows per link class follow from its bytes.
         row_bytes = total["bytes_to_others"] / total["rows_to_others"] if total["rows_to_others"] else 0.0
@@ -316,6 +328,7 @@ def _wire(ranks: list[dict]) -> dict:
                      "intra_node_rows_per_token": per(rows_of(total["bytes_intra_node"])),
                      "inter_node_rows_per_token": per(rows_of(total["bytes_inter_node"])),
                      "bytes_per_token": per(total["bytes_to_others"]),
+                     "backward_bytes_per_token": per(back),
                      "intra_node_bytes_per_token": per(total["bytes_intra_node"]),
                      "inter_node_bytes_per_token": per(total["bytes_inter_node"])}
     return out
@@ -531,7 +544,9 @@ def wire_line(wire: dict) -> str:
     parts = [f"{name} {w['slots_per_token']:.2f} slots -> {w['rows_per_token']:.2f} rows "
              f"({w['intra_node_rows_per_token']:.2f} in node, {w['inter_node_rows_per_token']:.2f} across nodes), "
              f"{_fmt_bytes(w['bytes_per_token'])}" for name, w in wire.items()]
-    return "wire per token, to other ranks (all ranks): " + "; ".join(parts)
+    step = sum(w["bytes_per_token"] + w.get("backward_bytes_per_token", 0.0) for w in wire.values())
+    return ("wire per token, to other ranks (all ranks): " + "; ".join(parts)
+            + f"; forward + backward {_fmt_bytes(step)}")
 
 
 def load_lines(load: dict) -> str:
