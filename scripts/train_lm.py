@@ -534,8 +534,6 @@ def train(args, env, groups) -> dict:
             dist.all_reduce(step_LE)
             if trace is not None:
                 trace.write(json.dumps({"step": step, "tokens_per_expert": step_LE.tolist()}) + "\n")
-        if tracker is not None and step % args.rebalance_every == 0 and step < args.steps:
-            rebalance()  # a step boundary: after the optimizer step, before the next forward
         pending.append(ce.detach())
         if rec is not None and step == profile_at + args.profile:
             rec_ctx.close()
@@ -562,6 +560,10 @@ def train(args, env, groups) -> dict:
         if args.eval_every and (step % args.eval_every == 0 or last):
             run_eval()
             report_load()
+        if tracker is not None and step % args.rebalance_every == 0 and not last:
+            # A step boundary (after the optimizer step, before the next forward), and after
+            # this step's load report, which scores its window under the placement it ran with.
+            rebalance()
         if args.ckpt_dir and ((args.ckpt_every and step % args.ckpt_every == 0) or last):
             save_checkpoint(checkpoint_path(args.ckpt_dir, step), model, opt, step, train_data, env, groups)
             out.log(f"step {step}: saved {checkpoint_path(args.ckpt_dir, step)}")
