@@ -138,7 +138,7 @@ class HierarchicalExchange(TokenExchange):
 
         dispatches = [comm.send(probe, "dispatch", j, rows, inter.group, [sizes.recv[j]], [sizes.send[j]],
                                 "hierarchical node dispatch all_to_all_single") for j, rows in enumerate(chunks)]
-        shared_out = streams.run_shared(call.shared_fn, dev, probe)
+        shared_out = streams.run_shared(call.shared_fn, dev, probe, reads=(x_TD,))
 
         combines = []
         for j in range(c):
