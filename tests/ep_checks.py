@@ -34,16 +34,17 @@ def tagged_batch(rank: int, num_tokens: int, seed: int = 0) -> torch.Tensor:
     return x
 
 
-def run_and_compare(layer, ref, x: torch.Tensor, ep_group, atol: float = 1e-12) -> dict:
-    """Forward + backward through both layers; asserts equality; returns the stats."""
+def run_and_compare(layer, ref, x: torch.Tensor, ep_group, atol: float = 1e-12, rtol: float = 1e-10) -> dict:
+    """Forward + backward through both layers; asserts equality; returns the stats. Any
+    device and dtype (the GPU tests pass float32 tolerances)."""
     x_ep = x.clone().requires_grad_()
     x_ref = x.clone().requires_grad_()
     out, out_ref = layer(x_ep), ref(x_ref)
     g = torch.Generator().manual_seed(7 + x.shape[0])
-    gy = torch.randn(out_ref.y.shape, generator=g, dtype=torch.float64)
+    gy = torch.randn(out_ref.y.shape, generator=g, dtype=torch.float64).to(out_ref.y.device, out_ref.y.dtype)
     ((out.y * gy).sum() + out.aux_loss).backward()
     ((out_ref.y * gy).sum() + out_ref.aux_loss).backward()
-    close = dict(atol=atol, rtol=1e-10)
+    close = dict(atol=atol, rtol=rtol)
     torch.testing.assert_close(out.y, out_ref.y, **close)
     torch.testing.assert_close(out.aux_loss, out_ref.aux_loss, **close)
     for key in out.stats:

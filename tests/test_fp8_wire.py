@@ -109,7 +109,7 @@ def test_one_device_quantizes_too():
         ref = epar.MoELayer(epar.MoEConfig(**{**cfg.to_dict(), "dispatch_dtype": None}))
         ref.load_state_dict(layer.state_dict())
         orig = ref.experts.forward
-        ref.experts.forward = lambda rows, counts: orig(ByHand.apply(rows, False), counts)
+        ref.experts.forward = lambda rows, counts, host=None: orig(ByHand.apply(rows, False), counts, host)
         x = _batch(0, 10, seed=2)
         xs = [x.clone().requires_grad_() for _ in range(2)]
         ys = [m(xi).y for m, xi in ((layer, xs[0]), (ref, xs[1]))]
@@ -141,7 +141,7 @@ def _pair(cfg, group, seed):
     ids = list(layer.global_expert_ids)
     layer.load_state_dict({k: (v[ids] if k.startswith("experts.") else v) for k, v in ref.state_dict().items()})
     orig, pow2 = ref.experts.forward, cfg.wire_scales_pow2
-    ref.experts.forward = lambda rows, counts: orig(ByHand.apply(rows, pow2), counts)
+    ref.experts.forward = lambda rows, counts, host=None: orig(ByHand.apply(rows, pow2), counts, host)
     return layer, ref
 
 
@@ -153,9 +153,9 @@ def _batch(rank, T, seed):
 def _spy(layer, seen):
     orig = layer.experts.forward
 
-    def spy(rows, counts):
+    def spy(rows, counts, host=None):
         seen.append(rows.detach().clone())
-        return orig(rows, counts)
+        return orig(rows, counts, host)
     layer.experts.forward = spy
 
 

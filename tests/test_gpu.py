@@ -13,6 +13,7 @@ GPU and is left for a multi-GPU machine. Overlap on/off equality is a multi-rank
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
@@ -261,3 +262,67 @@ def test_memory_steady_over_200_steps(strategy):
             torch.cuda.synchronize()
             allocated[step] = torch.cuda.memory_allocated()
     assert allocated[200] == allocated[10], allocated
+
+
+# ---- EP 2 on one GPU: two processes, gloo, data on the GPU ----------------------------------
+# gloo takes CUDA tensors (it stages them through host memory), so two ranks sharing one
+# GPU run every exchange's CUDA side: the grouped GEMM paths, the side stream, the pinned
+# staging buffer, embedding_bag, CUDA index_add_. Tolerances, since CUDA's index_add_ /
+# scatter_add_ / embedding_bag backward sum in a nondeterministic order (no deterministic
+# mode here: these tolerances are the contract):
+#   float64: atol 1e-12, rtol 1e-10 (the CPU tests' bounds; reordered float64 sums of a few
+#            terms of size ~1 differ by ~1e-16);
+#   float32: atol 1e-5, rtol 1e-4 (TF32 off; ~10 reordered float32 roundings of 6e-8).
+# Two GPUs or more would run the same on NCCL: not written yet (no multi-GPU machine).
+
+EP2_TOL = {torch.float64: dict(atol=1e-12, rtol=1e-10), torch.float32: dict(atol=1e-5, rtol=1e-4)}
+
+
+def _ep2_on_one_gpu(rank, world, device: str = "cuda"):
+    """Every exchange x chunks x strategy x dtype at EP 2; `device` "cpu" dry-runs the body."""
+    from ep_checks import make_pair, run_and_compare, tagged_batch
+    from epar.config import EP_EXCHANGES
+    from epar.parallel import build_groups
+
+    dev = torch.device(device, 0) if device == "cuda" else torch.device(device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+        torch.backends.cuda.matmul.allow_tf32 = False
+    g = build_groups(2, ranks_per_node=1)  # two one-rank "nodes": hierarchical runs both levels
+    done = []
+    # EPAR_EP2_SHORT=1 (scripts/gpu_check.sh under TORCH_CUDA_SANITIZER=1, which is slow):
+    # two exchanges, two chunks (the side stream and overlapped exchanges), float32.
+    short = os.environ.get("EPAR_EP2_SHORT") == "1"
+    for exchange in ("per_expert", "dedup") if short else EP_EXCHANGES:
+        for chunks in (2,) if short else (1, 2):
+            for strategy in ("dropless", "token_drop") if short else ("dropless", "token_drop", "expert_choice"):
+                for dtype in (torch.float32,) if short else (torch.float64, torch.float32):
+                    cfg = epar.MoEConfig(d_model=8, d_ff=16, num_experts=4, top_k=2, strategy=strategy,
+                                         overlap_chunks=chunks, ep_exchange=exchange, capacity_factor=1.5,
+                                         shared_expert_d_ff=16, shared_expert_gate=True)
+                    layer, ref = make_pair(cfg, g.ep_group, seed=len(done))
+                    layer, ref = layer.to(dev, dtype), ref.to(dev, dtype)
+                    x = tagged_batch(rank, 12, seed=len(done)).to(dev, dtype)
+                    run_and_compare(layer, ref, x, g.ep_group, **EP2_TOL[dtype])
+                    done.append((exchange, chunks, strategy, str(dtype)))
+    # bf16 at EP 2: the grouped-GEMM kernel (H100/H200/B200) against the loop, same routing.
+    cfg = epar.MoEConfig(d_model=64, d_ff=128, num_experts=4, top_k=2, strategy="dropless", shared_expert_d_ff=64)
+    layer, _ = make_pair(cfg, g.ep_group, seed=99)
+    layer = layer.to(dev, torch.bfloat16)
+    x = tagged_batch(rank, 64, seed=99).to(dev).repeat(1, 8).bfloat16()
+    outs = []
+    for use_kernel in (None, False):
+        layer.experts.use_kernel = use_kernel
+        outs.append(layer(x).y.float())
+    assert rel_err(outs[0], outs[1]) < 1e-2
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    return done
+
+
+def test_ep2_two_processes_on_one_gpu_equal_one_device():
+    from dist_harness import run_distributed
+
+    done = run_distributed(_ep2_on_one_gpu, 2, timeout=400, pg_timeout=120)
+    short = os.environ.get("EPAR_EP2_SHORT") == "1"
+    assert len(done[0]) == (4 if short else len(epar.config.EP_EXCHANGES) * 2 * 3 * 2)

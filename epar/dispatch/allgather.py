@@ -122,7 +122,7 @@ class AllGatherExchange(TokenExchange):
             x_send = ph.leave(_pad(ph.enter(x_TD, 0), Tmax), 0)
             route = torch.stack([token_N.to(_ROUTE), expert_N.to(_ROUTE), w_N.to(_ROUTE)], 1)
             route = torch.cat([route, route.new_tensor([[0.0, -1.0, 0.0]]).expand(Nmax - route.shape[0], 3)])
-        shared_out = streams.run_shared(call.shared_fn, dev, probe)  # beside the gathers on CUDA
+        shared_out = streams.run_shared(call.shared_fn, dev, probe, reads=(x_TD,))  # beside the gathers on CUDA
 
         x_send = probe.backward_mark(x_send, ends=[("dispatch", 0)])
         started = probe.mark()

@@ -6,8 +6,10 @@
 x_TD      [T, D] this rank's tokens (padding already zeroed by the layer).
 plan      RoutingPlan (routing/plan.py): the strategy's rows, weights and counts, in
           global expert ids; rows sorted by expert.
-experts   GroupedExperts-like callable: experts(rows_RD, counts_L) -> out_RD, rows
-          sorted by local expert, counts_L (device) rows per local expert.
+experts   GroupedExperts-like callable: experts(rows_RD, counts_L, host_counts) -> out_RD,
+          rows sorted by local expert, counts_L (device) rows per local expert,
+          host_counts the same as host ints or None (pass them where the exchange has
+          them: GPUs without the fast grouped GEMM then need no device read).
 call      CallContext: the call's identity, dtypes, the shared expert, the probe.
 returns   y_TD: sum over each token's kept experts of weight * expert output,
           accumulated in call.acc_dtype and returned in call.out_dtype; shared_out: the
@@ -44,7 +46,7 @@ import torch
 from ..quant import RowCodec
 from ..routing.plan import RoutingPlan
 
-ExpertFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+ExpertFn = Callable[[torch.Tensor, torch.Tensor, "list[int] | None"], torch.Tensor]
 
 
 @dataclass(frozen=True)

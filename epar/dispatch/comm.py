@@ -42,6 +42,27 @@ def wait_work(work, what: str, group) -> None:
         ) from exc
 
 
+def check_buffers(out: torch.Tensor, inp: torch.Tensor, what: str) -> None:
+    """Before every collective: both buffers contiguous and of one dtype, else a ValueError
+    naming the collective. NCCL rejects a non-contiguous buffer; gloo writes a
+    non-contiguous output view as if it were contiguous (wrong rows, no error); a dtype
+    mismatch moves bytes of another size."""
+    for name, t in (("output", out), ("input", inp)):
+        if not t.is_contiguous():
+            raise ValueError(f"epar: {what}: the {name} buffer is not contiguous (shape {tuple(t.shape)}, "
+                             f"strides {t.stride()}); a collective's buffers must be contiguous (NCCL rejects "
+                             f"others, gloo writes a non-contiguous output as if it were contiguous)")
+    if out.dtype != inp.dtype:
+        raise ValueError(f"epar: {what}: the output buffer is {out.dtype}, the input {inp.dtype}; a collective's "
+                         f"buffers must have one dtype")
+
+
+def all_to_all(out: torch.Tensor, x: torch.Tensor, out_splits, in_splits, group, what: str):
+    """dist.all_to_all_single (async), its buffers checked first (check_buffers)."""
+    check_buffers(out, x, what)
+    return dist.all_to_all_single(out, x, out_splits, in_splits, group=group, async_op=True)
+
+
 class Pending:
     """One exchange in flight in each direction; holds every tensor the collective
     reads or writes until it has completed (no record_stream needed)."""
@@ -59,7 +80,7 @@ class Pending:
         self.like = None  # (dtype, row width) of the rows before encoding
 
 
-def _issue(group, out_parts, in_parts, x: torch.Tensor, codec=None):
+def _issue(group, out_parts, in_parts, x: torch.Tensor, what: str, codec=None):
     """One all_to_all_single per part, each between contiguous row ranges of x and out
     (every rank issues the same number of parts, empty ones included: each is a collective).
     With a codec, x's encoded rows travel (decode `out` on arrival)."""
@@ -68,8 +89,7 @@ def _issue(group, out_parts, in_parts, x: torch.Tensor, codec=None):
     works, o, i = [], 0, 0
     for out_splits, in_splits in zip(out_parts, in_parts):
         no, ni = sum(out_splits), sum(in_splits)
-        works.append(dist.all_to_all_single(out[o : o + no], x[i : i + ni], out_splits, in_splits,
-                                            group=group, async_op=True))
+        works.append(all_to_all(out[o : o + no], x[i : i + ni], out_splits, in_splits, group, what))
         o, i = o + no, i + ni
     return works, out, x
 
@@ -82,7 +102,8 @@ def _wait_all(works, what: str, group) -> None:
 class _Start(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, pending: Pending):
-        pending.work, out, src = _issue(pending.group, pending.out_parts, pending.in_parts, x, pending.codec)
+        pending.work, out, src = _issue(pending.group, pending.out_parts, pending.in_parts, x, pending.what,
+                                        pending.codec)
         pending.tensors = (out, src)
         pending.like = (x.dtype, x.shape[1])
         ctx.pending = pending
@@ -116,7 +137,7 @@ class _Wait(torch.autograd.Function):
         pending = ctx.pending
         # The reverse exchange: what we received from rank s goes back to rank s.
         pending.bwd_work, grad_in, g = _issue(pending.group, pending.in_parts, pending.out_parts, grad,
-                                              pending.grad_codec)
+                                              f"{pending.what} (backward)", pending.grad_codec)
         pending.bwd_tensors = (grad_in, g)
         return (grad if pending.codec is None else grad[:, :0]), None
 
@@ -176,6 +197,7 @@ def _gather(x: torch.Tensor, group, what: str) -> torch.Tensor:
     x = x.contiguous()
     out = x.new_empty((x.shape[0] * dist.get_world_size(group),) + tuple(x.shape[1:]))
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    check_buffers(out, x, what)
     wait_work(gather(out, x, group=group, async_op=True), what, group)
     return out
 
@@ -184,6 +206,7 @@ def _reduce_scatter(x: torch.Tensor, group, what: str) -> torch.Tensor:
     x = x.contiguous()
     out = x.new_empty((x.shape[0] // dist.get_world_size(group),) + tuple(x.shape[1:]))
     scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    check_buffers(out, x, what)
     wait_work(scatter(out, x, group=group, async_op=True), what, group)
     return out
 

@@ -255,7 +255,8 @@ def dropless_sizes(peers: PeerGroup, L: int, send: SendRows, ident: list[int], c
     n = peers.world
     rows_NC = send.rows_cN.t()  # to rank d: its rows in each chunk
     pairs_NX = send.pairs_cNL.permute(1, 0, 2).reshape(n, chunks * L)
-    sent, got, _ = peers.exchange_counts(torch.cat([rows_NC, pairs_NX], dim=1), ident, "dedup count exchange")
+    sent, got, _ = peers.exchange_counts(torch.cat([rows_NC, pairs_NX], dim=1), ident, "dedup count exchange",
+                                      lead=2)
     return Sizes(send=[[sent[r][j] for r in range(n)] for j in range(chunks)],
                  recv=[[got[s][j] for s in range(n)] for j in range(chunks)],
                  slots=[[got[s][chunks + j * L : chunks + (j + 1) * L] for s in range(n)] for j in range(chunks)])
@@ -276,7 +277,8 @@ def _capacity_sizes(peers: PeerGroup, L: int, plan: RoutingPlan, ident: list[int
 
 
 # ---- the expert side ---------------------------------------------------------------
-def _expert_side(packed_RX, layout, src_R, base_X, counts_L, P_dummy, exact: bool, experts, n: int, L: int):
+def _expert_side(packed_RX, layout, src_R, base_X, counts_L, P_dummy, exact: bool, experts, n: int, L: int,
+                 host_counts: list[int] | None = None):
     """Expand received rows to (row, local expert) pairs grouped by local expert, then by
     source rank (one gather), run the experts, and sum each row's outputs with its weights
     into one partial row. src_R: each row's source rank; base_X: first slot of each (local
@@ -305,7 +307,7 @@ def _expert_side(packed_RX, layout, src_R, base_X, counts_L, P_dummy, exact: boo
         (slot_RK.reshape(-1),), torch.arange(R, device=dev).repeat_interleave(K))[:P]
     valid_P = None if exact else row_P < R  # capacity modes: padding slots
     x_PD, w_RK = _Receive.apply(packed_RX, row_P, valid_P, slot_RK, layout)
-    y_PD = experts(x_PD, counts_L)
+    y_PD = experts(x_PD, counts_L, host_counts)
     return bag_sum(y_PD, w_RK, slot_RK, row_P, valid_P, layout.dtype)
 
 
@@ -386,8 +388,9 @@ class DedupExchange(TokenExchange):
         P = sum(per_key)
         src_R = torch.repeat_interleave(torch.arange(n, device=dev), streams.host_to_device(sizes.recv[j], dev),
                                         output_size=recv.shape[0])
-        counts_L = streams.host_to_device([sum(slots[s][l] for s in range(n)) for l in range(L)], dev)
-        return recv, src_R, streams.host_to_device(offsets(per_key) + [P], dev), counts_L, recv.new_empty(P, 0)
+        host_L = [sum(slots[s][l] for s in range(n)) for l in range(L)]
+        counts_L = streams.host_to_device(host_L, dev)
+        return recv, src_R, streams.host_to_device(offsets(per_key) + [P], dev), counts_L, recv.new_empty(P, 0), host_L
 
     @staticmethod
     @torch.compiler.disable
@@ -423,13 +426,16 @@ class DedupExchange(TokenExchange):
             # Rows and metadata first: their gather is queued before dropless reads its sizes.
             send = build_send(ph.enter(x_TD, 0), plan, n, L, c, call.acc_dtype, bound)
         state = self._start_dispatch(call, x_TD, send, plan)
-        shared_out = streams.run_shared(call.shared_fn, dev, probe)
+        shared_out = streams.run_shared(call.shared_fn, dev, probe, reads=(x_TD,))
 
         for j in range(c):
-            recv, src_R, base, counts_L, P_dummy = self._arrived(state, j)
+            recv, src_R, base, counts_L, P_dummy, host_L = self._arrived(state, j)
+            # The counts on the host spare the experts' loop (GPUs without the fast grouped
+            # GEMM) a device read; a compiled graph never sees them (a value per call: recompiles).
+            host_L = None if torch.compiler.is_compiling() else host_L
             with probe.phase("experts", j) as ph:  # expand, experts, weighted partial sums
                 part_RD = _expert_side(ph.enter(recv), send.layout, src_R, base, counts_L, P_dummy, not capacity,
-                                       experts, n, L)
+                                       experts, n, L, host_L)
                 part_RD = ph.leave(part_RD)
             self._start_combine(state, j, part_RD)
         y_SD = self._combined(state, not capacity)

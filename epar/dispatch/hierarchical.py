@@ -143,7 +143,7 @@ class HierarchicalExchange(TokenExchange):
         dispatches = [comm.send(probe, "dispatch", j, rows, inter.group, [sizes.recv[j]], [sizes.send[j]],
                                 "hierarchical node dispatch all_to_all_single", codec=self.codec)
                       for j, rows in enumerate(chunks)]
-        shared_out = streams.run_shared(call.shared_fn, dev, probe)
+        shared_out = streams.run_shared(call.shared_fn, dev, probe, reads=(x_TD,))
 
         combines = []
         for j in range(c):

@@ -83,6 +83,8 @@ class PeerGroup:
         group = self.host_group if on_host else self.group
         mine = torch.tensor(meta, dtype=torch.int64, device=None if on_host else device)
         gathered = [torch.empty_like(mine) for _ in range(self.world)]
+        for out in gathered:
+            comm.check_buffers(out, mine, what)
         comm.wait_work(dist.all_gather(gathered, mine, group=group, async_op=True), what, group)
         return torch.stack(gathered).tolist()
 
@@ -92,17 +94,25 @@ class PeerGroup:
         self.check_peers([row[len(values):] for row in table], ident)
         return [row[: len(values)] for row in table]
 
-    def exchange_counts(self, send_nW: torch.Tensor, ident: list[int], what: str):
+    def exchange_counts(self, send_nW: torch.Tensor, ident: list[int], what: str, lead: int = 1):
         """One all_to_all of int64 counts (row d: what this rank tells rank d) with the
         identity appended, then the call's one device-to-host read, placed after it.
         Returns (sent, received) as host rows of W ints each, and the received [n, W]
-        counts on the device."""
+        counts on the device.
+
+        With a gloo twin (an NCCL group), the identity is first compared on the twin, in
+        the shape of backward's identity check there (`lead` integers, as in
+        check_backward): an NCCL wait does not block the host, so a rank in another call
+        would otherwise meet this exchange on the device and surface as a watchdog abort
+        after the timeout, not as a CommError."""
+        if self.host_group not in (None, self.group):
+            self.gather_checked([0] * lead, ident, send_nW.device, what)
         n, W = send_nW.shape
         columns = [torch.full((n, 1), v, dtype=torch.int64, device=send_nW.device) for v in ident]
         send_nX = torch.cat([send_nW] + columns, dim=1).contiguous()  # fill kernels, no H2D copy
         recv_nX = torch.empty_like(send_nX)
-        work = dist.all_to_all_single(recv_nX, send_nX, group=self.group, async_op=True)
-        comm.wait_work(work, exchange_name(ident, what), self.group)
+        name = exchange_name(ident, what)
+        comm.wait_work(comm.all_to_all(recv_nX, send_nX, None, None, self.group, name), name, self.group)
         host = torch.cat([send_nX, recv_nX]).tolist()
         sent, got = host[:n], host[n:]
         self.check_peers([row[W:] for row in got], ident)

@@ -39,8 +39,14 @@ class LocalExchange(TokenExchange):
             if self.codec is not None:
                 rows_SD = _ThroughWire.apply(rows_SD, self.codec)
             rows_SD = ph.leave(rows_SD)
+        # Capacity strategies: every expert has plan.capacity rows, so the experts' loop
+        # (GPUs without the fast grouped GEMM) needs no device read. Dropless has no host
+        # counts here: the loop reads them once. Not under compile (T changes capacity).
+        host = None
+        if plan.capacity is not None and not torch.compiler.is_compiling():
+            host = [plan.capacity] * plan.rows_per_expert_E.shape[0]
         with probe.phase("experts", mark_chunk=0) as ph:
-            out_SD = ph.leave(experts(ph.enter(rows_SD), plan.rows_per_expert_E))
+            out_SD = ph.leave(experts(ph.enter(rows_SD), plan.rows_per_expert_E, host))
         with probe.phase("unpermute") as ph:
             y_TD = ph.leave(combine(ph.enter(out_SD), plan, call.acc_dtype, call.out_dtype))
         shared_out = None

@@ -47,6 +47,7 @@ class _Chunk:
     out_parts: list[list[int]]
     rows: torch.Tensor | None  # dispatch rows of this chunk, in send order (None: all, in order)
     recv_counts_SL: torch.Tensor  # int64 [source rank, local expert] rows received
+    recv_counts_L: list[int]  # the same summed over source ranks, on the host
 
 
 def chunk_bounds(counts, chunks: int):
@@ -143,7 +144,8 @@ class _PerSlotExchange(TokenExchange):
             rows = all_rows
             if c > 1:  # chunk j of every expert's block
                 rows = self._rows_in_send_order(starts_E + bounds[j], bounds[j + 1] - bounds[j], sum(in_splits))
-            chunks.append(_Chunk(in_splits, out_splits, in_parts, out_parts, rows, recv_dev[j]))
+            per_expert = [sum(recv[j][s][l] for s in range(n)) for l in range(L)]
+            chunks.append(_Chunk(in_splits, out_splits, in_parts, out_parts, rows, recv_dev[j], per_expert))
         return chunks
 
     def _run_experts(self, recv_RD: torch.Tensor, chunk: _Chunk, experts: ExpertFn) -> torch.Tensor:
@@ -152,13 +154,13 @@ class _PerSlotExchange(TokenExchange):
         regroup them by local expert for the call, and back afterwards."""
         n, L = self.world, self.local_experts
         if self.expert_major or L == 1:
-            return experts(recv_RD, chunk.recv_counts_SL.sum(0))
+            return experts(recv_RD, chunk.recv_counts_SL.sum(0), chunk.recv_counts_L)
         local_of_row = torch.arange(L, device=recv_RD.device).repeat(n)
         expert_of_row = torch.repeat_interleave(local_of_row, chunk.recv_counts_SL.reshape(-1),
                                                 output_size=sum(chunk.out_splits))
         order = torch.argsort(expert_of_row, stable=True)
         inverse = inverse_permutation(order)
-        out_RD = experts(permute_rows(recv_RD, order, inverse), chunk.recv_counts_SL.sum(0))
+        out_RD = experts(permute_rows(recv_RD, order, inverse), chunk.recv_counts_SL.sum(0), chunk.recv_counts_L)
         return permute_rows(out_RD, inverse, order)
 
     @torch.compiler.disable
@@ -186,7 +188,7 @@ class _PerSlotExchange(TokenExchange):
         what = f"MoE layer #{lid} call {no}: {{}} all_to_all_single"
         dispatches = [comm.send(probe, "dispatch", j, sends[j], group, ch.out_parts, ch.in_parts,
                                 what.format("dispatch"), codec=self.codec) for j, ch in enumerate(chunks)]
-        shared_out = streams.run_shared(call.shared_fn, dev, probe)
+        shared_out = streams.run_shared(call.shared_fn, dev, probe, reads=(x_TD,))
 
         combines = []
         for j, ch in enumerate(chunks):

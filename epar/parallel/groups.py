@@ -22,6 +22,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
+from ..errors import CommError, wait_helper
+
 # NCCL group -> a gloo group over the same ranks, for host-only metadata exchanges.
 _host_twins: dict = {}
 # EP group -> its NodeTopology, where build_groups made one (the EP group spans nodes).
@@ -97,17 +99,21 @@ def _node_blocks(ep_ranks: list[int], rpn: int) -> int:
     return len(nodes)
 
 
-def _make_topologies(layout: torch.Tensor, rank: int, rpn: int, kw: dict, ep_group, nccl: bool) -> None:
+def _make_topologies(layout: torch.Tensor, rank: int, rpn: int, kw: dict, ep_group, nccl: bool,
+                     made: list) -> None:
     """The subgroups of the hierarchical exchange for every EP group (rows of `layout`) that
     spans nodes: per node its intra-node group, per local rank its inter-node group, each
     with a gloo twin under NCCL (backward's identity check goes over it, as on the EP
-    group). Every rank creates every group, in the same order."""
-    def new(ranks):
+    group). Every rank creates every group, in the same order; `made` gets this rank's
+    new groups, (group, name), for build_groups' warm-up."""
+    def new(ranks, name):
         g = dist.new_group(ranks, **kw)
-        if nccl:
-            twin = dist.new_group(ranks, backend="gloo", **kw)
-            if rank in ranks:
+        twin = dist.new_group(ranks, backend="gloo", **kw) if nccl else None
+        if rank in ranks:
+            made.append((g, f"{name} {ranks}"))
+            if twin is not None:
                 _host_twins[g] = twin
+                made.append((twin, f"{name} {ranks} (gloo twin)"))
         return g
 
     for ep_ranks in layout.tolist():
@@ -118,12 +124,12 @@ def _make_topologies(layout: torch.Tensor, rank: int, rpn: int, kw: dict, ep_gro
         intra = inter = None
         for b in range(nodes):
             ranks = ep_ranks[b * per : (b + 1) * per]
-            g = new(ranks)
+            g = new(ranks, "intra-node group")
             if rank in ranks:
                 intra = g
         for q in range(per):
             ranks = ep_ranks[q::per]
-            g = new(ranks)
+            g = new(ranks, "inter-node group")
             if rank in ranks:
                 inter = g
         if rank in ep_ranks:
@@ -234,16 +240,22 @@ def build_groups(ep_size: int, timeout: timedelta | float | None = None, mesh=No
     dp = world // ep_size
     kw = {} if timeout is None else {"timeout": timeout}
     nccl = dist.get_backend() == "nccl"
+    warn_if_device_bound()
+    if nccl:
+        bind_cuda_device()
+    made: list = []  # (group, name): this rank's groups, for the warm-up below
     layout = torch.arange(world).reshape(dp, ep_size)
     if mesh is not None:
         _check_mesh(mesh, ep_size, world)
         layout = mesh.mesh.cpu()
         ep_group, expert_dp_group = mesh.get_group("ep"), mesh.get_group("dp")
+        made += [(ep_group, "EP group (mesh['ep'])"), (expert_dp_group, "expert-DP group (mesh['dp'])")]
         if nccl:  # the host twins: same ranks, gloo (every rank makes every group)
             for ranks in layout.tolist():
                 twin = dist.new_group(ranks, backend="gloo", **kw)
                 if rank in ranks:
                     _host_twins[ep_group] = twin
+                    made.append((twin, f"EP group {ranks} (gloo twin)"))
     else:
         ep_group = expert_dp_group = None
         # new_group must be called by every rank for every group, in the same order.
@@ -252,22 +264,69 @@ def build_groups(ep_size: int, timeout: timedelta | float | None = None, mesh=No
             twin = dist.new_group(ranks, backend="gloo", **kw) if nccl else None
             if rank in ranks:
                 ep_group = g
+                made.append((g, f"EP group {ranks}"))
                 if twin is not None:
                     _host_twins[g] = twin
+                    made.append((twin, f"EP group {ranks} (gloo twin)"))
         for ranks in layout.t().tolist():
             g = dist.new_group(ranks, **kw)
             if rank in ranks:
                 expert_dp_group = g
+                made.append((g, f"expert-DP group {ranks}"))
         device_type = "cuda" if nccl else "cpu"
         mesh = DeviceMesh.from_group([expert_dp_group, ep_group], device_type, mesh=layout,
                                      mesh_dim_names=("dp", "ep"))
     if ep_size > 1:
-        _make_topologies(layout, rank, rpn, kw, ep_group, nccl)
+        _make_topologies(layout, rank, rpn, kw, ep_group, nccl, made)
+    for group, name in made:
+        warm_up(group, name)
     dp_rank, ep_rank = [int(i[0]) for i in torch.nonzero(layout == rank, as_tuple=True)]
     return ParallelGroups(world, dp, ep_size, dp_rank, ep_rank,
                           ep_group if ep_size > 1 else None,
                           expert_dp_group if dp > 1 else None,
                           dist.group.WORLD, mesh)
+
+
+# ---- making groups safe to use on NCCL ------------------------------------------------
+def warn_if_device_bound() -> None:
+    """Warn when the default group was initialised with `device_id` (bound to a device, its
+    NCCL communicator made eagerly): new groups are then split from it, and creating gloo
+    groups (the host twins) on such a job can hang (upstream torch issue 145376)."""
+    device = getattr(dist.distributed_c10d._get_default_group(), "bound_device_id", None)
+    if device is not None:
+        notice_once("device_id", f"epar.parallel.build_groups: the default process group was initialised with "
+                                 f"device_id={device}; creating the gloo groups epar needs beside NCCL groups can "
+                                 f"then hang (torch issue 145376). Initialise it without device_id "
+                                 f"(epar.parallel.init_distributed does)")
+
+
+def bind_cuda_device() -> None:
+    """torch.cuda.set_device(LOCAL_RANK) before the first NCCL collective, where torchrun
+    set LOCAL_RANK: NCCL binds a communicator to the current device when it first runs, so
+    every rank on device 0 would make a job that hangs or fails far from its cause."""
+    local = os.environ.get("LOCAL_RANK")
+    if local is not None and local.isdigit() and int(local) < torch.cuda.device_count():
+        torch.cuda.set_device(int(local))
+
+
+def warm_up(group, name: str) -> None:
+    """One small all_reduce on a new group, waited for on the host. NCCL makes a group's
+    communicator lazily, at its first collective and outside the group's timeout: run here,
+    a misconfigured job (a rank missing, devices mixed up) fails in build_groups, naming the
+    group, not in the first layer call."""
+    on_cuda = dist.get_backend(group) == "nccl"
+    t = torch.zeros(1, device=torch.device("cuda", torch.cuda.current_device()) if on_cuda else "cpu")
+    helper = f"epar.parallel.build_groups (warm-up all_reduce on the {name})"
+    causes = ("a rank of this group did not call build_groups, called it with other arguments, or died; "
+              "under NCCL also a CUDA device shared by two ranks or a network interface NCCL cannot use")
+    try:
+        wait_helper(dist.all_reduce(t, group=group, async_op=True), helper, group, causes)
+        if on_cuda:
+            t.item()  # NCCL's wait only orders the stream: the host waits here
+    except CommError:
+        raise
+    except Exception as exc:  # NCCL raises at issue time for a communicator it cannot make
+        raise CommError(f"{helper} failed. Likely {causes}. Underlying error: {exc}") from exc
 
 
 def as_process_group(group):
