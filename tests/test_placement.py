@@ -158,8 +158,8 @@ def test_plan_keeps_experts_in_their_node():
 
 
 def test_placement_bench_runs(tmp_path):
-    """benchmarks/placement.py at 2 draws: its JSON holds every setting, planned never above
-    contiguous nor below the floor."""
+    """benchmarks/placement.py at 2 draws and 100 trace steps: its JSON holds every setting
+    and trace, planned never above contiguous nor below the floor."""
     import importlib
     import json
     import sys
@@ -169,10 +169,19 @@ def test_placement_bench_runs(tmp_path):
     sys.path.insert(0, bench_dir)
     try:
         bench = importlib.import_module("placement")
-        assert bench.main(["--layers", "2", "--out", str(tmp_path / "p.json")]) == 0
+        assert bench.main(["--layers", "2", "--max-steps", "100", "--out", str(tmp_path / "p.json")]) == 0
     finally:
         sys.path.remove(bench_dir)
     res = json.loads((tmp_path / "p.json").read_text())
-    assert len(res["settings"]) == len(bench.SETTINGS)
+    assert len(res["settings"]) == sum(n <= E for E, n, _ in bench.SETTINGS)
     for r in res["settings"]:
         assert r["floor"]["mean"] - 1e-12 <= r["planned"]["mean"] <= r["contiguous"]["mean"] + 1e-12, r
+    # The recorded traces, replayed at every EP size the 32 experts allow: the floor bounds
+    # every placement; a plan fitted to its window is never worse than contiguous on it.
+    assert {(r["trace"], r["ep_size"]) for r in res["traces"]} == {
+        (t, n) for t in bench.TRACES for n in (4, 8, 16, 32)}
+    for r in res["traces"]:
+        for part in ("per_step", "window"):
+            f = r[part]
+            assert f["floor"] - 1e-12 <= min(f["planned"], f["fitted"], f["contiguous"]), r
+        assert r["window"]["fitted"] <= r["window"]["contiguous"] + 1e-12, r
