@@ -174,7 +174,8 @@ class Proposal:
 def propose(load_E: Sequence[float], current: Sequence[int], ep_size: int, nodes: int = 1,
             threshold: float = 0.02) -> Proposal:
     """Plan from `load_E` (see `plan`: a fresh packing, or the current placement refined
-    by swaps where that is as good), aligned with `current` (see `align`); applied only
+    by swaps unless the fresh one is better by more than `threshold`), aligned with
+    `current` (see `align`); applied only
     when it lowers the predicted rank max/mean by more than `threshold` (a fraction of the
     current figure): moving costs bytes, and a plan fitted to noisy loads gains little."""
     if threshold < 0:
@@ -182,13 +183,16 @@ def propose(load_E: Sequence[float], current: Sequence[int], ep_size: int, nodes
     current = [int(e) for e in current]
     before = balance(load_E, ep_size, current)["rank_max_over_mean"]
     # A fresh packing reaches the lowest max/mean; refining the current placement by swaps
-    # often reaches the same with far fewer experts moved: take that one when it does.
+    # moves far fewer experts. The fresh one is worth its extra bytes only where it beats
+    # the refined one by the same margin a move must gain at all.
     fresh = align(plan(load_E, ep_size, nodes), current, ep_size, nodes)
     refined = align(plan(load_E, ep_size, nodes, start=current), current, ep_size, nodes)
-    after = balance(load_E, ep_size, fresh)["rank_max_over_mean"]
+    after_fresh = balance(load_E, ep_size, fresh)["rank_max_over_mean"]
     after_refined = balance(load_E, ep_size, refined)["rank_max_over_mean"]
-    planned = refined if after_refined <= after * (1 + 1e-9) else fresh
-    after = min(after, after_refined)
+    if after_fresh * (1.0 + threshold) < after_refined:
+        planned, after = fresh, after_fresh
+    else:
+        planned, after = refined, after_refined
     L = len(current) // ep_size
     rank_now = {e: s // L for s, e in enumerate(current)}
     moved = sorted(e for s, e in enumerate(planned) if rank_now[e] != s // L)
