@@ -5,7 +5,7 @@ placement the layer had), the experts and bytes each rebalance moved, and the he
 loss of both runs. CPU-sized (each run some minutes on 2 cores); writes
 benchmarks/results/rebalance_train_lm.json.
 
-    python benchmarks/rebalance_run.py [--steps 300] [--every 50] [--collect]
+    python benchmarks/rebalance_run.py [--steps 300] [--every 50] [--runs off,on] [--collect]
 
 --collect only summarises the two runs' existing logs (results/rebalance_*.jsonl).
 """
@@ -63,11 +63,15 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--every", type=int, default=50)
     ap.add_argument("--collect", action="store_true")
+    ap.add_argument("--runs", default="off,on", help="which runs to (re)make before collecting")
     ap.add_argument("--out", default=str(HERE / "results" / "rebalance_train_lm.json"))
     args = ap.parse_args(argv)
     if not args.collect:
-        run("off", args.steps, [])
-        run("on", args.steps, ["--rebalance-every", str(args.every)])
+        runs = args.runs.split(",")
+        if "off" in runs:
+            run("off", args.steps, [])
+        if "on" in runs:
+            run("on", args.steps, ["--rebalance-every", str(args.every)])
     off, on = summarise("off"), summarise("on")
     res = {"what": "train_lm.py, 4 gloo ranks, EP 4, with and without --rebalance-every",
            "command_args": MODEL, "steps": args.steps, "rebalance_every": args.every,

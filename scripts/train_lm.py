@@ -486,6 +486,7 @@ def train(args, env, groups) -> dict:
             out.event(step=step, layer=i, tokens_per_expert=row, dropped_slots=dropped[i], **bal)
 
     def rebalance():
+        opt.zero_grad(set_to_none=True)  # this step's gradients are spent: do not move them too
         moves = epar.rebalance.rebalance(model, groups, opt, loads=tracker.read(groups),
                                          threshold=args.rebalance_threshold)
         for i, m in enumerate(moves):

@@ -262,3 +262,24 @@ def test_bad_moves_raise_before_anything_moves_and_failures_are_comm_errors(tmp_
         assert "moe.7" in said["unknown"], said
         assert said["move fails"].startswith("CommError: epar.rebalance (moving MoE layer #"), said
         assert "fully_shard_moe" in said["fsdp"] and "moe.0.experts.w_in" in said["fsdp"], said
+
+
+def test_rebalance_run_summary_reads_the_committed_logs(tmp_path):
+    """benchmarks/rebalance_run.py --collect: the committed 4-rank logs summarise into the
+    README's figures' source (the runs themselves take minutes: not here)."""
+    import importlib
+    import json
+    import sys
+    from pathlib import Path
+
+    bench_dir = str(Path(__file__).resolve().parents[1] / "benchmarks")
+    sys.path.insert(0, bench_dir)
+    try:
+        bench = importlib.import_module("rebalance_run")
+        assert bench.main(["--collect", "--out", str(tmp_path / "r.json")]) == 0
+    finally:
+        sys.path.remove(bench_dir)
+    res = json.loads((tmp_path / "r.json").read_text())
+    assert res["off"]["moves"] == [] and res["on"]["moves"]
+    assert all(m["bytes"] > 0 and m["after"] < m["before"] for m in res["on"]["moves"])
+    assert abs(res["heldout_rel_diff"]) < 0.01
