@@ -135,6 +135,7 @@ class MoELayer(parallel.ExpertParallelModule):
         self.register_buffer("expert_of_slot", torch.arange(E), persistent=False)
         self.register_buffer("slot_of_expert", torch.arange(E), persistent=False)
         self._contiguous = True
+        self._placement_host: list[int] | None = None  # expert_of_slot on the host, None when contiguous
         # Numbered per EP group (see _next_layer_number); one-device layers apart.
         self.layer_id = _next_layer_number(ep_group if ep_size > 1 else None)
         if ep_size > 1:
@@ -202,6 +203,7 @@ class MoELayer(parallel.ExpertParallelModule):
         self.expert_of_slot.copy_(perm)
         self.slot_of_expert.copy_(torch.argsort(perm))
         self._contiguous = bool(torch.equal(perm, torch.arange(self.config.num_experts)))
+        self._placement_host = None if self._contiguous else perm.tolist()
 
     def checked_placement(self, expert_of_slot) -> torch.Tensor:
         """`expert_of_slot` as an int64 CPU tensor after this rank's own checks (a permutation;
@@ -323,8 +325,9 @@ class MoELayer(parallel.ExpertParallelModule):
         }
         if rec:
             real = plan.num_tokens if num_real is None else num_real
+            placed = {} if self._placement_host is None else {"expert_of_slot": self._placement_host}
             rec.add_stats(self.layer_id, call_no, {**stats, "num_tokens": torch.tensor(real)},
-                          top_k=self.config.top_k, ep_size=self.ep_size)
+                          top_k=self.config.top_k, ep_size=self.ep_size, **placed)
             rec.add_span(profiling.recorder.Span(self.layer_id, call_no, "total", None, total, rec.mark(dev)))
         return MoEOutput(y_TD.to(x.dtype).reshape(x.shape), loss, stats, RoutingInfo(plan, tuple(x.shape[:-1])))
 

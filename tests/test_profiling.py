@@ -559,6 +559,12 @@ def test_histogram_and_load_lines():
     assert [c["expert"] for c in load["coldest"]] == [1, 4, 5, 7, 0]
     text = report.load_lines(load)
     assert "hottest (expert:slots) 6:9, 2:7, 3:7, 0:5, 7:3" in text and len(text.splitlines()) <= 8
+    # Under a placement (slot s holds expert_of_slot[s]) the ranks' loads follow the map;
+    # the experts' own figures stay in logical ids.
+    placed = report._load([dict(tokens_per_expert=tpe, tokens_total=17, dropped_slots=2, unrouted_tokens=0,
+                                tokens=17)], top_k=2, ep_size=4, expert_of_slot=[6, 1, 2, 4, 3, 5, 0, 7])
+    assert placed["per_ep_rank"]["slots"] == [9, 8, 9, 8] and placed["tokens_per_expert"] == tpe
+    assert placed["balance"]["rank_max_over_mean"] == pytest.approx(9 / 8.5)
 
 
 def test_single_device_backward_by_phase_and_records():

@@ -266,15 +266,18 @@ def histogram(values: list[float], bins: int = 8) -> dict:
     return {"edges": [lo + i * width for i in range(bins)] + [hi], "counts": counts}
 
 
-def _load(ranks: list[dict], top_k: int, ep_size: int) -> dict:
+def _load(ranks: list[dict], top_k: int, ep_size: int, expert_of_slot: list[int] | None = None) -> dict:
     tpe = [sum(col) for col in zip(*(r["tokens_per_expert"] for r in ranks if r["tokens_per_expert"]))]
     tokens = sum(r["tokens_total"] for r in ranks)
     slots = tokens * top_k
     dropped = sum(r["dropped_slots"] for r in ranks)
     E = len(tpe)
     per_expert = _stat(tpe)
-    L = E // ep_size if E and E % ep_size == 0 else E  # experts per EP rank (contiguous blocks)
-    per_rank = [sum(tpe[i:i + L]) for i in range(0, E, L)] if E else []
+    L = E // ep_size if E and E % ep_size == 0 else E  # experts per EP rank
+    if expert_of_slot is not None and len(expert_of_slot) != E:
+        expert_of_slot = None  # not this layer's shape: score as contiguous rather than fail
+    by_slot = tpe if expert_of_slot is None else [tpe[e] for e in expert_of_slot]  # physical slot order
+    per_rank = [sum(by_slot[i:i + L]) for i in range(0, E, L)] if E else []
     by_count = sorted(range(E), key=lambda e: (-tpe[e], e))
     return {
         "tokens_per_expert": tpe,
@@ -282,7 +285,7 @@ def _load(ranks: list[dict], top_k: int, ep_size: int) -> dict:
         "per_expert": {k: per_expert[k] for k in ("min", "max", "mean")},
         "per_ep_rank": {"slots": per_rank, **_stat(per_rank)},
         # the step waits on the most loaded rank; the floor is the best any placement reaches
-        "balance": placement.balance(tpe, ep_size) if E and E % ep_size == 0 else {},
+        "balance": placement.balance(tpe, ep_size, expert_of_slot) if E and E % ep_size == 0 else {},
         "hottest": [{"expert": e, "slots": tpe[e]} for e in by_count[:5]],
         "coldest": [{"expert": e, "slots": tpe[e]} for e in sorted(range(E), key=lambda e: (tpe[e], e))[:5]],
         "histogram": histogram(tpe) if tpe else {"edges": [], "counts": []},
@@ -364,7 +367,7 @@ def make_report(per_rank: list[dict], ep_size: int | None = None, top_k: int | N
             "exchanges": _exchange_spread(ranks, "exchanges"),
             "backward": {"phases": {p: spread([r["backward_phases_ms"].get(p, 0.0) for r in ranks]) for p in bnames},
                          "exchanges": _exchange_spread(ranks, "backward_exchanges")},
-            "load": _load(ranks, k, n),
+            "load": _load(ranks, k, n, lm.get("expert_of_slot")),
             "wire": _wire(ranks),
             "ranks": ranks,
         })
