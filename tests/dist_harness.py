@@ -52,10 +52,28 @@ def _entry(fn, rank, world, port, pg_timeout, args, queue):
         queue.put((rank, "error", traceback.format_exc()))
     finally:
         if dist.is_initialized():
+            _leave_together(dist, rank, world, pg_timeout)
             try:
                 dist.destroy_process_group()
             except Exception:
                 pass
+
+
+def _leave_together(dist, rank: int, world: int, wait_s: float) -> None:
+    """Rank 0 hosts the job's TCP store; were it to exit first, ranks still using the store
+    (MoELayer's construction-time config check does) would fail with "Broken pipe", a
+    flake that shows under load when one EP group finishes its cases before another. So
+    every rank checks out through the store and rank 0 leaves after the last one (or
+    after `wait_s`). Store counters, not a barrier: a test may leave its process groups
+    mid-collective on purpose."""
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        store.add("dist_harness/left", 1)
+        deadline = time.monotonic() + wait_s
+        while rank == 0 and store.add("dist_harness/left", 0) < world and time.monotonic() < deadline:
+            time.sleep(0.02)
+    except Exception:  # a peer already gone, the store with it: nothing to wait for
+        pass
 
 
 _PRELOAD = ["torch", "torch.distributed", "epar", "dist_harness"]
