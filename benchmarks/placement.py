@@ -1,6 +1,7 @@
 #!/usr/bin/env python
-"""Rank load max/mean of an EP group: contiguous placement, epar.placement's plan, and the
-permutation floor, on per-expert loads.
+"""Rank load max/mean of an EP group: contiguous placement, epar.placement's plan, the
+permutation floor, and plans with 1 and 2 redundant (replica) slots per rank, on
+per-expert loads.
 
 (a) Log-normal loads (the spread reported for DeepSeek-V3's per-rank loads), `--layers`
 draws per setting (mean, worst in brackets); the plan is scored on the loads it was
@@ -13,6 +14,11 @@ with epar.placement.propose (threshold 0.02, as train_lm.py's default) from an
 exponential moving average of the earlier windows (decay 0.5 per window, as
 epar.rebalance.LoadTracker), and scored on the *following* window, per step and on the
 window's sum; beside it, a plan fitted to the very window it is scored on (optimistic).
+
+Replicas (`replicas_1`, `replicas_2`: epar.placement.plan_replicas with that many extra
+slots per rank) are scored with each copy carrying an equal share of its expert's load;
+in the trace replay they are planned from the same moving average, every window, and
+scored on the following one.
 
     python benchmarks/placement.py [--layers 16] [--out benchmarks/results/placement.json]
 """
@@ -30,6 +36,7 @@ import torch
 from epar import placement
 
 HERE = Path(__file__).resolve().parent
+REPLICAS = (1, 2)
 SETTINGS = [(E, n, sigma) for E in (64, 256) for sigma in (0.3, 0.6, 1.0) for n in (4, 8, 16, 32, 64)]
 TRACES = {"aux loss 0.01": "load_trace_aux0.01.jsonl.gz", "aux loss 0": "load_trace_aux0.jsonl.gz"}
 
@@ -40,7 +47,7 @@ def lognormal(E: int, sigma: float, seed: int) -> list[float]:
 
 
 def measure(E: int, n: int, sigma: float, layers: int) -> dict:
-    rows = {"contiguous": [], "planned": [], "floor": []}
+    rows = {"contiguous": [], "planned": [], "floor": [], **{f"replicas_{R}": [] for R in REPLICAS}}
     for seed in range(layers):
         load = lognormal(E, sigma, seed)
         b = placement.balance(load, n)
@@ -48,6 +55,8 @@ def measure(E: int, n: int, sigma: float, layers: int) -> dict:
         rows["contiguous"].append(b["rank_max_over_mean"])
         rows["planned"].append(max(placement.placed_rank_loads(load, planned, n)) / (sum(load) / n))
         rows["floor"].append(b["permutation_floor"])
+        for R in REPLICAS:
+            rows[f"replicas_{R}"].append(_replicated(load, n, placement.plan_replicas(load, n, R)))
     return {"experts": E, "ep_size": n, "sigma": sigma,
             **{k: {"mean": sum(v) / len(v), "worst": max(v)} for k, v in rows.items()}}
 
@@ -63,12 +72,20 @@ def _ratio(load, n, expert_of_slot=None) -> float:
     return placement.balance(load, n, expert_of_slot)["rank_max_over_mean"]
 
 
+def _replicated(load, n, p: placement.ReplicaPlan) -> float:
+    total = sum(load)
+    if total <= 0:
+        return 0.0
+    return max(placement.replicated_rank_loads(load, p.expert_of_slot, p.replica_of_slot, n)) / (total / n)
+
+
 def replay(trace: list[list[list[int]]], n: int, every: int, warmup: int, decay: float = 0.5) -> dict:
     """Per layer, windows of `every` steps after `warmup`: contiguous, the plan from earlier
     windows (kept or moved by propose's threshold), the plan fitted to the window itself,
     and the floor; per-step and window-sum max/mean, averaged over windows and layers."""
     layers, E = len(trace[0]), len(trace[0][0])
-    keys = ("contiguous", "planned", "fitted", "floor")
+    reps = [R for R in REPLICAS if R <= E - E // n]
+    keys = ("contiguous", "planned", "fitted", "floor", *(f"replicas_{R}" for R in reps))
     step_vals = {k: [] for k in keys}
     window_vals = {k: [] for k in keys}
     moves = 0
@@ -82,16 +99,21 @@ def replay(trace: list[list[list[int]]], n: int, every: int, warmup: int, decay:
                 current, moves = p.expert_of_slot, moves + 1
             window = [sum(trace[s][layer][e] for s in range(start, start + every)) for e in range(E)]
             fitted = placement.plan(window, n)
+            replicated = {R: placement.plan_replicas(ema, n, R) for R in reps}
             for s in range(start, start + every):
                 load = trace[s][layer]
                 step_vals["contiguous"].append(_ratio(load, n))
                 step_vals["planned"].append(_ratio(load, n, current))
                 step_vals["fitted"].append(_ratio(load, n, fitted))
                 step_vals["floor"].append(placement.balance(load, n)["permutation_floor"])
+                for R, p_R in replicated.items():
+                    step_vals[f"replicas_{R}"].append(_replicated(load, n, p_R))
             window_vals["contiguous"].append(_ratio(window, n))
             window_vals["planned"].append(_ratio(window, n, current))
             window_vals["fitted"].append(_ratio(window, n, fitted))
             window_vals["floor"].append(placement.balance(window, n)["permutation_floor"])
+            for R, p_R in replicated.items():
+                window_vals[f"replicas_{R}"].append(_replicated(window, n, p_R))
     mean = lambda v: sum(v) / len(v)  # noqa: E731
     return {"ep_size": n, "experts": E, "layers": layers, "moves": moves,
             "per_step": {k: mean(v) for k, v in step_vals.items()},
@@ -116,7 +138,8 @@ def main(argv=None) -> int:
                 traces.append({"trace": name, "file": file, "steps": len(trace),
                                **replay(trace, n, args.every, args.warmup)})
     Path(args.out).write_text(json.dumps({"what": "rank load max/mean, log-normal per-expert loads and "
-                                          "recorded train_lm.py routing traces",
+                                          "recorded train_lm.py routing traces; replicas_R: R redundant "
+                                          "expert slots per rank",
                                           "layers": args.layers, "every": args.every, "warmup": args.warmup,
                                           "date": datetime.date.today().isoformat(),
                                           "torch": torch.__version__, "settings": results, "traces": traces},
@@ -124,7 +147,8 @@ def main(argv=None) -> int:
     for r in results:
         f = lambda k: f"{r[k]['mean']:.2f} ({r[k]['worst']:.2f})"  # noqa: E731
         print(f"{r['experts']:4d} experts EP {r['ep_size']:3d} sigma {r['sigma']}: contiguous {f('contiguous')}"
-              f"  planned {f('planned')}  floor {f('floor')}")
+              f"  planned {f('planned')}  floor {f('floor')}"
+              + "".join(f"  +{R} replica/rank {f(f'replicas_{R}')}" for R in REPLICAS))
     for r in traces:
         f = lambda part: "  ".join(f"{k} {v:.3f}" for k, v in r[part].items())  # noqa: E731
         print(f"trace {r['trace']:14s} EP {r['ep_size']:2d}: per step: {f('per_step')} | window: {f('window')}"

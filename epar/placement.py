@@ -198,3 +198,236 @@ def propose(load_E: Sequence[float], current: Sequence[int], ep_size: int, nodes
     moved = sorted(e for s, e in enumerate(planned) if rank_now[e] != s // L)
     apply = bool(moved) and after < before * (1.0 - threshold)
     return Proposal(planned, before, after, moved, apply)
+
+
+# ---- redundant experts: replicas of hot experts that split their load ------------------
+# A permutation cannot bring a rank below its hottest expert's load. With
+# `redundant` extra slots per rank (MoEConfig.redundant_experts_per_rank) the hottest
+# experts get copies on other ranks and their tokens are split between the copies, so
+# each copy carries load / copies. The layer keeps the owner map (`expert_of_slot`, a
+# permutation: one owner slot per expert, L per rank, holding the master weights) apart
+# from the replica map (`replica_of_slot`: rank r's replica slots [r*R, (r+1)*R)), so
+# everything above that speaks of owners (moves, checkpoints) is unchanged.
+
+
+@dataclass(frozen=True)
+class ReplicaPlan:
+    """expert_of_slot: the owners (a permutation of the E logical ids, rank r owning slots
+    [r*L, (r+1)*L)); replica_of_slot: the logical expert of each replica slot (rank r's
+    R slots at [r*R, (r+1)*R)); copies: copies of each expert (owner included)."""
+
+    expert_of_slot: list[int]
+    replica_of_slot: list[int]
+    copies: list[int]
+
+
+def _check_replicas(E: int, ep_size: int, redundant: int, nodes: int) -> None:
+    if ep_size < 1 or E % ep_size or nodes < 1 or ep_size % nodes:
+        raise ValueError(f"ep_size={ep_size}, nodes={nodes} is invalid for {E} experts: ep_size must divide "
+                         f"the experts and nodes must divide ep_size")
+    per_node, L = E // nodes, E // ep_size
+    if redundant < 0 or redundant > per_node - L:
+        raise ValueError(f"redundant_experts_per_rank={redundant} is invalid: it must be >= 0 and at most the "
+                         f"experts of a node that a rank does not own ({per_node} - {L} = {per_node - L}): a rank "
+                         f"never holds two copies of one expert")
+
+
+def replica_counts(load_E: Sequence[float], copies_to_add: int, max_copies: int) -> list[int]:
+    """Copies of each expert: starting from one each, `copies_to_add` times one more copy for
+    the expert with the highest load per copy (ties: lower id), never above `max_copies`
+    (a rank holds at most one copy of an expert). Deterministic."""
+    load = [float(v) for v in load_E]
+    copies = [1] * len(load)
+    for _ in range(copies_to_add):
+        e = max((e for e in range(len(load)) if copies[e] < max_copies),
+                key=lambda e: (load[e] / copies[e], -e))
+        copies[e] += 1
+    return copies
+
+
+def default_replicas(E: int, ep_size: int, redundant: int, nodes: int = 1) -> list[int]:
+    """The replica map before any plan (contiguous owners): rank r's replica slot j holds
+    the expert (r+1)*L + j of its node's block (wrapping): the next rank's first experts,
+    never one of r's own (redundant <= experts of a node - L)."""
+    _check_replicas(E, ep_size, redundant, nodes)
+    per_node, L, rpn = E // nodes, E // ep_size, ep_size // nodes
+    return [(r // rpn) * per_node + ((r % rpn + 1) * L + j) % per_node
+            for r in range(ep_size) for j in range(redundant)]
+
+
+def replicated_rank_loads(load_E: Sequence[float], expert_of_slot: Sequence[int],
+                          replica_of_slot: Sequence[int], ep_size: int) -> list[float]:
+    """Load of each EP rank when every copy of an expert (owner and replicas) carries an
+    equal share of its load (the layer's token split: own rank first, then own node, then
+    by token index, gives each copy about that share)."""
+    E = len(load_E)
+    copies = [1] * E
+    for e in replica_of_slot:
+        copies[int(e)] += 1
+    L, R = E // ep_size, len(replica_of_slot) // ep_size
+    return [sum(load_E[int(e)] / copies[int(e)] for e in expert_of_slot[r * L:(r + 1) * L])
+            + sum(load_E[int(e)] / copies[int(e)] for e in replica_of_slot[r * R:(r + 1) * R])
+            for r in range(ep_size)]
+
+
+def plan_replicas(load_E: Sequence[float], ep_size: int, redundant: int, nodes: int = 1,
+                  max_swaps: int = 10_000) -> ReplicaPlan:
+    """A placement with `redundant` replica slots per rank (see ReplicaPlan), per node block:
+    `replica_counts` gives the hottest experts their extra copies; every expert has one
+    owner copy and copies - 1 replica copies, each carrying load / copies. They are packed
+    largest first into the lightest rank with a free slot of the copy's kind (L owner and R
+    replica slots per rank) that holds no copy of that expert yet, then refined by swaps of
+    same-kind copies out of the most loaded rank while that lowers it (an owner and a
+    replica of one expert carry the same load, so the kinds only fix the slot counts). Each
+    node's experts and their copies stay on that node's ranks. Deterministic: ties go to
+    the lower rank and expert id."""
+    load = [float(v) for v in load_E]
+    E = len(load)
+    _check_replicas(E, ep_size, redundant, nodes)
+    per_node, rpn, L = E // nodes, ep_size // nodes, E // ep_size
+    owners: list[int] = []
+    replicas: list[int] = []
+    copies_all: list[int] = []
+    for b in range(nodes):
+        offset = b * per_node
+        node_load = load[offset:offset + per_node]
+        copies = replica_counts(node_load, rpn * redundant, rpn)
+        try:
+            held = _pack_copies(node_load, copies, rpn, L, redundant)
+        except _NoRoom:  # rare (hot loads, few ranks): a placement valid by construction
+            held = _construct_copies(copies, rpn, L, redundant)
+        _swap_copies(node_load, copies, held, max_swaps)
+        for r in range(rpn):
+            owners += sorted(offset + e for e, owner in held[r] if owner)
+        for r in range(rpn):
+            replicas += sorted(offset + e for e, owner in held[r] if not owner)
+        copies_all += copies
+    return ReplicaPlan(owners, replicas, copies_all)
+
+
+Copy = tuple  # (logical expert, is_owner)
+
+
+class _NoRoom(Exception):
+    pass
+
+
+def _construct_copies(copies: list[int], n: int, L: int, R: int) -> list[list[Copy]]:
+    """A valid placement by construction, for the swaps to refine: the replicas of each
+    replicated expert in turn fill the ranks' replica slots round-robin (a run of at most
+    n - 1 consecutive ranks, so distinct), and its owner goes to a rank outside that run
+    with a free owner slot (augmenting paths where all are full); the single-copy experts
+    fill the owner slots left."""
+    held: list[list[Copy]] = [[] for _ in range(n)]
+    q = 0
+    allowed: dict[int, list[int]] = {}
+    for e in sorted(range(len(copies)), key=lambda e: (-copies[e], e)):
+        if copies[e] == 1:
+            break
+        run = {(q + j) % n for j in range(copies[e] - 1)}
+        for r in sorted(run, key=lambda r: (r - q) % n):
+            held[r].append((e, False))
+        q += copies[e] - 1
+        allowed[e] = [(q + j) % n for j in range(n - copies[e] + 1)]  # the ranks after the run
+    owner_of: dict[int, int] = {}
+    owned: list[list[int]] = [[] for _ in range(n)]
+
+    def place(e: int, seen: set[int]) -> bool:  # Kuhn's augmenting path, L per rank
+        for r in allowed[e]:
+            if r in seen:
+                continue
+            seen.add(r)
+            if len(owned[r]) < L or any(place(f, seen) and _unown(owned[r], f) for f in sorted(owned[r])):
+                owned[r].append(e)
+                return True
+        return False
+
+    def _unown(lst: list[int], f: int) -> bool:
+        lst.remove(f)
+        return True
+
+    for e in allowed:
+        if not place(e, set()):
+            raise ValueError("plan_replicas: no placement holds these copies without two on one rank")
+    single = iter(e for e in range(len(copies)) if copies[e] == 1)
+    for r in range(n):
+        held[r] += [(e, True) for e in owned[r]] + [(next(single), True) for _ in range(L - len(owned[r]))]
+    return held
+
+
+def _pack_copies(load: list[float], copies: list[int], n: int, L: int, R: int) -> list[list[Copy]]:
+    """Largest-first packing of typed copies (expert, is_owner) into n ranks, L owner and R
+    replica slots each, no rank holding two copies of one expert."""
+    items = [(load[e] / copies[e], e, c == 0) for e in range(len(load)) for c in range(copies[e])]
+    items.sort(key=lambda it: (-it[0], it[1], not it[2]))
+    held: list[list[Copy]] = [[] for _ in range(n)]
+    sums = [0.0] * n
+    has = lambda r, e: any(x == e for x, _ in held[r])  # noqa: E731
+    free = lambda r, owner: sum(o == owner for _, o in held[r]) < (L if owner else R)  # noqa: E731
+
+    for w, e, owner in items:
+        fits = [r for r in range(n) if free(r, owner) and not has(r, e)]
+        if fits:
+            r = min(fits, key=lambda r: (sums[r], r))
+        else:
+            # Every rank with a free slot of this kind holds e already: take the lightest,
+            # r, and make room by one trade with a rank o that holds no e: (a) o's copy f of
+            # this kind moves to r and e's copy takes its place on o; else (b) r's copy of e
+            # moves to o in exchange for o's copy g of the same kind as it.
+            r = min((r for r in range(n) if free(r, owner)), key=lambda r: (sums[r], r))
+            others = [o for o in range(n) if o != r and not has(o, e)]
+            trade = next(((o, f) for o in others for f in sorted(held[o]) if f[1] == owner and not has(r, f[0])),
+                         None)
+            if trade is not None:
+                o, f = trade
+                held[o][held[o].index(f)] = (e, owner)
+                sums[o] += w - load[f[0]] / copies[f[0]]
+                e, w = f[0], load[f[0]] / copies[f[0]]
+            else:
+                mine = next(c for c in held[r] if c[0] == e)
+                o, g = next(((o, g) for o in others for g in sorted(held[o]) if g[1] == mine[1]
+                             and not has(r, g[0])), (None, None))
+                if o is None:
+                    raise _NoRoom
+                held[r][held[r].index(mine)], held[o][held[o].index(g)] = g, mine
+                d = load[g[0]] / copies[g[0]] - w
+                sums[r], sums[o] = sums[r] + d, sums[o] - d
+        held[r].append((e, owner))
+        sums[r] += w
+    return held
+
+
+def _swap_copies(load: list[float], copies: list[int], held: list[list[Copy]], max_swaps: int) -> None:
+    """Swap a copy of the most loaded rank with a same-kind copy elsewhere (neither rank then
+    holding two copies of one expert), the pair that lowers the pair's maximum most, while
+    one does (in place)."""
+    n = len(held)
+    w = lambda e: load[e] / copies[e]  # noqa: E731
+    sums = [sum(w(e) for e, _ in items) for items in held]
+    experts = [{e for e, _ in items} for items in held]
+    for _ in range(max_swaps):
+        h = max(range(n), key=lambda r: (sums[r], -r))
+        best = None  # (new max of the pair, other rank, copy out of h, copy into h)
+        for o in range(n):
+            if o == h:
+                continue
+            for a in held[h]:
+                if a[0] in experts[o]:
+                    continue
+                for b in held[o]:
+                    if b[1] != a[1] or b[0] in experts[h]:
+                        continue
+                    d = w(a[0]) - w(b[0])
+                    pair_max = max(sums[h] - d, sums[o] + d)
+                    if d > 0 and pair_max < sums[h] and (best is None or (pair_max, o, a, b) < best):
+                        best = (pair_max, o, a, b)
+        if best is None:
+            break
+        _, o, a, b = best
+        held[h][held[h].index(a)], held[o][held[o].index(b)] = b, a
+        experts[h].discard(a[0])
+        experts[h].add(b[0])
+        experts[o].discard(b[0])
+        experts[o].add(a[0])
+        d = w(a[0]) - w(b[0])
+        sums[h], sums[o] = sums[h] - d, sums[o] + d

@@ -176,6 +176,8 @@ def test_placement_bench_runs(tmp_path):
     assert len(res["settings"]) == sum(n <= E for E, n, _ in bench.SETTINGS)
     for r in res["settings"]:
         assert r["floor"]["mean"] - 1e-12 <= r["planned"]["mean"] <= r["contiguous"]["mean"] + 1e-12, r
+        # replica columns: a max/mean, so >= 1; they may pass below the permutation floor
+        assert all(1 - 1e-12 <= r[f"replicas_{R}"]["mean"] <= r["contiguous"]["mean"] + 1e-12 for R in (1, 2)), r
     # The recorded traces, replayed at every EP size the 32 experts allow: the floor bounds
     # every placement; a plan fitted to its window is never worse than contiguous on it.
     assert {(r["trace"], r["ep_size"]) for r in res["traces"]} == {
@@ -185,3 +187,77 @@ def test_placement_bench_runs(tmp_path):
             f = r[part]
             assert f["floor"] - 1e-12 <= min(f["planned"], f["fitted"], f["contiguous"]), r
         assert r["window"]["fitted"] <= r["window"]["contiguous"] + 1e-12, r
+        assert all(r[part][f"replicas_{R}"] >= 1 - 1e-12 for part in ("per_step", "window") for R in (1, 2)), r
+
+
+# ---- redundant experts (replicas) --------------------------------------------------------
+def _valid_replica_plan(p, E, n, R, nodes=1):
+    L, per_node, rpn = E // n, E // nodes, n // nodes
+    assert sorted(p.expert_of_slot) == list(range(E)) and len(p.replica_of_slot) == n * R
+    for r in range(n):
+        held = list(p.expert_of_slot[r * L:(r + 1) * L]) + list(p.replica_of_slot[r * R:(r + 1) * R])
+        assert len(set(held)) == len(held), (r, held)  # never two copies of one expert on a rank
+        assert all(e // per_node == r // rpn for e in held), (r, held)  # copies stay in their node
+    assert [1 + list(p.replica_of_slot).count(e) for e in range(E)] == p.copies
+
+
+@pytest.mark.parametrize("E,n,bar", [(64, 32, 1.06), (256, 64, 1.05)])
+def test_replicas_beat_the_permutation_floor(E, n, bar):
+    """Issue #25's bar, log-normal sigma 0.6, 16 draws: one replica slot per rank brings the
+    mean rank max/mean to `bar` or below, under the permutation floor it cannot pass
+    without them; two slots never do worse on average. Valid and deterministic plans."""
+    got = {1: [], 2: []}
+    floors = []
+    for seed in range(16):
+        load = _lognormal(E, 0.6, seed)
+        floors.append(placement.balance(load, n)["permutation_floor"])
+        for R in (1, 2):
+            p = placement.plan_replicas(load, n, R)
+            _valid_replica_plan(p, E, n, R)
+            assert p == placement.plan_replicas(load, n, R)
+            ranks = placement.replicated_rank_loads(load, p.expert_of_slot, p.replica_of_slot, n)
+            assert sum(ranks) == pytest.approx(sum(load))
+            got[R].append(max(ranks) / (sum(load) / n))
+    mean = {R: sum(v) / 16 for R, v in got.items()}
+    assert mean[1] <= bar < sum(floors) / 16, (mean, sum(floors) / 16)
+    assert mean[2] <= mean[1] + 1e-9
+
+
+def test_replica_counts_go_to_the_highest_load_per_copy():
+    # 12 -> 6+6 (2 copies), then 6 vs 5: the 12 again (3 copies: 4 each), then 5
+    assert placement.replica_counts([12, 5, 1, 1], 3, 4) == [3, 2, 1, 1]
+    # never more copies than ranks; ties to the lower id
+    assert placement.replica_counts([9, 9, 1, 1], 3, 2) == [2, 2, 2, 1]
+    assert placement.replica_counts([1, 1, 1, 1], 2, 4) == [2, 2, 1, 1]
+
+
+def test_replica_plan_by_hand_and_bounds():
+    # 4 experts, 2 ranks, 1 replica slot each: the hot expert 0 gets a copy on each rank
+    # (5 each), expert 1 the second extra one (2 each, expert 0 has a copy on every rank):
+    # 5 + 2 + 3 per rank, max/mean 1 (contiguous: 14/10; the permutation floor 13/10).
+    p = placement.plan_replicas([10, 4, 3, 3], 2, 1)
+    _valid_replica_plan(p, 4, 2, 1)
+    assert p.copies == [2, 2, 1, 1]
+    assert placement.replicated_rank_loads([10, 4, 3, 3], p.expert_of_slot, p.replica_of_slot, 2) == [10.0, 10.0]
+    with pytest.raises(ValueError, match="redundant_experts_per_rank=3 is invalid"):
+        placement.plan_replicas([1.0] * 8, 4, 3, nodes=2)  # a node has 4 experts, a rank owns 2
+    with pytest.raises(ValueError, match="redundant_experts_per_rank=-1"):
+        placement.plan_replicas([1.0] * 8, 4, -1)
+    # Draws where an expert has a copy on every rank and largest-first packing runs out of
+    # room (a trade between two ranks makes it): still valid.
+    for E, n, R, sigma, seed in ((64, 4, 1, 0.6, 8), (64, 4, 2, 1.0, 12)):
+        _valid_replica_plan(placement.plan_replicas(_lognormal(E, sigma, seed), n, R), E, n, R)
+    # The fallback placement built by construction (replicas round-robin, owners off their
+    # runs), on very hot loads where several experts have a copy on every rank.
+    for E, n, R, sigma, seed in ((32, 32, 2, 3.0, 1), (32, 4, 2, 3.0, 2), (64, 8, 2, 2.0, 3)):
+        copies = placement.replica_counts(_lognormal(E, sigma, seed), n * R, n)
+        held = placement._construct_copies(copies, n, E // n, R)
+        _valid_replica_plan(placement.ReplicaPlan(
+            [e for r in range(n) for e in sorted(x for x, own in held[r] if own)],
+            [e for r in range(n) for e in sorted(x for x, own in held[r] if not own)], copies), E, n, R)
+    # In node blocks, and the default map (before any plan) owns nothing twice either.
+    load = _lognormal(32, 1.0, 5)
+    _valid_replica_plan(placement.plan_replicas(load, 8, 2, nodes=2), 32, 8, 2, nodes=2)
+    d = placement.ReplicaPlan(list(range(32)), placement.default_replicas(32, 8, 2, nodes=2), [])
+    _valid_replica_plan(placement.ReplicaPlan(d.expert_of_slot, d.replica_of_slot,
+                                              [1 + d.replica_of_slot.count(e) for e in range(32)]), 32, 8, 2, 2)
