@@ -100,20 +100,18 @@ def replay(trace: list[list[list[int]]], n: int, every: int, warmup: int, decay:
             window = [sum(trace[s][layer][e] for s in range(start, start + every)) for e in range(E)]
             fitted = placement.plan(window, n)
             replicated = {R: placement.plan_replicas(ema, n, R) for R in reps}
-            for s in range(start, start + every):
-                load = trace[s][layer]
-                step_vals["contiguous"].append(_ratio(load, n))
-                step_vals["planned"].append(_ratio(load, n, current))
-                step_vals["fitted"].append(_ratio(load, n, fitted))
-                step_vals["floor"].append(placement.balance(load, n)["permutation_floor"])
+
+            def score(vals: dict, load) -> None:  # every placement's figure on one load vector
+                vals["contiguous"].append(_ratio(load, n))
+                vals["planned"].append(_ratio(load, n, current))
+                vals["fitted"].append(_ratio(load, n, fitted))
+                vals["floor"].append(placement.balance(load, n)["permutation_floor"])
                 for R, p_R in replicated.items():
-                    step_vals[f"replicas_{R}"].append(_replicated(load, n, p_R))
-            window_vals["contiguous"].append(_ratio(window, n))
-            window_vals["planned"].append(_ratio(window, n, current))
-            window_vals["fitted"].append(_ratio(window, n, fitted))
-            window_vals["floor"].append(placement.balance(window, n)["permutation_floor"])
-            for R, p_R in replicated.items():
-                window_vals[f"replicas_{R}"].append(_replicated(window, n, p_R))
+                    vals[f"replicas_{R}"].append(_replicated(load, n, p_R))
+
+            for s in range(start, start + every):
+                score(step_vals, trace[s][layer])
+            score(window_vals, window)
     mean = lambda v: sum(v) / len(v)  # noqa: E731
     return {"ep_size": n, "experts": E, "layers": layers, "moves": moves,
             "per_step": {k: mean(v) for k, v in step_vals.items()},

@@ -101,27 +101,11 @@ def _largest_first(load: list[float], n: int) -> list[list[int]]:
 
 def _swap_down(load: list[float], held: list[list[int]], max_swaps: int) -> None:
     """Swap an expert of the most loaded rank with a lighter one elsewhere, the pair that
-    lowers the pair's maximum most, while one does (in place)."""
-    n = len(held)
-    sums = [sum(load[e] for e in experts) for experts in held]
-    for _ in range(max_swaps):
-        h = max(range(n), key=lambda r: (sums[r], -r))
-        best = None  # (new max of the pair, other rank, expert out of h, expert into h)
-        for o in range(n):
-            if o == h:
-                continue
-            for a in held[h]:
-                for b in held[o]:
-                    d = load[a] - load[b]
-                    pair_max = max(sums[h] - d, sums[o] + d)
-                    if d > 0 and pair_max < sums[h] and (best is None or (pair_max, o, a, b) < best):
-                        best = (pair_max, o, a, b)
-        if best is None:
-            break
-        _, o, a, b = best
-        held[h][held[h].index(a)], held[o][held[o].index(b)] = b, a
-        d = load[a] - load[b]
-        sums[h], sums[o] = sums[h] - d, sums[o] + d
+    lowers the pair's maximum most, while one does (in place): `_swap_copies` with every
+    expert a single owner copy (the same swaps, the same ties)."""
+    as_copies = [[(e, True) for e in experts] for experts in held]
+    _swap_copies(load, [1] * len(load), as_copies, max_swaps)
+    held[:] = [[e for e, _ in items] for items in as_copies]
 
 
 def align(planned: Sequence[int], current: Sequence[int], ep_size: int, nodes: int = 1) -> list[int]:
