@@ -79,8 +79,10 @@ class LoadTracker:
     def _counter(self, name: str):
         def count(module, args, out):
             if module.training:
-                window = self._window[name]
-                self._window[name] = window.to(out.stats["tokens_per_expert"].device) + out.stats["tokens_per_expert"]
+                counts = out.stats["tokens_per_expert"]
+                if self._window[name].device != counts.device:  # the model moved after the tracker was made
+                    self._window[name] = self._window[name].to(counts.device)
+                self._window[name] += counts  # in place: no new tensor per call
         return count
 
     def read(self, groups: ParallelGroups | None = None) -> dict[str, list[float]]:
