@@ -13,7 +13,10 @@ data beside it (`epar.placements`: module path -> EP size and expert_of_slot). T
 never depend on it: they are keyed by logical id, so a checkpoint loads under any
 placement and EP size. load(placement="saved") (the default) gives each layer the saved
 placement where its EP size is the saved one, so a resumed run computes exactly as
-before; elsewhere, and with placement="keep", the model keeps its own.
+before; elsewhere, and with placement="keep", the model keeps its own. Redundant experts
+(MoEConfig.redundant_experts_per_rank) are never saved, only their map (replica_of_slot),
+so checkpoints load with and without them either way; a loaded layer copies its
+replicas from the loaded owners at its next call.
 
 Each MoE layer's config is saved too (one JSON entry, `epar.moe_configs`, keyed by the
 layer's module path). Before reading any tensor, load compares the fields that fix the
@@ -146,7 +149,9 @@ def save(model: nn.Module, path: str | os.PathLike, process_group=None,
     state = _full_state(model, optimizer, extra)
     configs = {name: layer.config.to_dict() for name, layer in _moe_layers(model).items()}
     state[_CONFIGS_KEY] = json.dumps(configs, sort_keys=True)
-    placements = {name: {"ep_size": layer.ep_size, "expert_of_slot": layer.expert_of_slot.tolist()}
+    # Replicas are never saved (their weights are the owners'); only where they sat.
+    placements = {name: {"ep_size": layer.ep_size, "expert_of_slot": layer.expert_of_slot.tolist(),
+                         **({"replica_of_slot": layer.replica_of_slot} if layer.redundant else {})}
                   for name, layer in _moe_layers(model).items()}
     state[_PLACEMENTS_KEY] = json.dumps(placements, sort_keys=True)
     dcp.save(state, checkpoint_id=path, process_group=process_group, no_dist=not dist.is_initialized())
@@ -166,8 +171,13 @@ def _restore_placements(model: nn.Module, saved: dict) -> None:
     for name, layer in _moe_layers(model).items():
         entry = saved.get(name)
         if entry is not None and entry["ep_size"] == layer.ep_size:
+            # Saved replicas come back where the layer has as many slots; otherwise the
+            # layer spreads its own over the restored owners (set_expert_placement).
+            reps = entry.get("replica_of_slot")
+            if reps is not None and len(reps) != layer.ep_size * layer.redundant:
+                reps = None
             try:  # the same JSON on every rank: no cross-rank comparison needed
-                layer.set_expert_placement(entry["expert_of_slot"], check_peers=False)
+                layer.set_expert_placement(entry["expert_of_slot"], check_peers=False, replica_of_slot=reps)
             except ValueError as exc:
                 raise ValueError(f"epar.checkpoint.load: the placement saved for {name!r} does not fit this "
                                  f"model ({exc}); load with placement='keep' to keep the model's own") from exc

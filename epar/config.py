@@ -175,6 +175,15 @@ class MoEConfig:
     wire_scales_pow2: bool = False
     """FP8 rows (dispatch_dtype, combine_grad_dtype): round each scale up to a power of two
     (True or False)."""
+    # Redundant experts (DeepSeek's EPLB): extra physical slots per rank holding copies of
+    # hot experts, so a rank can go below its hottest expert's load. The owner keeps the
+    # master weights and optimizer state; see MoELayer.set_expert_placement and README
+    # "Redundant experts".
+    redundant_experts_per_rank: int = 0
+    """Replica slots per EP rank, each holding a copy of another rank's expert that takes
+    part of its tokens. int >= 0, at most num_experts - num_experts / ep_size per node
+    (checked by MoELayer); > 0 needs an EP group of 2 or more ranks. 0 is no replicas
+    (bit-identical to a layer without this field)."""
 
     def __post_init__(self) -> None:
         _check_int("d_model", self.d_model, 1)
@@ -208,6 +217,7 @@ class MoEConfig:
         _check_float("routed_scaling_factor", self.routed_scaling_factor, 0.0, strict=True)
         _check_choice("aux_loss_scope", self.aux_loss_scope, AUX_LOSS_SCOPES)
         self._check_wire_formats()
+        _check_int("redundant_experts_per_rank", self.redundant_experts_per_rank, 0)
 
     def _check_wire_formats(self) -> None:
         for field in ("dispatch_dtype", "combine_grad_dtype"):

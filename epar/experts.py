@@ -243,10 +243,16 @@ class GroupedExperts(nn.Module):
         nn.init.normal_(self.w_out, std=self.config.d_ff ** -0.5)
 
     def forward(self, x_RD: torch.Tensor, counts_L: torch.Tensor,
-                host_counts: list[int] | None = None) -> torch.Tensor:
+                host_counts: list[int] | None = None, extra: tuple | None = None) -> torch.Tensor:
         """Rows sorted by local expert, counts_L rows each (device); `host_counts`: the
-        same counts as host ints where the caller has them (see grouped_mm)."""
-        w_in, w_out = self.w_in.to(x_RD.dtype), self.w_out.to(x_RD.dtype)
+        same counts as host ints where the caller has them (see grouped_mm). `extra`:
+        (w_in, w_out) of more experts computed after this module's own (replica slots,
+        MoELayer): counts_L then covers both, and their weights are copied into one
+        operand per call."""
+        w_in, w_out = self.w_in, self.w_out
+        if extra is not None:
+            w_in, w_out = torch.cat([w_in, extra[0].to(w_in.dtype)]), torch.cat([w_out, extra[1].to(w_out.dtype)])
+        w_in, w_out = w_in.to(x_RD.dtype), w_out.to(x_RD.dtype)
         # With use_kernel None each projection checks its own operands (the down
         # projection's input is d_ff wide, which may break alignment when d_model doesn't).
         h_RN = grouped_mm(x_RD, w_in, counts_L, self.use_kernel, host_counts)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import pickle
 from dataclasses import dataclass
@@ -11,11 +12,11 @@ import torch.distributed as dist
 from torch.distributed import ProcessGroup
 from torch.distributed.device_mesh import DeviceMesh
 
-from . import parallel, profiling
+from . import parallel, placement, profiling, replicas
 from .config import MoEConfig
 from .dispatch import CallContext, CommError, build_exchange
-from .dispatch.identity import PeerGroup
-from .dispatch.physical import physical_plan
+from .dispatch.identity import REPLICA_GRADS, REPLICA_WEIGHTS, PeerGroup
+from .dispatch.physical import physical_plan, replica_candidates, replicated_plan
 from .errors import wait_helper
 from .experts import GroupedExperts, SharedExpert
 from .routing.info import RoutingInfo
@@ -87,7 +88,12 @@ class MoELayer(parallel.ExpertParallelModule):
     call: the router scores this rank's tokens, the strategy (`config.strategy`) turns
     the scores into a plan, the exchange sends each routed row to the rank holding its
     expert and back, and the weighted expert outputs are summed per token (+ the shared
-    expert). Rank r of an EP group of size n holds global experts [r*E/n, (r+1)*E/n).
+    expert). Rank r of an EP group of size n holds global experts [r*E/n, (r+1)*E/n)
+    (set_expert_placement places them otherwise), and with
+    config.redundant_experts_per_rank > 0 replicas of other ranks' experts that take
+    part of their tokens (epar/replicas.py: copied from their owners at the start of the
+    call after the owners change; their gradients summed into the owners' by
+    epar.parallel.reduce_gradients).
 
     Every rank of the EP group must build the layer with the same config and call it
     equally often (the exchanges are collectives). The layer never reduces gradients:
@@ -122,6 +128,10 @@ class MoELayer(parallel.ExpertParallelModule):
         self.ep_size = ep_size
         self.ep_rank = 0 if ep_group is None else dist.get_rank(ep_group)
         self.num_local_experts = config.num_experts // ep_size
+        self.redundant = config.redundant_experts_per_rank
+        if self.redundant and ep_size == 1:
+            raise ValueError(f"MoEConfig.redundant_experts_per_rank={self.redundant} needs an expert-parallel "
+                             "group of 2 or more ranks (one device holds every expert already): use 0 here")
         self.router = Router(config)
         self.experts = GroupedExperts(config, self.num_local_experts)
         self.shared_expert = SharedExpert(config) if config.shared_expert_d_ff > 0 else None
@@ -140,9 +150,130 @@ class MoELayer(parallel.ExpertParallelModule):
         self.layer_id = _next_layer_number(ep_group if ep_size > 1 else None)
         if ep_size > 1:
             _check_same_config(config, ep_group, self.layer_id)
-        # How tokens reach their experts: chosen once, here (dispatch/registry.py).
-        self.exchange = build_exchange(config, ep_group)
         self._calls = 0
+        self._nodes = topology.nodes if topology is not None else 1
+        exchange_config = config
+        if self.redundant:
+            self._init_replicas()
+            # The exchange sees physical slots: L owned and R replica slots per rank.
+            exchange_config = dataclasses.replace(
+                config, num_experts=ep_size * (self.num_local_experts + self.redundant))
+        # How tokens reach their experts: chosen once, here (dispatch/registry.py).
+        self.exchange = build_exchange(exchange_config, ep_group)
+
+    # ---- redundant experts (epar/replicas.py) ------------------------------------------
+    def _init_replicas(self) -> None:
+        R, E = self.redundant, self.config.num_experts
+        try:
+            placement.default_replicas(E, self.ep_size, R, self._nodes)
+        except ValueError as exc:
+            raise ValueError(f"MoEConfig.redundant_experts_per_rank={R} is invalid for {E} experts on "
+                             f"{self.ep_size} ranks ({self._nodes} node(s)): {exc}") from None
+        # Replica weights are buffers, not parameters: the optimizer, the clip and
+        # checkpoints see each expert once (its owner); not saved (non-persistent).
+        w_in, w_out = self.experts.w_in, self.experts.w_out
+        self.register_buffer("replica_w_in", torch.zeros(R, *w_in.shape[1:]), persistent=False)
+        self.register_buffer("replica_w_out", torch.zeros(R, *w_out.shape[1:]), persistent=False)
+        self._peers = PeerGroup(self.ep_group)
+        self._replica_grads: list[torch.Tensor] | None = None  # summed over calls until reduce
+        self._synced_version = None  # the owners' version counters at the last copy
+        self._weight_copies = self._grad_sums = 0  # numbers the two exchanges (identity)
+        self.replica_traffic = {"weight_copies": 0, "weight_bytes": 0, "grad_sums": 0, "grad_bytes": 0}
+        self._set_replicas(replicas.spread_replicas(list(range(E)), self.ep_size, R, self._nodes))
+
+    def _set_replicas(self, reps: list[int]) -> None:
+        """Take the replica map `reps` (checked) for the current owners: host tables, the
+        token split's candidate table on the device, and the copy marked due."""
+        owners = self.expert_of_slot.tolist()
+        self.replica_of_slot = list(reps)
+        self._routes = replicas.routes(owners, self.replica_of_slot, self.ep_size, self.ep_rank)
+        cand_EM, count_E = replica_candidates(owners, self.replica_of_slot, self.ep_size, self.ep_rank, self._nodes)
+        dev = self.expert_of_slot.device
+        self.register_buffer("_cand_EM", cand_EM.to(dev), persistent=False)
+        self.register_buffer("_count_E", count_E.to(dev), persistent=False)
+        self._synced_version = None
+
+    def per_rank_buffers(self) -> tuple[str, ...]:
+        # Replica weights and the token split's table differ by rank (DDP must not broadcast them).
+        extra = ("replica_w_in", "replica_w_out", "_cand_EM", "_count_E") if self.redundant else ()
+        return super().per_rank_buffers() + extra
+
+    def _owner_version(self) -> tuple[int, int]:
+        return (self.experts.w_in._version, self.experts.w_out._version)
+
+    @torch.compiler.disable
+    @torch.no_grad()
+    def _refresh_replicas(self) -> None:
+        """At the start of a call: copy the owners to the replicas if they changed since the
+        last copy (construction, an optimizer step, a load, a placement). Every rank sees
+        the same changes (each steps its optimizer alike), so every rank copies at the same
+        call. An in-place change through `.data` bumps no version counter: call
+        sync_replicas() after one."""
+        version = self._owner_version()
+        if self._replica_grads is not None:
+            if self.experts.w_in.grad is None:  # the owners' grads were dropped (zero_grad): drop these too
+                self._replica_grads = None
+            elif version != self._synced_version:
+                raise RuntimeError(
+                    f"MoE layer #{self.layer_id}: the expert weights changed (an optimizer step?) while replica "
+                    "gradients were still waiting to be summed into their owners: call "
+                    "epar.parallel.reduce_gradients (or reduce_expert_gradients, or layer.sum_replica_grads()) "
+                    "after the backward and before optimizer.step()")
+        if version != self._synced_version:
+            self.sync_replicas()
+
+    @torch.no_grad()
+    def sync_replicas(self) -> int:
+        """Copy every replica's weights from its owner: one identity check and one
+        all_to_all over the EP group (collective). Returns the bytes this rank sent. The
+        layer runs it itself when the owners changed (see _refresh_replicas)."""
+        if not self.redundant:
+            return 0
+        w = [self.experts.w_in, self.experts.w_out]
+        ident = replicas.identity(self.layer_id, self._weight_copies, w[0].dtype, REPLICA_WEIGHTS)
+        self._weight_copies += 1
+        sent = replicas.copy_to_replicas(self._peers, self._routes, [t.detach() for t in w],
+                                         [self.replica_w_in, self.replica_w_out], ident)
+        self._synced_version = self._owner_version()
+        self.replica_traffic["weight_copies"] += 1
+        self.replica_traffic["weight_bytes"] += sent
+        return sent
+
+    @torch.no_grad()
+    def sum_replica_grads(self) -> int:
+        """Add each replica's gradient (summed over the calls since the last time) into its
+        owner's, and clear it: one identity check and one all_to_all over the EP group
+        (collective; epar.parallel.reduce_gradients calls it before the expert-DP
+        reduce). Returns the bytes this rank sent; 0 without replicas."""
+        if not self.redundant:
+            return 0
+        owner = [self.experts.w_in, self.experts.w_out]
+        grads = self._replica_grads or [torch.zeros_like(self.replica_w_in), torch.zeros_like(self.replica_w_out)]
+        for p in owner:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        ident = replicas.identity(self.layer_id, self._grad_sums, owner[0].dtype, REPLICA_GRADS)
+        self._grad_sums += 1
+        sent = replicas.sum_into_owners(self._peers, self._routes, grads, [p.grad for p in owner], ident)
+        self._replica_grads = None
+        self.replica_traffic["grad_sums"] += 1
+        self.replica_traffic["grad_bytes"] += sent
+        return sent
+
+    def _add_replica_grad(self, k: int, grad: torch.Tensor) -> None:
+        if self._replica_grads is None:
+            self._replica_grads = [torch.zeros_like(self.replica_w_in), torch.zeros_like(self.replica_w_out)]
+        self._replica_grads[k].add_(grad)
+
+    def _experts_with_replicas(self, rows_RD, counts, host_counts=None):
+        """The experts of this rank's L owned and R replica slots, in that order. Replica
+        weights enter as fresh leaves whose gradients add up in _replica_grads."""
+        rep = [self.replica_w_in, self.replica_w_out]
+        if torch.is_grad_enabled() and self.experts.w_in.requires_grad:
+            rep = [t.detach().requires_grad_() for t in rep]
+            for k, t in enumerate(rep):
+                t.register_hook(lambda g, k=k: self._add_replica_grad(k, g))
+        return self.experts(rows_RD, counts, host_counts, extra=tuple(rep))
 
     def extra_repr(self) -> str:
         cfg = self.config
@@ -150,7 +281,9 @@ class MoELayer(parallel.ExpertParallelModule):
         held = f"global {ids[0]}..{ids[-1]}" if isinstance(ids, range) else f"global {ids}"
         return (f"d_model={cfg.d_model}, d_ff={cfg.d_ff}, num_experts={cfg.num_experts}, "
                 f"strategy={cfg.strategy!r}, top_k={cfg.top_k}, ep_size={self.ep_size}, "
-                f"ep_rank={self.ep_rank}, local_experts={self.num_local_experts} ({held})")
+                f"ep_rank={self.ep_rank}, local_experts={self.num_local_experts} ({held})"
+                + (f", replicas={self.replica_of_slot[self.ep_rank * self.redundant:(self.ep_rank + 1) * self.redundant]}"
+                   if self.redundant else ""))
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -164,6 +297,10 @@ class MoELayer(parallel.ExpertParallelModule):
         if self.shared_expert is not None:
             self.shared_expert.reset_parameters()
         self.expert_counts.zero_()
+
+    @property
+    def _slots_per_rank(self) -> int:
+        return self.num_local_experts + self.redundant
 
     @property
     def last_call_no(self) -> int:
@@ -180,7 +317,7 @@ class MoELayer(parallel.ExpertParallelModule):
         return [int(e) for e in self.expert_of_slot[r * L:(r + 1) * L].tolist()]
 
     @torch.no_grad()
-    def set_expert_placement(self, expert_of_slot, check_peers: bool = True) -> None:
+    def set_expert_placement(self, expert_of_slot, check_peers: bool = True, replica_of_slot=None) -> None:
         """Which logical expert each physical slot holds (slot s on EP rank s // L, local
         slot s % L): a permutation of range(num_experts), the same on every rank of the
         router group (checked: ValueError naming the layer otherwise, before anything
@@ -190,13 +327,31 @@ class MoELayer(parallel.ExpertParallelModule):
         experts it names (as after building, loading a checkpoint, or moving them).
         With node topology (hierarchical exchange, node-limited routing) every expert
         must stay within its node's block of slots. check_peers=False skips the comparison
-        across ranks (a collective), for a caller that made it already (epar.rebalance)."""
+        across ranks (a collective), for a caller that made it already (epar.rebalance).
+
+        replica_of_slot (redundant_experts_per_rank = R > 0 only): the logical expert of
+        each replica slot, rank r's R slots at [r*R, (r+1)*R); no rank may hold two copies
+        of one expert, and each copy stays on its owner's node. None: spread_replicas of
+        the new owners. The replicas are copied from their owners at the next call."""
         perm = self.checked_placement(expert_of_slot)
+        reps: list[int] = []
+        if self.redundant:
+            if self._replica_grads is not None:
+                raise RuntimeError(f"MoE layer #{self.layer_id}: replica gradients are waiting to be summed into "
+                                   "their owners (call epar.parallel.reduce_gradients first, or zero_grad)")
+            reps = (replicas.spread_replicas(perm.tolist(), self.ep_size, self.redundant, self._nodes)
+                    if replica_of_slot is None else
+                    replicas.check_replica_map(replica_of_slot, perm.tolist(), self.ep_size, self.redundant,
+                                               self._nodes, self.layer_id))
+        elif replica_of_slot is not None and len(replica_of_slot):
+            raise ValueError(f"MoE layer #{self.layer_id}: replica_of_slot given, but the layer has no replica "
+                             "slots (MoEConfig.redundant_experts_per_rank=0)")
         if check_peers and self.router_group is not None:
+            mine = perm.tolist() + reps
             peers = PeerGroup(self.router_group)
-            table = peers.gather_meta(perm.tolist(), self.expert_of_slot.device,
+            table = peers.gather_meta(mine, self.expert_of_slot.device,
                                       f"MoE layer #{self.layer_id} expert placement check")
-            differ = [src for src, row in enumerate(table) if row != perm.tolist()]
+            differ = [src for src, row in enumerate(table) if row != mine]
             if differ:
                 raise ValueError(f"MoE layer #{self.layer_id}: expert placement differs across ranks "
                                  f"(ranks {differ} of the router group hold another one than rank {peers.rank})")
@@ -204,6 +359,8 @@ class MoELayer(parallel.ExpertParallelModule):
         self.slot_of_expert.copy_(torch.argsort(perm))
         self._contiguous = bool(torch.equal(perm, torch.arange(self.config.num_experts)))
         self._placement_host = None if self._contiguous else perm.tolist()
+        if self.redundant:
+            self._set_replicas(reps)
 
     def checked_placement(self, expert_of_slot) -> torch.Tensor:
         """`expert_of_slot` as an int64 CPU tensor after this rank's own checks (a permutation;
@@ -275,6 +432,8 @@ class MoELayer(parallel.ExpertParallelModule):
         so the problem stays visible, and it is counted in stats["nonfinite_tokens"]."""
         self._check_input(x)
         valid_T, num_real = self._padding(x, padding_mask)
+        if self.redundant:
+            self._refresh_replicas()
         rec = profiling.current()
         # Calls are numbered only where something reads the number (the EP exchanges'
         # identity check, the recorder): a Python counter changing every call would make
@@ -308,8 +467,15 @@ class MoELayer(parallel.ExpertParallelModule):
         call = CallContext(self.layer_id, call_no, self._next_call_no, acc, out_dt, shared_fn,
                            profiling.probe_for(rec, self.layer_id, call_no, dev))
         # The exchange sends rows by physical slot; everything above stays in logical ids.
-        sent = plan if self._contiguous else physical_plan(plan, self.expert_of_slot, self.slot_of_expert)
-        y_TD, shared_out = self.exchange(x_TD, sent, self.experts, call)
+        experts = self.experts
+        if self.redundant:  # each row to one copy of its expert (dispatch/physical.py)
+            sent = replicated_plan(plan, self._cand_EM, self._count_E, self.ep_size * self._slots_per_rank)
+            experts = self._experts_with_replicas
+        elif self._contiguous:
+            sent = plan
+        else:
+            sent = physical_plan(plan, self.expert_of_slot, self.slot_of_expert)
+        y_TD, shared_out = self.exchange(x_TD, sent, experts, call)
         if self.config.routed_scaling_factor != 1.0:  # routed experts only, never the shared one
             y_TD = y_TD * self.config.routed_scaling_factor
         if shared_out is not None:
@@ -323,6 +489,10 @@ class MoELayer(parallel.ExpertParallelModule):
             # tokens with a non-finite input value or router logit (padding is never one)
             "nonfinite_tokens": (~r_out.finite_T).sum(),
         }
+        if self.redundant:  # real rows this rank sent to each physical slot (owned, then replica, per rank)
+            slots = self.ep_size * self._slots_per_rank
+            stats["rows_per_slot"] = (sent.rows_per_expert_E if sent.valid_S is None else  # capacity: C rows each
+                                      sent.valid_S.reshape(slots, sent.capacity).sum(1))
         if rec:
             real = plan.num_tokens if num_real is None else num_real
             placed = {} if self._placement_host is None else {"expert_of_slot": self._placement_host}

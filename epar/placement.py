@@ -415,3 +415,83 @@ def _swap_copies(load: list[float], copies: list[int], held: list[list[Copy]], m
         experts[o].add(a[0])
         d = w(a[0]) - w(b[0])
         sums[h], sums[o] = sums[h] - d, sums[o] + d
+
+
+def replicas_for(load_E: Sequence[float], owners: Sequence[int], ep_size: int, redundant: int,
+                 nodes: int = 1) -> list[int]:
+    """The replica map for fixed owners (no owner moves), per node block: `replica_counts`
+    gives the hottest experts their copies; each extra copy, largest load per copy first,
+    goes to the lightest rank of the node with a free replica slot that holds no copy of
+    that expert. A copy that fits nowhere is dropped, and a slot left free takes the
+    expert with the highest load per copy that its rank does not hold. Deterministic."""
+    load = [float(v) for v in load_E]
+    E = len(load)
+    _check_replicas(E, ep_size, redundant, nodes)
+    per_node, rpn, L, R = E // nodes, ep_size // nodes, E // ep_size, redundant
+    rank_of = {int(e): s // L for s, e in enumerate(owners)}
+    reps: list[list[int]] = [[] for _ in range(ep_size)]
+    for b in range(nodes):
+        experts = range(b * per_node, (b + 1) * per_node)
+        ranks = range(b * rpn, (b + 1) * rpn)
+        copies = dict(zip(experts, replica_counts([load[e] for e in experts], rpn * R, rpn)))
+        held = {r: {int(e) for e in owners[r * L:(r + 1) * L]} for r in ranks}
+        extra = sorted(((load[e] / copies[e], e) for e in experts for _ in range(copies[e] - 1)),
+                       key=lambda it: (-it[0], it[1]))
+        sums = {r: sum(load[e] / copies[e] for e in held[r]) for r in ranks}
+        for w, e in extra:
+            fits = [r for r in ranks if len(reps[r]) < R and e not in held[r]]
+            if not fits:
+                copies[e] -= 1
+                continue
+            r = min(fits, key=lambda r: (sums[r], r))
+            reps[r].append(e)
+            held[r].add(e)
+            sums[r] += w
+        for r in ranks:  # slots left free: the hottest expert per copy the rank lacks
+            while len(reps[r]) < R:
+                e = max((e for e in experts if e not in held[r]), key=lambda e: (load[e] / (copies[e] + 1), -e))
+                copies[e] += 1
+                reps[r].append(e)
+                held[r].add(e)
+    return [e for r in range(ep_size) for e in sorted(reps[r])]
+
+
+def propose_replicas(load_E: Sequence[float], current: Sequence[int], current_replicas: Sequence[int],
+                     ep_size: int, redundant: int, nodes: int = 1, threshold: float = 0.02) -> tuple[Proposal, list[int]]:
+    """`propose` for a layer with `redundant` replica slots per rank. Two candidates, scored
+    by replicated_rank_loads: the current owners with replicas planned for them
+    (`replicas_for`: moves no owner; a replica moves no state, it is copied from its owner
+    after every step anyway), and a fresh `plan_replicas` whose owner sets are renumbered
+    onto the current ranks (`align`; each planned rank's replicas follow its owners). The
+    fresh one is taken only where it beats the other by more than `threshold`, as in
+    `propose`. Returns (the Proposal for the owners; `moved` counts owners only, the
+    planned replica map)."""
+    if threshold < 0:
+        raise ValueError(f"threshold={threshold} is invalid: it must be >= 0 (a fraction of max/mean)")
+    current = [int(e) for e in current]
+    current_replicas = [int(e) for e in current_replicas]
+
+    def score(owners, reps):
+        loads = replicated_rank_loads(load_E, owners, reps, ep_size)
+        mean = sum(loads) / len(loads)
+        return max(loads) / mean if mean > 0 else 1.0
+
+    before = score(current, current_replicas)
+    kept = replicas_for(load_E, current, ep_size, redundant, nodes)
+    planned = plan_replicas(load_E, ep_size, redundant, nodes)
+    owners = align(planned.expert_of_slot, current, ep_size, nodes)
+    L, R = len(current) // ep_size, redundant
+    rank_after = {e: s // L for s, e in enumerate(owners)}
+    fresh = [-1] * (ep_size * R)
+    for p in range(ep_size):  # planned rank p became rank rank_after[any of its owners]
+        c = rank_after[planned.expert_of_slot[p * L]]
+        fresh[c * R:(c + 1) * R] = planned.replica_of_slot[p * R:(p + 1) * R]
+    after_kept, after_fresh = score(current, kept), score(owners, fresh)
+    if after_fresh * (1.0 + threshold) < after_kept:
+        reps, after = fresh, after_fresh
+    else:
+        owners, reps, after = current, kept, after_kept
+    rank_now = {e: s // L for s, e in enumerate(current)}
+    moved = sorted(e for s, e in enumerate(owners) if rank_now[e] != s // L)
+    changed = bool(moved) or reps != current_replicas
+    return Proposal(owners, before, after, moved, changed and after < before * (1.0 - threshold)), reps

@@ -137,26 +137,38 @@ def rebalance(model: nn.Module, groups: ParallelGroups | None, optimizer: torch.
     if missing:
         raise ValueError(f"loads has no entry for the MoE layers {missing} (it must hold every layer's, "
                          "as LoadTracker.read returns)")
-    proposals = {}
+    proposals, replicas = {}, {}
     for name, layer in layers.items():
         topology = topology_for(layer.ep_group)
-        proposals[name] = placement.propose(loads[name], layer.expert_of_slot.tolist(), layer.ep_size,
-                                            topology.nodes if topology is not None else 1, threshold)
+        nodes = topology.nodes if topology is not None else 1
+        if layer.redundant:  # owners and replicas planned together (placement.plan_replicas)
+            proposals[name], replicas[name] = placement.propose_replicas(
+                loads[name], layer.expert_of_slot.tolist(), layer.replica_of_slot, layer.ep_size,
+                layer.redundant, nodes, threshold)
+        else:
+            proposals[name] = placement.propose(loads[name], layer.expert_of_slot.tolist(), layer.ep_size,
+                                                nodes, threshold)
     wanted = {n: p.expert_of_slot for n, p in proposals.items() if p.apply}
-    sent = place_experts(model, wanted, groups, optimizer)
+    sent = place_experts(model, wanted, groups, optimizer,
+                         replicas={n: r for n, r in replicas.items() if n in wanted})
     return [LayerMove(n, p.before, p.after, p.apply, sent[n][0] if p.apply else p.moved,
                       sent[n][1] if p.apply else len(p.moved) * _row_bytes(layers[n], optimizer))
             for n, p in proposals.items()]
 
 
 def place_experts(model: nn.Module, placements: dict[str, list[int]], groups: ParallelGroups | None,
-                  optimizer: torch.optim.Optimizer | None = None) -> dict[str, tuple[list[int], int]]:
+                  optimizer: torch.optim.Optimizer | None = None,
+                  replicas: dict[str, list[int]] | None = None) -> dict[str, tuple[list[int], int]]:
     """Give each named MoE layer the placement `placements[name]` (expert_of_slot, see
     MoELayer.set_expert_placement), moving the experts that change rank with their
     gradients and optimizer state. Every rank must call it with the same placements:
     before anything moves, each placement is checked here (a permutation, node blocks
     kept) and compared across groups.world_group (one all_gather), and a difference raises
-    ValueError naming the layer. Returns name -> (experts that changed rank, wire bytes)."""
+    ValueError naming the layer. Returns name -> (experts that changed rank, wire bytes).
+    replicas: name -> replica map (replica_of_slot) for layers with redundant experts
+    (default: spread over the new owners); replicas move nothing here, they are copied
+    from their owners at the layer's next call (bytes in layer.replica_traffic)."""
+    replicas = replicas or {}
     layers = _moe_layers(model)
     unknown = sorted(set(placements) - set(layers))
     if unknown:
@@ -164,13 +176,15 @@ def place_experts(model: nn.Module, placements: dict[str, list[int]], groups: Pa
                          f"(it has {sorted(layers)})")
     checked = {n: layers[n].checked_placement(p).tolist() for n, p in placements.items()}
     payloads = {n: _payload(n, layers[n], optimizer) for n in checked}
+    # The cross-rank check covers the replica maps too (appended to the placement).
+    compared = {n: checked[n] + [int(e) for e in replicas.get(n, [])] for n in checked}
     device = next(iter(layers.values())).expert_of_slot.device if layers else torch.device("cpu")
-    _check_same_everywhere(checked, payloads, {n: layers[n].layer_id for n in checked}, groups, device)
+    _check_same_everywhere(compared, payloads, {n: layers[n].layer_id for n in checked}, groups, device)
     out = {}
     for name, new in checked.items():
         layer = layers[name]
         out[name] = _move(layer, new, payloads[name])
-        layer.set_expert_placement(new, check_peers=False)
+        layer.set_expert_placement(new, check_peers=False, replica_of_slot=replicas.get(name))
     return out
 
 

@@ -14,7 +14,9 @@ optimizer state, the step, every rank's RNG states and the data position, with e
 and their optimizer state keyed by global expert id: --resume continues exactly at the
 same layout and also at another --ep-size. --rebalance-every N moves experts between
 the EP ranks to even their loads (epar.rebalance); the placement is saved with the
-checkpoint and restored on --resume at the same --ep-size.
+checkpoint and restored on --resume at the same --ep-size. --redundant-experts R gives
+each EP rank R replica slots that copy hot experts and split their tokens (owners keep
+the weights and optimizer state; epar/replicas.py); rebalancing then plans them too.
 
 Shapes: B sequences, S positions, D d_model, H heads, V = 256 byte values.
 """
@@ -221,23 +223,33 @@ def evaluate(model: ByteLM, batches, device) -> float:
 
 
 class LoadMeter:
-    """Tokens each expert received, per layer, summed over all ranks since the last read."""
+    """Tokens each expert received, per layer, and the rows each EP rank received (its
+    physical slots' rows: with replicas they are not a sum of experts' tokens), summed
+    over all ranks since the last read."""
 
-    def __init__(self, layers: int, experts: int, device):
+    def __init__(self, layers: int, experts: int, ep_size: int, redundant: int, device):
+        self.ep_size = ep_size
+        slots = ep_size * (experts // ep_size + redundant) if redundant else 0
         self.kept_LE = torch.zeros(layers, experts, dtype=torch.int64, device=device)
+        self.slots_LP = torch.zeros(layers, slots, dtype=torch.int64, device=device)
         self.dropped_L = torch.zeros(layers, dtype=torch.int64, device=device)
 
     def add(self, outs) -> None:
         for i, out in enumerate(outs):
             self.kept_LE[i] += out.stats["tokens_per_expert"]
             self.dropped_L[i] += out.stats["dropped_slots"]
+            if self.slots_LP.shape[1]:
+                self.slots_LP[i] += out.stats["rows_per_slot"]
 
-    def read(self) -> tuple[list[list[int]], list[int]]:
-        both = torch.cat([self.kept_LE, self.dropped_L[:, None]], dim=1)
+    def read(self) -> tuple[list[list[int]], list[int], list[list[int]] | None]:
+        """(kept per expert, dropped slots, rows received per EP rank or None without replicas)."""
+        E, P = self.kept_LE.shape[1], self.slots_LP.shape[1]
+        both = torch.cat([self.kept_LE, self.slots_LP, self.dropped_L[:, None]], dim=1)
         dist.all_reduce(both)
-        self.kept_LE.zero_()
-        self.dropped_L.zero_()
-        return both[:, :-1].tolist(), both[:, -1].tolist()
+        for t in (self.kept_LE, self.slots_LP, self.dropped_L):
+            t.zero_()
+        ranks = both[:, E:E + P].reshape(len(both), self.ep_size, -1).sum(2).tolist() if P else None
+        return both[:, :E].tolist(), both[:, -1].tolist(), ranks
 
 
 # ---- checkpoints ----------------------------------------------------------------
@@ -340,6 +352,8 @@ def parse_args(argv=None):
     a("--fsdp", action="store_true", help="shard parameters with FSDP2 (epar.parallel.fully_shard_moe)")
     a("--rebalance-every", type=int, default=0, metavar="N",
       help="every N steps, move experts between EP ranks to even their loads (epar.rebalance; 0: off)")
+    a("--redundant-experts", type=int, default=0, metavar="R",
+      help="replica slots per EP rank for hot experts (MoEConfig.redundant_experts_per_rank; 0: off)")
     a("--rebalance-threshold", type=float, default=0.02,
       help="move only when the predicted EP rank max/mean falls by more than this fraction")
     a("--log-json", default=None, help="rank 0 writes one JSON object per event here")
@@ -358,6 +372,10 @@ def parse_args(argv=None):
                  "(unsharded) expert tensors by global id, not FSDP2's DTensor shards")
     if args.rebalance_every < 0:
         ap.error("--rebalance-every must be >= 0")
+    if args.redundant_experts < 0:
+        ap.error("--redundant-experts must be >= 0")
+    if args.fsdp and args.redundant_experts:
+        ap.error("--fsdp with --redundant-experts is not supported: replicas copy unsharded owner weights")
     if args.fsdp and args.rebalance_every:
         ap.error("--fsdp with --rebalance-every is not supported: epar.rebalance moves unsharded expert "
                  "parameters, not FSDP2's DTensor shards")
@@ -415,7 +433,8 @@ def train(args, env, groups) -> dict:
                          expert_bias_rate=args.expert_bias_rate, ep_exchange=args.ep_exchange,
                          max_nodes_per_token=args.max_nodes_per_token,
                          dispatch_dtype=None if args.fp8_wire == "off" else "float8_e4m3",
-                         combine_grad_dtype="float8_e4m3" if args.fp8_wire == "dispatch+combine-grad" else None)
+                         combine_grad_dtype="float8_e4m3" if args.fp8_wire == "dispatch+combine-grad" else None,
+                         redundant_experts_per_rank=args.redundant_experts)
     # router_group: every rank holds a copy of each router, so the expert-bias update sums
     # the counts of all of them and the copies stay identical.
     model = ByteLM(cfg, args.layers, args.heads, args.seq_len, args.dropout, groups.ep_group, groups.world_group)
@@ -474,13 +493,20 @@ def train(args, env, groups) -> dict:
         out.log(f"step {step}: held-out loss {loss:.4f} ({loss / math.log(2):.3f} bits/byte)")
 
     def report_load():
-        kept, dropped = load.read()
+        kept, dropped, received = load.read()
         for i, row in enumerate(kept):
             total = max(sum(row), 1)
+            moe = model.blocks[i].moe
             # Under the placement each layer has now (contiguous unless --rebalance-every moved it).
-            bal = epar.placement.balance(row, groups.ep_size, model.blocks[i].moe.expert_of_slot.tolist())
+            bal = epar.placement.balance(row, groups.ep_size, moe.expert_of_slot.tolist())
+            if received is not None:  # replicas: the rows each EP rank's slots received, measured
+                per_rank = received[i]
+                bal["rank_max_over_mean"] = max(per_rank) * len(per_rank) / max(sum(per_rank), 1)
+                bal["rows_per_rank"] = per_rank
+                bal["replica_traffic"] = dict(moe.replica_traffic)
             out.log(f"  layer {i} load: max/mean {max(row) * len(row) / total:.2f}, "
-                    f"EP rank max/mean {bal['rank_max_over_mean']:.2f} (floor {bal['permutation_floor']:.2f}), "
+                    f"EP rank max/mean {bal['rank_max_over_mean']:.2f} (floor {bal['permutation_floor']:.2f})"
+                    + (" in rows received, with replicas" if received is not None else "") + ", "
                     f"share % {[round(100 * n / total, 1) for n in row]}"
                     + (f", dropped slots {dropped[i]}" if dropped[i] else ""))
             out.event(step=step, layer=i, tokens_per_expert=row, dropped_slots=dropped[i], **bal)
@@ -499,7 +525,7 @@ def train(args, env, groups) -> dict:
 
     if step == 0 and args.eval_every:
         run_eval()
-    load = LoadMeter(args.layers, args.experts, device)
+    load = LoadMeter(args.layers, args.experts, groups.ep_size, args.redundant_experts, device)
     tracker = epar.rebalance.LoadTracker(model) if args.rebalance_every else None
     trace = open(args.load_trace, "a") if (args.load_trace and env.rank == 0) else None
     pending = []  # this rank's (step, loss) since the last log, still on the device

@@ -261,3 +261,31 @@ def test_replica_plan_by_hand_and_bounds():
     d = placement.ReplicaPlan(list(range(32)), placement.default_replicas(32, 8, 2, nodes=2), [])
     _valid_replica_plan(placement.ReplicaPlan(d.expert_of_slot, d.replica_of_slot,
                                               [1 + d.replica_of_slot.count(e) for e in range(32)]), 32, 8, 2, 2)
+
+
+def test_replicas_for_fixed_owners_and_the_proposal():
+    """replicas_for plans replicas around owners it does not move (a replica moves no state);
+    propose_replicas takes that unless a fresh plan (owners moved) is better by more than
+    the threshold, so a layer already planned for these loads moves no owner again."""
+    # By hand: 2 ranks own [0, 1] and [2, 3]; the hot expert 0 gets a copy on rank 1, the
+    # next extra copy (expert 1, 4 vs 0's 5) cannot go to rank 0 (it owns 1) nor rank 1
+    # (full): dropped, so rank 0's slot takes the hottest expert per copy it lacks (2).
+    reps = placement.replicas_for([10, 4, 3, 3], [0, 1, 2, 3], 2, 1)
+    assert reps == [2, 0]
+    p = placement.ReplicaPlan([0, 1, 2, 3], reps, [2, 1, 2, 1])
+    _valid_replica_plan(p, 4, 2, 1)
+    for E, n, R, nodes, seed in ((64, 32, 1, 1, 0), (32, 8, 2, 2, 1), (32, 4, 1, 1, 2)):
+        load = _lognormal(E, 0.6, seed)
+        owners = list(range(E))
+        reps = placement.replicas_for(load, owners, n, R, nodes)
+        _valid_replica_plan(placement.ReplicaPlan(owners, reps, [1 + reps.count(e) for e in range(E)]),
+                            E, n, R, nodes)
+        assert reps == placement.replicas_for(load, owners, n, R, nodes)
+        # From the contiguous map the fresh plan wins and moves owners ...
+        first, planned_reps = placement.propose_replicas(load, owners, placement.default_replicas(E, n, R, nodes),
+                                                         n, R, nodes)
+        assert first.apply and first.moved and first.after < first.before
+        # ... and proposed again on the same loads it keeps them: the owners stay.
+        again, _ = placement.propose_replicas(load, first.expert_of_slot, planned_reps, n, R, nodes)
+        assert again.moved == [] and not again.apply
+        assert again.after <= first.after * 1.02 + 1e-12

@@ -565,6 +565,14 @@ def test_histogram_and_load_lines():
                                 tokens=17)], top_k=2, ep_size=4, expert_of_slot=[6, 1, 2, 4, 3, 5, 0, 7])
     assert placed["per_ep_rank"]["slots"] == [9, 8, 9, 8] and placed["tokens_per_expert"] == tpe
     assert placed["balance"]["rank_max_over_mean"] == pytest.approx(9 / 8.5)
+    # With redundant experts (2 owned + 1 replica slot per rank) the ranks' loads are the
+    # rows their slots received, summed over the ranks that sent them.
+    rows_a = [3, 0, 1, 4, 2, 0, 1, 0, 2, 0, 3, 1]
+    rows_b = [0, 2, 0, 1, 1, 1, 5, 0, 0, 2, 0, 1]
+    replicated = report._load([dict(tokens_per_expert=tpe, tokens_total=17, dropped_slots=0, unrouted_tokens=0,
+                                    tokens=17, rows_per_slot=rows)
+                               for rows in (rows_a, rows_b)], top_k=2, ep_size=4)
+    assert replicated["per_ep_rank"]["slots"] == [6, 9, 8, 7]
 
 
 def test_single_device_backward_by_phase_and_records():

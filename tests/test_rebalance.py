@@ -283,3 +283,9 @@ def test_rebalance_run_summary_reads_the_committed_logs(tmp_path):
     assert res["off"]["moves"] == [] and res["on"]["moves"]
     assert all(m["bytes"] > 0 and m["after"] < m["before"] for m in res["on"]["moves"])
     assert abs(res["heldout_rel_diff"]) < 0.01
+    # --redundant-experts 1: the same training within 1% of held-out loss, its received-rows
+    # balance measured per window, and the replicas' copy and gradient bytes counted.
+    assert abs(res["replicas_heldout_rel_diff"]) < 0.01
+    assert len(res["replicas"]["rank_max_over_mean_by_window"]) == len(res["off"]["rank_max_over_mean_by_window"])
+    traffic = res["replicas"]["replica_traffic_rank0"]
+    assert traffic["weight_bytes"] > 0 and traffic["grad_bytes"] > 0

@@ -2,7 +2,8 @@
 resumed from a checkpoint continues the uninterrupted run exactly at the same layout and
 within float rounding at another EP size (checkpoints keyed by global expert id, the
 optimizer state included); --fsdp trains the same model to the same losses, and so does
---rebalance-every (experts moved between ranks with their optimizer state)."""
+--rebalance-every (experts moved between ranks with their optimizer state), with and
+without --redundant-experts (replicas of hot experts)."""
 
 from __future__ import annotations
 
@@ -80,6 +81,8 @@ def _train_and_resume(rank, world, tmp):
     fsdp = run(1, "--fsdp")  # dp 2: FSDP2 shards every expert over the 2 ranks
     with contextlib.redirect_stdout(io.StringIO()) as rebal_said:  # experts moved every 4 steps
         rebal = run(2, "--rebalance-every", "4", "--rebalance-threshold", "0")
+    with contextlib.redirect_stdout(io.StringIO()) as replicas_said:  # one replica slot per rank, planned
+        replicas = run(2, "--redundant-experts", "1", "--rebalance-every", "4", "--rebalance-threshold", "0")
     moments_ep2 = _expert_moments(tl, start, 2, env)
     moments_ep1 = _expert_moments(tl, start, 1, env)
     reshard_ok = all(torch.equal(a, b) for a, b in zip(moments_ep2, moments_ep1))
@@ -88,12 +91,13 @@ def _train_and_resume(rank, world, tmp):
     with contextlib.redirect_stdout(io.StringIO()) as said:
         past_end = run(2, "--ckpt-dir", f"{tmp}/full", "--resume")
     return (full, same, other, fsdp, reshard_ok, nonzero, (past_end, said.getvalue()), full_said.getvalue(),
-            (rebal, rebal_said.getvalue()))
+            (rebal, rebal_said.getvalue()), (replicas, replicas_said.getvalue()))
 
 
 def test_train_lm_learns_and_resumes(tmp_path):
     results = run_distributed(_train_and_resume, 2, str(tmp_path), timeout=240, pg_timeout=120)
-    full, same, other, fsdp, reshard_ok, nonzero, (past_end, said), full_said, (rebal, rebal_said) = results[0]
+    (full, same, other, fsdp, reshard_ok, nonzero, (past_end, said), full_said, (rebal, rebal_said),
+     (replicas, replicas_said)) = results[0]
     # The load lines give the EP ranks' balance: the floor never above the contiguous figure.
     bal = re.findall(r"EP rank max/mean ([\d.]+) \(floor ([\d.]+)\)", full_said)
     assert bal and all(1.0 <= float(f) <= float(m) for m, f in bal), full_said
@@ -125,6 +129,13 @@ def test_train_lm_learns_and_resumes(tmp_path):
     for (s, want), (_, got) in zip(full["train"], rebal["train"]):
         assert abs(got - want) <= 1e-5 * abs(want), (s, got, want)
     assert len(rebal["train"]) == 12
+
+    # --redundant-experts 1: replicas take part of their experts' rows and compute the same
+    # run (float32: the replica gradients summed into their owners in another order).
+    assert "in rows received, with replicas" in replicas_said, replicas_said
+    assert len(replicas["train"]) == 12
+    for (s, want), (_, got) in zip(full["train"], replicas["train"]):
+        assert abs(got - want) <= 1e-5 * abs(want), (s, got, want)
 
     # The Adam moments of every global expert are the same loaded at EP 2 or EP 1.
     assert reshard_ok and nonzero

@@ -150,11 +150,14 @@ def _entries(plan: RoutingPlan, n: int, L: int, w_dtype):
     if plan.combine_idx_TK is None:  # expert choice: row s is expert s // C's; K = L
         e_S = torch.arange(plan.num_rows, device=dev) // max(plan.capacity, 1)
         flat = plan.token_idx_S * (n * L) + e_S
-        taken = torch.zeros(T * n * L, dtype=torch.bool, device=dev).index_put_(
-            (flat,), torch.ones_like(flat, dtype=torch.bool)).view(T, n, L)
-        w_TNL = weight_S.new_zeros(T * n * L).index_put((flat,), weight_S).view(T, n, L)
+        TNL = T * n * L
+        if plan.valid_S is not None:  # padding rows (replica slots' share of a block) fall on a spare entry
+            flat = torch.where(plan.valid_S, flat, TNL)
+        taken = torch.zeros(TNL + 1, dtype=torch.bool, device=dev).index_put_(
+            (flat,), torch.ones_like(flat, dtype=torch.bool))[:TNL].view(T, n, L)
+        w_TNL = weight_S.new_zeros(TNL + 1).index_put((flat,), weight_S)[:TNL].view(T, n, L)
         ids = torch.where(taken, torch.arange(L, device=dev, dtype=ID_DTYPE), -1)
-        return ids, w_TNL, (plan.token_idx_S, e_S // L, e_S % L, None)
+        return ids, w_TNL, (plan.token_idx_S, e_S // L, e_S % L, plan.valid_S)
     # Token choice: a token's k slots (S = dropped), sorted by destination rank so that
     # the slots of each (token, rank) form a run; entry i of (t, d) is the run's i-th.
     S, k = plan.num_rows, plan.combine_idx_TK.shape[1]

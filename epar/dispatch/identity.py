@@ -37,10 +37,13 @@ def dtype_name(code: int) -> str:
 # Direction of an exchange in the call identity: a rank in backward must never meet a
 # rank in forward (or in another call) with rows of another size.
 FORWARD, BACKWARD = 0, 1
+# The two exchanges of redundant experts (epar/replicas.py), outside any layer call.
+REPLICA_WEIGHTS, REPLICA_GRADS = 2, 3
+_DIRECTIONS = ("forward", "backward", "replica weight copy", "replica gradient sum")
 
 
 def direction_name(code: int) -> str:
-    return ("forward", "backward")[code] if code in (FORWARD, BACKWARD) else f"direction {code}"
+    return _DIRECTIONS[code] if 0 <= code < len(_DIRECTIONS) else f"direction {code}"
 
 
 def identity(layer_id: int, call_no: int, dtype: torch.dtype, direction: int = FORWARD) -> list[int]:

@@ -27,8 +27,19 @@ class ExpertParallelModule(nn.Module):
     `expert_counts` buffer is per rank (epar.MoELayer).
 
     A marker: the helpers below find MoE layers by it (DDP must ignore each one's
-    expert_counts; FSDP2 shards each one's experts over the expert-DP mesh dim) without
+    expert_counts; FSDP2 shards each one's experts over the expert-DP mesh dim; the
+    gradient reductions first sum replica gradients into their owners) without
     importing the layer, which sits above this package."""
+
+    redundant = 0  # replica slots per rank (MoELayer: config.redundant_experts_per_rank)
+
+    def sum_replica_grads(self) -> int:
+        """Sum replica gradients into their owners (collective); bytes sent. None here."""
+        return 0
+
+    def per_rank_buffers(self) -> tuple[str, ...]:
+        """Names of this module's buffers that differ by rank (DDP must not broadcast them)."""
+        return ("expert_counts",)
 
 
 def is_expert_param(p: torch.nn.Parameter) -> bool:
@@ -46,6 +57,9 @@ def reduce_gradients(module: torch.nn.Module, groups: ParallelGroups) -> None:
     by dp here (or by both dp and ep) is the double-scaling bug.
     Linear in the grads: after several micro-batches' backwards (each loss divided by
     their number), one call gives the single-device result for all of them.
+    Redundant experts: each replica's gradient is first summed into its owner's (one
+    exchange per such layer over its EP group), so the reduce and the optimizer see each
+    expert once.
     """
     _reduce(module, groups, dense=True, helper="epar.parallel.reduce_gradients")
 
@@ -70,6 +84,9 @@ def _broadcast(t: torch.Tensor, src: int, group, helper: str) -> None:
 
 def _reduce(module: torch.nn.Module, groups: ParallelGroups, dense: bool, helper: str) -> None:
     W = groups.world_size
+    for m in module.modules():
+        if isinstance(m, ExpertParallelModule) and m.redundant:
+            m.sum_replica_grads()
     for p in module.parameters():
         if p.grad is None:
             continue
@@ -90,12 +107,14 @@ def ddp_ignore_experts(model: torch.nn.Module) -> list[str]:
     gradient over all ranks; expert parameters differ across the EP group (each rank
     holds other experts), so both are wrong for them. DDP would also broadcast buffers
     from rank 0 before each forward, overwriting each MoE layer's per-rank expert_counts
-    (update_expert_bias sums them itself). This registers both kinds with DDP's ignore
+    (update_expert_bias sums them itself), and with redundant experts its replica weights
+    and token-split table. This registers both kinds with DDP's ignore
     list (added to any names already there) and returns the names. After the backward,
     reduce the expert grads with reduce_expert_gradients(model, groups)."""
     names = [name for name, p in model.named_parameters() if is_expert_param(p)]
-    names += [f"{name}.expert_counts" if name else "expert_counts"
-              for name, m in model.named_modules() if isinstance(m, ExpertParallelModule)]
+    names += [f"{name}.{b}" if name else b
+              for name, m in model.named_modules() if isinstance(m, ExpertParallelModule)
+              for b in m.per_rank_buffers()]
     already = list(getattr(model, "_ddp_params_and_buffers_to_ignore", []))
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
         model, already + [n for n in names if n not in already])
@@ -307,6 +326,10 @@ def fully_shard_moe(model: torch.nn.Module, groups: ParallelGroups, shard_root: 
         raise ValueError("fully_shard_moe needs ParallelGroups.mesh: make the groups with build_groups")
     expert_mesh, world_mesh = groups.mesh["dp"], dense_mesh(groups)
     layers = [m for m in model.modules() if isinstance(m, ExpertParallelModule)]
+    if any(m.redundant for m in layers):
+        raise ValueError("fully_shard_moe: MoEConfig.redundant_experts_per_rank > 0 is not supported with FSDP2 "
+                         "(replicas copy whole experts from their owners, whose weights FSDP2 shards); use "
+                         "reduce_gradients or DDP + reduce_expert_gradients, or redundant_experts_per_rank=0")
     # FSDP2 warns, once per wrapped class, when a module returns a view: an in-place op on
     # it would drop the pre-backward hook. Each MoE layer's outputs are views by design (y
     # is the [T, D] result reshaped to the input's shape, which a non-view would copy on

@@ -241,6 +241,9 @@ def rank_figures(summary: dict, layer: int, ep_size: int) -> dict:
         "unrouted_tokens": sum(s["unrouted_tokens"] for s in stats),
         "tokens_total": sum(s["num_tokens"] for s in stats),
         "slots_to_others": slots_to_others,
+        # redundant experts: real rows sent to each physical slot (owned, then replica, per rank)
+        **({"rows_per_slot": [sum(col) for col in zip(*(s["rows_per_slot"] for s in stats))]}
+           if stats and all("rows_per_slot" in s for s in stats) else {}),
     }
 
 
@@ -278,6 +281,13 @@ def _load(ranks: list[dict], top_k: int, ep_size: int, expert_of_slot: list[int]
         expert_of_slot = None  # not this layer's shape: score as contiguous rather than fail
     by_slot = tpe if expert_of_slot is None else [tpe[e] for e in expert_of_slot]  # physical slot order
     per_rank = [sum(by_slot[i:i + L]) for i in range(0, E, L)] if E else []
+    slot_rows = [r["rows_per_slot"] for r in ranks if "rows_per_slot" in r]
+    if slot_rows and len(slot_rows) == len(ranks) and len(slot_rows[0]) % ep_size == 0:
+        # Redundant experts: a replicated expert's rows are split between its copies, so
+        # each rank's load is what its slots received, not its owned experts' tokens.
+        rows = [sum(col) for col in zip(*slot_rows)]
+        width = len(rows) // ep_size
+        per_rank = [sum(rows[i:i + width]) for i in range(0, len(rows), width)]
     by_count = sorted(range(E), key=lambda e: (-tpe[e], e))
     return {
         "tokens_per_expert": tpe,
