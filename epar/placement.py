@@ -456,42 +456,79 @@ def replicas_for(load_E: Sequence[float], owners: Sequence[int], ep_size: int, r
     return [e for r in range(ep_size) for e in sorted(reps[r])]
 
 
+def _refine_copies(load_E: Sequence[float], owners: Sequence[int], reps: Sequence[int], ep_size: int,
+                   redundant: int, nodes: int, max_swaps: int = 10_000) -> tuple[list[int], list[int]]:
+    """`owners` and `reps` refined by `_swap_copies` per node (same-kind swaps out of the
+    most loaded rank), the copies each expert has kept. An owner that stays on its rank
+    keeps its slot; arriving owners fill the freed slots in ascending id."""
+    load = [float(v) for v in load_E]
+    E = len(load)
+    per_node, rpn, L, R = E // nodes, ep_size // nodes, E // ep_size, redundant
+    copies = [1] * E
+    for e in reps:
+        copies[int(e)] += 1
+    new_owners, new_reps = [int(e) for e in owners], [int(e) for e in reps]
+    for b in range(nodes):
+        off, ranks = b * per_node, range(b * rpn, (b + 1) * rpn)
+        held = [[(int(e) - off, True) for e in owners[r * L:(r + 1) * L]]
+                + [(int(e) - off, False) for e in reps[r * R:(r + 1) * R]] for r in ranks]
+        _swap_copies(load[off:off + per_node], copies[off:off + per_node], held, max_swaps)
+        for i, r in enumerate(ranks):
+            mine = {off + e for e, own in held[i] if own}
+            block = range(r * L, (r + 1) * L)
+            stay = [s for s in block if new_owners[s] in mine]
+            arriving = iter(sorted(mine - {new_owners[s] for s in stay}))
+            for s in block:
+                if s not in stay:
+                    new_owners[s] = next(arriving)
+            new_reps[r * R:(r + 1) * R] = sorted(off + e for e, own in held[i] if not own)
+    return new_owners, new_reps
+
+
 def propose_replicas(load_E: Sequence[float], current: Sequence[int], current_replicas: Sequence[int],
                      ep_size: int, redundant: int, nodes: int = 1, threshold: float = 0.02) -> tuple[Proposal, list[int]]:
-    """`propose` for a layer with `redundant` replica slots per rank. Two candidates, scored
-    by replicated_rank_loads: the current owners with replicas planned for them
-    (`replicas_for`: moves no owner; a replica moves no state, it is copied from its owner
-    after every step anyway), and a fresh `plan_replicas` whose owner sets are renumbered
-    onto the current ranks (`align`; each planned rank's replicas follow its owners). The
-    fresh one is taken only where it beats the other by more than `threshold`, as in
-    `propose`. Returns (the Proposal for the owners; `moved` counts owners only, the
-    planned replica map)."""
+    """`propose` for a layer with `redundant` replica slots per rank. Candidates, scored by
+    replicated_rank_loads: the current owners with replicas fitted to these loads
+    (`replicas_for`: no owner moves; a replica moves no state, it is copied from its owner
+    after every step anyway); the current placement refined by swaps (`_refine_copies`),
+    from its own replicas and from those; and a fresh `plan_replicas`, its owner sets
+    renumbered onto the current ranks (`align`; each planned rank's replicas follow its
+    owners). Of the candidates within `threshold` of the best score, the one moving the
+    fewest owners wins (then the lower score): moving costs bytes, and a plan better by
+    less than the threshold is not worth them. Returns (the Proposal for the owners:
+    `moved` counts owners only, applied when it lowers the score by more than
+    `threshold`; the planned replica map)."""
     if threshold < 0:
         raise ValueError(f"threshold={threshold} is invalid: it must be >= 0 (a fraction of max/mean)")
     current = [int(e) for e in current]
     current_replicas = [int(e) for e in current_replicas]
+    L, R = len(current) // ep_size, redundant
+    rank_now = {e: s // L for s, e in enumerate(current)}
 
     def score(owners, reps):
         loads = replicated_rank_loads(load_E, owners, reps, ep_size)
         mean = sum(loads) / len(loads)
         return max(loads) / mean if mean > 0 else 1.0
 
-    before = score(current, current_replicas)
-    kept = replicas_for(load_E, current, ep_size, redundant, nodes)
+    def moved(owners):
+        return sorted(e for s, e in enumerate(owners) if rank_now[e] != s // L)
+
+    fitted = replicas_for(load_E, current, ep_size, redundant, nodes)
     planned = plan_replicas(load_E, ep_size, redundant, nodes)
     owners = align(planned.expert_of_slot, current, ep_size, nodes)
-    L, R = len(current) // ep_size, redundant
     rank_after = {e: s // L for s, e in enumerate(owners)}
     fresh = [-1] * (ep_size * R)
     for p in range(ep_size):  # planned rank p became rank rank_after[any of its owners]
         c = rank_after[planned.expert_of_slot[p * L]]
         fresh[c * R:(c + 1) * R] = planned.replica_of_slot[p * R:(p + 1) * R]
-    after_kept, after_fresh = score(current, kept), score(owners, fresh)
-    if after_fresh * (1.0 + threshold) < after_kept:
-        reps, after = fresh, after_fresh
-    else:
-        owners, reps, after = current, kept, after_kept
-    rank_now = {e: s // L for s, e in enumerate(current)}
-    moved = sorted(e for s, e in enumerate(owners) if rank_now[e] != s // L)
-    changed = bool(moved) or reps != current_replicas
-    return Proposal(owners, before, after, moved, changed and after < before * (1.0 - threshold)), reps
+    candidates = [(current, fitted),
+                  _refine_copies(load_E, current, current_replicas, ep_size, redundant, nodes),
+                  _refine_copies(load_E, current, fitted, ep_size, redundant, nodes),
+                  (owners, fresh)]
+    scored = [(score(o, r), len(moved(o)), o, r) for o, r in candidates]
+    best = min(sc for sc, *_ in scored)
+    after, _, owners, reps = min((c for c in scored if c[0] <= best * (1.0 + threshold)),
+                                 key=lambda c: (c[1], c[0]))
+    before = score(current, current_replicas)
+    changed = owners != current or reps != current_replicas
+    return Proposal(owners, before, after, moved(owners), changed and after < before * (1.0 - threshold)), reps

@@ -76,3 +76,31 @@ def test_dedup_exchange_reads_as_the_others():
                 assert len(reads) == 1 and reads[0][0] == "tolist", (strategy, chunks, reads)
             else:
                 assert reads == [("tolist", (2, 5 + (chunks == 1)))], (strategy, chunks, reads)
+
+
+def _replica_host_reads(rank, world):
+    """Redundant experts (one replica slot per rank): after the first call, which copies
+    the owners to the replicas, a call reads what the same call without replicas reads."""
+    out = {}
+    for strategy, exchange in (("token_drop", "per_expert"), ("expert_choice", "dedup"), ("dropless", "dedup"),
+                               ("dropless", "per_expert")):
+        cfg = epar.MoEConfig(d_model=16, d_ff=16, num_experts=4, strategy=strategy, shared_expert_d_ff=16,
+                             ep_exchange=exchange, redundant_experts_per_rank=1)
+        torch.manual_seed(0)
+        layer = epar.MoELayer(cfg, dist.group.WORLD)
+        layer(torch.randn(4, 16))  # the first call copies the owners' weights to the replicas
+        x = torch.randn([6, 3][rank], 16, requires_grad=True)
+        with RecordReads() as rec:
+            y = layer(x)
+            (y.y.square().sum() + y.aux_loss).backward()
+        out[(strategy, exchange)] = rec.reads
+    return out
+
+
+def test_replicas_add_no_host_read():
+    for per_case in run_distributed(_replica_host_reads, 2, timeout=120):
+        for (strategy, exchange), reads in per_case.items():
+            if strategy == "dropless":
+                assert len(reads) == 1 and reads[0][0] == "tolist", (strategy, exchange, reads)
+            else:
+                assert reads == [("tolist", (2, 5 + (exchange == "dedup")))], (strategy, exchange, reads)
