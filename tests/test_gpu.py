@@ -305,6 +305,14 @@ def _ep2_on_one_gpu(rank, world, device: str = "cuda"):
                     x = tagged_batch(rank, 12, seed=len(done)).to(dev, dtype)
                     run_and_compare(layer, ref, x, g.ep_group, **EP2_TOL[dtype])
                     done.append((exchange, chunks, strategy, str(dtype)))
+    # Redundant experts (two replica slots per rank, 8 experts) on the device: outputs and
+    # gradients equal the same layer without them, float64, for each strategy (_compare asserts).
+    # One node (replicas stay on their owner's node; g has two one-rank nodes).
+    from test_replica_layer import EP2, _compare, _config
+    one_node = build_groups(2, ranks_per_node=2)
+    for i, strategy in enumerate(("dropless", "token_drop", "expert_choice")):
+        _compare(_config(strategy, "dedup", 2), one_node.ep_group, EP2, 300 + i,
+                 lambda layer: layer.sum_replica_grads(), rank, dev)
     # bf16 at EP 2: the grouped-GEMM kernel (H100/H200/B200) against the loop, same routing.
     cfg = epar.MoEConfig(d_model=64, d_ff=128, num_experts=4, top_k=2, strategy="dropless", shared_expert_d_ff=64)
     layer, _ = make_pair(cfg, g.ep_group, seed=99)

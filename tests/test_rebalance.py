@@ -277,6 +277,7 @@ def test_rebalance_run_summary_reads_the_committed_logs(tmp_path):
     try:
         bench = importlib.import_module("rebalance_run")
         assert bench.main(["--collect", "--out", str(tmp_path / "r.json")]) == 0
+        assert bench.main(["--collect", "--experts", "8", "--top-k", "2", "--out", str(tmp_path / "e8.json")]) == 0
     finally:
         sys.path.remove(bench_dir)
     res = json.loads((tmp_path / "r.json").read_text())
@@ -289,3 +290,7 @@ def test_rebalance_run_summary_reads_the_committed_logs(tmp_path):
     assert len(res["replicas"]["rank_max_over_mean_by_window"]) == len(res["off"]["rank_max_over_mean_by_window"])
     traffic = res["replicas"]["replica_traffic_rank0"]
     assert traffic["weight_bytes"] > 0 and traffic["grad_bytes"] > 0
+    # 8 experts top-2 (two per rank): the model's own files, the three runs within 1%.
+    e8 = json.loads((tmp_path / "e8.json").read_text())
+    assert "--experts" in e8["command_args"] and e8["command_args"][e8["command_args"].index("--experts") + 1] == "8"
+    assert abs(e8["heldout_rel_diff"]) < 0.01 and abs(e8["replicas_heldout_rel_diff"]) < 0.01

@@ -30,12 +30,12 @@ def _config(strategy, exchange, redundant=0, **kw):
                      capacity_factor=1.0, shared_expert_d_ff=8, redundant_experts_per_rank=redundant, **kw)
 
 
-def _pair(cfg, group, placement, seed):
+def _pair(cfg, group, placement, seed, device="cpu"):
     """(the layer without replicas, the layer with them) holding the same weights."""
     torch.manual_seed(seed)
-    plain = MoELayer(dataclasses.replace(cfg, redundant_experts_per_rank=0), group).double()
+    plain = MoELayer(dataclasses.replace(cfg, redundant_experts_per_rank=0), group).to(device, torch.float64)
     torch.manual_seed(seed)
-    rep = MoELayer(cfg, group).double()
+    rep = MoELayer(cfg, group).to(device, torch.float64)
     owners, replicas = placement
     plain.set_expert_placement(owners)
     rep.set_expert_placement(owners, replica_of_slot=replicas)
@@ -53,10 +53,12 @@ def _run(layer, x, reduce):
     return out, [out.y.detach(), x.grad] + [g.clone() for g in grads]
 
 
-def _compare(cfg, group, placement, seed, reduce, rank):
-    plain, rep = _pair(cfg, group, placement, seed)
+def _compare(cfg, group, placement, seed, reduce, rank, device="cpu"):
+    """The two layers of _pair on one batch: equal outputs and gradients (float64); returns
+    the rows this rank sent to replica slots. Also run on a GPU (tests/test_gpu.py)."""
+    plain, rep = _pair(cfg, group, placement, seed, device)
     torch.manual_seed(1000 + seed + rank)
-    x = torch.randn(3, 7, D, dtype=torch.float64)
+    x = torch.randn(3, 7, D, dtype=torch.float64).to(device)
     _, want = _run(plain, x, reduce)
     out, got = _run(rep, x, reduce)
     for name, a, b in zip(("y", "x.grad", "w_in.grad", "w_out.grad", "router.grad"), want, got):
