@@ -12,10 +12,10 @@ import torch.distributed as dist
 from torch.distributed import ProcessGroup
 from torch.distributed.device_mesh import DeviceMesh
 
-from . import parallel, placement, profiling, replicas
+from . import parallel, profiling, replicas
 from .config import MoEConfig
 from .dispatch import CallContext, CommError, build_exchange
-from .dispatch.identity import REPLICA_GRADS, REPLICA_WEIGHTS, PeerGroup
+from .dispatch.identity import REPLICA_GRADS, REPLICA_WEIGHTS, PeerGroup, identity
 from .dispatch.physical import physical_plan, replica_candidates, replicated_plan
 from .errors import wait_helper
 from .experts import GroupedExperts, SharedExpert
@@ -165,7 +165,7 @@ class MoELayer(parallel.ExpertParallelModule):
     def _init_replicas(self) -> None:
         R, E = self.redundant, self.config.num_experts
         try:
-            placement.default_replicas(E, self.ep_size, R, self._nodes)
+            spread = replicas.spread_replicas(list(range(E)), self.ep_size, R, self._nodes)
         except ValueError as exc:
             raise ValueError(f"MoEConfig.redundant_experts_per_rank={R} is invalid for {E} experts on "
                              f"{self.ep_size} ranks ({self._nodes} node(s)): {exc}") from None
@@ -177,9 +177,9 @@ class MoELayer(parallel.ExpertParallelModule):
         self._peers = PeerGroup(self.ep_group)
         self._replica_grads: list[torch.Tensor] | None = None  # summed over calls until reduce
         self._synced_version = None  # the owners' version counters at the last copy
-        self._weight_copies = self._grad_sums = 0  # numbers the two exchanges (identity)
+        # The two exchanges' counts (they number each one in its identity check) and bytes.
         self.replica_traffic = {"weight_copies": 0, "weight_bytes": 0, "grad_sums": 0, "grad_bytes": 0}
-        self._set_replicas(replicas.spread_replicas(list(range(E)), self.ep_size, R, self._nodes))
+        self._set_replicas(spread)
 
     def _set_replicas(self, reps: list[int]) -> None:
         """Take the replica map `reps` (checked) for the current owners: host tables, the
@@ -230,8 +230,7 @@ class MoELayer(parallel.ExpertParallelModule):
         if not self.redundant:
             return 0
         w = [self.experts.w_in, self.experts.w_out]
-        ident = replicas.identity(self.layer_id, self._weight_copies, w[0].dtype, REPLICA_WEIGHTS)
-        self._weight_copies += 1
+        ident = identity(self.layer_id, self.replica_traffic["weight_copies"], w[0].dtype, REPLICA_WEIGHTS)
         sent = replicas.copy_to_replicas(self._peers, self._routes, [t.detach() for t in w],
                                          [self.replica_w_in, self.replica_w_out], ident)
         self._synced_version = self._owner_version()
@@ -248,21 +247,23 @@ class MoELayer(parallel.ExpertParallelModule):
         if not self.redundant:
             return 0
         owner = [self.experts.w_in, self.experts.w_out]
-        grads = self._replica_grads or [torch.zeros_like(self.replica_w_in), torch.zeros_like(self.replica_w_out)]
+        grads = self._replica_grads or self._zero_replica_grads()
         for p in owner:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        ident = replicas.identity(self.layer_id, self._grad_sums, owner[0].dtype, REPLICA_GRADS)
-        self._grad_sums += 1
+        ident = identity(self.layer_id, self.replica_traffic["grad_sums"], owner[0].dtype, REPLICA_GRADS)
         sent = replicas.sum_into_owners(self._peers, self._routes, grads, [p.grad for p in owner], ident)
         self._replica_grads = None
         self.replica_traffic["grad_sums"] += 1
         self.replica_traffic["grad_bytes"] += sent
         return sent
 
+    def _zero_replica_grads(self) -> list[torch.Tensor]:
+        return [torch.zeros_like(self.replica_w_in), torch.zeros_like(self.replica_w_out)]
+
     def _add_replica_grad(self, k: int, grad: torch.Tensor) -> None:
         if self._replica_grads is None:
-            self._replica_grads = [torch.zeros_like(self.replica_w_in), torch.zeros_like(self.replica_w_out)]
+            self._replica_grads = self._zero_replica_grads()
         self._replica_grads[k].add_(grad)
 
     def _experts_with_replicas(self, rows_RD, counts, host_counts=None):

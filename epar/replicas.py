@@ -27,7 +27,7 @@ import torch
 
 from . import placement
 from .dispatch import comm
-from .dispatch.identity import DTYPES, PeerGroup, exchange_name
+from .dispatch.identity import PeerGroup, exchange_name
 
 
 def check_replica_map(replicas, owners: list[int], ep_size: int, redundant: int, nodes: int,
@@ -59,12 +59,9 @@ def check_replica_map(replicas, owners: list[int], ep_size: int, redundant: int,
 def spread_replicas(owners: list[int], ep_size: int, redundant: int, nodes: int) -> list[int]:
     """The replica map with no load known: rank r's replica slot j holds the expert of the
     next ranks' slot j of its node (wrapping), never one of r's own. For contiguous owners
-    this is epar.placement.default_replicas."""
-    E = len(owners)
-    placement.default_replicas(E, ep_size, redundant, nodes)  # checks the sizes
-    per_node, L, rpn = E // nodes, E // ep_size, ep_size // nodes
-    return [owners[(r // rpn) * per_node + ((r % rpn + 1) * L + j) % per_node]
-            for r in range(ep_size) for j in range(redundant)]
+    this is epar.placement.default_replicas, whose ids are the slots read here (it also
+    checks the sizes: ValueError)."""
+    return [owners[s] for s in placement.default_replicas(len(owners), ep_size, redundant, nodes)]
 
 
 @dataclass(frozen=True)
@@ -101,7 +98,16 @@ def routes(owners: list[int], replicas: list[int], ep_size: int, rank: int) -> R
 def _rows(tensors: list[torch.Tensor], index: list[int]) -> torch.Tensor:
     """Rows [len(index), sum of per-expert sizes]: expert index[i] of each tensor, flattened."""
     idx = torch.tensor(index, dtype=torch.long, device=tensors[0].device)
-    return torch.cat([t.index_select(0, idx).reshape(len(index), -1) for t in tensors], dim=1).contiguous()
+    return torch.cat([t.index_select(0, idx).reshape(len(index), t[0].numel()) for t in tensors], dim=1).contiguous()
+
+
+def _columns(rows: torch.Tensor, like: list[torch.Tensor]):
+    """(t, rows' columns of t, shaped [rows, *t.shape[1:]] in t's dtype) for each t: _rows undone."""
+    at = 0
+    for t in like:
+        width = t[0].numel()
+        yield t, rows[:, at:at + width].reshape(rows.shape[0], *t.shape[1:]).to(t.dtype)
+        at += width
 
 
 def _exchange(peers: PeerGroup, send: torch.Tensor, send_counts, recv_counts, ident: list[int], what: str):
@@ -118,15 +124,11 @@ def copy_to_replicas(peers: PeerGroup, r: Routes, owned: list[torch.Tensor], rep
                      ident: list[int]) -> int:
     """replicas[k][slot] = the owner's owned[k][l] for every replica slot of this rank;
     returns the bytes this rank sent."""
-    send = _rows(owned, r.owned) if r.owned else owned[0].new_empty(0, sum(t[0].numel() for t in owned))
+    send = _rows(owned, r.owned)
     recv = _exchange(peers, send, r.send_counts, r.recv_counts, ident, "replica weight copy")
-    if r.replica_slots:
-        at = 0
-        idx = torch.tensor(r.replica_slots, dtype=torch.long, device=recv.device)
-        for t in replicas:
-            width = t[0].numel()
-            t.index_copy_(0, idx, recv[:, at:at + width].reshape(len(idx), *t.shape[1:]).to(t.dtype))
-            at += width
+    idx = torch.tensor(r.replica_slots, dtype=torch.long, device=recv.device)
+    for t, part in _columns(recv, replicas):
+        t.index_copy_(0, idx, part)
     return send.numel() * send.element_size()
 
 
@@ -137,28 +139,19 @@ def sum_into_owners(peers: PeerGroup, r: Routes, replica_grads: list[torch.Tenso
     backwards); returns the bytes this rank sent. The sums run in a fixed order: one
     index_add per round of distinct slots, so no two rows meet in one atomic add."""
     # This rank's replica rows leave in the copy's arrival order (by owner rank, then slot).
-    slots = r.replica_slots
-    width = sum(t[0].numel() for t in replica_grads)
-    send = _rows(replica_grads, slots) if slots else replica_grads[0].new_empty(0, width)
+    send = _rows(replica_grads, r.replica_slots)
     recv = _exchange(peers, send, r.recv_counts, r.send_counts, ident, "replica gradient sum")
-    rounds: list[list[int]] = []  # received row indices, each round's owner slots distinct
+    # Round k holds each owner slot's k-th received row: its slots are distinct.
+    rounds: list[list[int]] = []
+    seen: dict[int, int] = {}
     for i, l in enumerate(r.owned):
-        k = next((k for k, rd in enumerate(rounds) if all(r.owned[j] != l for j in rd)), None)
-        if k is None:
-            rounds.append([i])
-        else:
-            rounds[k].append(i)
+        k = seen[l] = seen.get(l, -1) + 1
+        if k == len(rounds):
+            rounds.append([])
+        rounds[k].append(i)
     for rd in rounds:
-        rows = recv[torch.tensor(rd, dtype=torch.long, device=recv.device)]
         idx = torch.tensor([r.owned[i] for i in rd], dtype=torch.long, device=recv.device)
-        at = 0
-        for g in owner_grads:
-            w = g[0].numel()
-            g.index_add_(0, idx, rows[:, at:at + w].reshape(len(rd), *g.shape[1:]).to(g.dtype))
-            at += w
+        for g, part in _columns(recv[torch.tensor(rd, dtype=torch.long, device=recv.device)], owner_grads):
+            g.index_add_(0, idx, part)
     return send.numel() * send.element_size()
 
-
-def identity(layer_id: int, count: int, dtype: torch.dtype, direction: int) -> list[int]:
-    """Like dispatch.identity.identity, for an exchange numbered by its own count."""
-    return [layer_id, count, DTYPES.index(dtype), direction]

@@ -16,6 +16,7 @@ from dataclasses import replace
 import torch
 
 from ..routing.plan import RoutingPlan
+from ..routing.strategies import count_per_expert
 from .permute import inverse_permutation, segment_arange
 
 
@@ -69,12 +70,6 @@ def replica_candidates(expert_of_slot, replica_of_slot, ep_size: int, rank: int,
     return cand_EM, torch.tensor([len(c) for c in chosen], dtype=torch.int64)
 
 
-def _counts(values: torch.Tensor, size: int) -> torch.Tensor:
-    """bincount of values in [0, size) into a fixed size: CUDA's bincount reads the max
-    back to the host to size its output, a sync this split must not add."""
-    return torch.zeros(size, dtype=torch.int64, device=values.device).scatter_add_(0, values, torch.ones_like(values))
-
-
 def replicated_plan(plan: RoutingPlan, cand_EM: torch.Tensor, count_E: torch.Tensor, num_slots: int) -> RoutingPlan:
     """`plan` (logical ids, rows sorted by expert) in physical slots with replicas: row s of
     expert e with token t goes to slot cand_EM[e, t % count_E[e]], rows sorted by slot.
@@ -99,7 +94,7 @@ def replicated_plan(plan: RoutingPlan, cand_EM: torch.Tensor, count_E: torch.Ten
         if plan.combine_idx_TK is not None:
             where_S1 = torch.cat([inverse_permutation(perm_S), perm_S.new_full((1,), S)])
             combine = where_S1[plan.combine_idx_TK]
-        counts_P = _counts(slot_S, num_slots)
+        counts_P = count_per_expert(slot_S, num_slots)  # not bincount: no host read
         return replace(plan, token_idx_S=token_S[perm_S], weight_S=plan.weight_S[perm_S],
                        rows_per_expert_E=counts_P, valid_S=None if plan.valid_S is None else plan.valid_S[perm_S],
                        combine_idx_TK=combine, expert_TK=expert_TK)
@@ -108,7 +103,7 @@ def replicated_plan(plan: RoutingPlan, cand_EM: torch.Tensor, count_E: torch.Ten
     key_S = torch.where(real_S, slot_S, num_slots)  # padding rows sort last and are dropped
     perm_S = torch.argsort(key_S, stable=True)
     key_sorted = key_S[perm_S]
-    counts = _counts(key_sorted, num_slots + 1)
+    counts = count_per_expert(key_sorted, num_slots + 1)
     starts = torch.cumsum(counts, 0) - counts
     pos = torch.arange(S, device=dev) - starts[key_sorted]
     new_sorted = torch.where(key_sorted < num_slots, key_sorted * C + pos, num_slots * C)  # padding: the sink
