@@ -335,45 +335,56 @@ def simulated_rows(tokens: int, sim_eps=SIM_EP) -> list[dict]:
 
 
 # ---- output ----------------------------------------------------------------------------
-def print_tables(results: dict) -> None:
-    from rich.console import Console
+def _table(title: str, columns: tuple, rows):
+    """A rich table of right-aligned columns, one row per item of `rows` (strings)."""
     from rich.table import Table
 
+    t = Table(title=title)
+    for col in columns:
+        t.add_column(col, justify="right")
+    for row in rows:
+        t.add_row(*row)
+    return t
+
+
+def print_tables(results: dict) -> None:
+    from rich.console import Console
+
     con = Console(width=200)
-    t = Table(title=f"real gloo ranks, dropless, shapes / {results['scale']}: rows per token leaving a rank, "
-                    "each direction (measured | from the plan: every slot / per rank / per node)")
-    for col in ("EP", "shape", "ep_exchange", "rows/token", "plan", "agrees", "bytes/token (scaled d)",
-                "bytes/token full d", "collectives/step"):
-        t.add_column(col, justify="right")
-    for r in results["real"]:
+
+    def real_row(r):
         p = r["plan_rows_per_token"]
-        t.add_row(str(r["ep_size"]), r["shape"], r["ep_exchange"], f"{r['rows_per_token']:.2f}",
-                  f"{p['every_slot']:.2f} / {p['per_rank']:.2f} / {p['per_node']:.2f}", str(r["agrees_with_plan"]),
-                  f"{r['bytes_per_token']:.0f}", f"{r['row_bytes_per_token_full_d_bf16'] / 1024:.1f} KiB",
-                  str(r["collectives_per_step"]))
-    con.print(t)
-    t = Table(title=f"FP8 on the wire, real gloo ranks, bf16, d_model {results['fp8_shape']['d_model']}: dispatch "
-                    "bytes per row (values, scales, metadata; counted = plan) and layer-step bytes per token")
-    for col in ("EP", "ep_exchange", "setting", "dispatch B/row", "x off", "x bf16 values", "agrees",
-                "step B/token", "x off"):
-        t.add_column(col, justify="right")
-    for r in results["fp8"]:
-        t.add_row(str(r["ep_size"]), r["ep_exchange"], r["setting"], f"{r['dispatch_bytes_per_row']:.0f}",
-                  f"{r['dispatch_row_ratio_vs_off']:.3f}", f"{r['dispatch_row_ratio_vs_bf16_values']:.3f}",
-                  str(r["agrees_with_plan"]), f"{r['step_bytes_per_token']:.0f}", f"{r['step_bytes_ratio_vs_off']:.3f}")
-    con.print(t)
-    t = Table(title=f"simulated, {RANKS_PER_NODE} ranks per node: rows per token leaving a rank "
-                    "| crossing the node boundary (every slot / per rank / per node)")
-    for col in ("shape", "EP", "routing", "nodes/token ≤", "leave rank", "cross node", "KiB/token cross node (bf16)"):
-        t.add_column(col, justify="right")
-    for r in results["simulated"]:
-        rt = r["rows_per_token"]
-        fmt = lambda c: " / ".join(f"{rt[s][c]:.2f}" for s in ("every_slot", "per_rank", "per_node"))  # noqa: E731
-        kib = " / ".join(f"{r['bytes_per_token_bf16'][s]['cross_node'] / 1024:.1f}"
-                         for s in ("every_slot", "per_rank", "per_node"))
-        t.add_row(r["shape"], str(r["ep_size"]), r["routing"], str(r["nodes_per_token_limit"] or "-"),
-                  fmt("leave_rank"), fmt("cross_node"), kib)
-    con.print(t)
+        return (str(r["ep_size"]), r["shape"], r["ep_exchange"], f"{r['rows_per_token']:.2f}",
+                f"{p['every_slot']:.2f} / {p['per_rank']:.2f} / {p['per_node']:.2f}", str(r["agrees_with_plan"]),
+                f"{r['bytes_per_token']:.0f}", f"{r['row_bytes_per_token_full_d_bf16'] / 1024:.1f} KiB",
+                str(r["collectives_per_step"]))
+
+    con.print(_table(f"real gloo ranks, dropless, shapes / {results['scale']}: rows per token leaving a rank, "
+                     "each direction (measured | from the plan: every slot / per rank / per node)",
+                     ("EP", "shape", "ep_exchange", "rows/token", "plan", "agrees", "bytes/token (scaled d)",
+                      "bytes/token full d", "collectives/step"),
+                     map(real_row, results["real"])))
+    con.print(_table(f"FP8 on the wire, real gloo ranks, bf16, d_model {results['fp8_shape']['d_model']}: dispatch "
+                     "bytes per row (values, scales, metadata; counted = plan) and layer-step bytes per token",
+                     ("EP", "ep_exchange", "setting", "dispatch B/row", "x off", "x bf16 values", "agrees",
+                      "step B/token", "x off"),
+                     ((str(r["ep_size"]), r["ep_exchange"], r["setting"], f"{r['dispatch_bytes_per_row']:.0f}",
+                       f"{r['dispatch_row_ratio_vs_off']:.3f}", f"{r['dispatch_row_ratio_vs_bf16_values']:.3f}",
+                       str(r["agrees_with_plan"]), f"{r['step_bytes_per_token']:.0f}",
+                       f"{r['step_bytes_ratio_vs_off']:.3f}") for r in results["fp8"])))
+
+    def simulated_row(r):
+        rt, sides = r["rows_per_token"], ("every_slot", "per_rank", "per_node")
+        fmt = lambda c: " / ".join(f"{rt[s][c]:.2f}" for s in sides)  # noqa: E731
+        kib = " / ".join(f"{r['bytes_per_token_bf16'][s]['cross_node'] / 1024:.1f}" for s in sides)
+        return (r["shape"], str(r["ep_size"]), r["routing"], str(r["nodes_per_token_limit"] or "-"),
+                fmt("leave_rank"), fmt("cross_node"), kib)
+
+    con.print(_table(f"simulated, {RANKS_PER_NODE} ranks per node: rows per token leaving a rank "
+                     "| crossing the node boundary (every slot / per rank / per node)",
+                     ("shape", "EP", "routing", "nodes/token ≤", "leave rank", "cross node",
+                      "KiB/token cross node (bf16)"),
+                     map(simulated_row, results["simulated"])))
 
 
 def main(argv=None) -> int:

@@ -93,6 +93,22 @@ def pinned_router_run(layer, x_in: torch.Tensor, x_clean: torch.Tensor, gy: torc
         layer.router.forward = orig
 
 
+def nan_on_rank0_runs(layer, x: torch.Tensor, rank: int, at: tuple[int, int], gy: torch.Tensor | None = None):
+    """(the clean run, the run with x[at] = NaN on rank 0, a mask of every other token of
+    this rank): both pinned_router_run, the router seeing the clean tokens (the same
+    routing), so a NaN that leaks into another token shows as a difference there."""
+    runs = []
+    for bad in (False, True):
+        x_in = x.clone()
+        if bad and rank == 0:
+            x_in[at] = float("nan")
+        runs.append(pinned_router_run(layer, x_in, x, gy))
+    others = torch.ones(x.shape[0], dtype=torch.bool)
+    if rank == 0:
+        others[at[0]] = False
+    return runs[0], runs[1], others
+
+
 def comm_error(fn, with_cause: bool = False) -> str:
     """'CommError: message' (with_cause: ' (from Cause)' appended), or what happened instead."""
     try:

@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 import epar
 from dist_harness import run_distributed
-from ep_checks import D, FF, make_pair, padded_step, pinned_router_run, run_and_compare, tagged_batch
+from ep_checks import D, FF, make_pair, nan_on_rank0_runs, padded_step, run_and_compare, tagged_batch
 from epar.parallel import build_groups
 from test_dedup import STRATEGIES, CountCollectives
 from test_ep_host_reads import _host_reads
@@ -74,17 +74,8 @@ def _nan_token_stays_local(rank, groups) -> int:
     checked = 0
     for strategy in STRATEGIES:
         layer, _ = make_pair(_cfg(strategy, 6, capacity_factor=1.0), groups.ep_group, seed=70)
-        x = tagged_batch(rank, 10, seed=5)
-        runs = []
-        for bad in (False, True):
-            x_in = x.clone()
-            if bad and rank == 0:
-                x_in[3, 2] = float("nan")
-            runs.append(pinned_router_run(layer, x_in, x))  # the router sees the clean tokens
-        others = torch.ones(x.shape[0], dtype=torch.bool)
-        if rank == 0:
-            others[3] = False
-        assert torch.equal(runs[0][others], runs[1][others]), strategy
+        clean, dirty, others = nan_on_rank0_runs(layer, tagged_batch(rank, 10, seed=5), rank, (3, 2))
+        assert torch.equal(clean[others], dirty[others]), strategy
         checked += 1
     return checked
 

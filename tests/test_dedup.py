@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 import epar
 from dist_harness import run_distributed
-from ep_checks import D, FF, make_pair, padded_step, pinned_router_run, run_and_compare, tagged_batch
+from ep_checks import D, FF, make_pair, nan_on_rank0_runs, padded_step, run_and_compare, tagged_batch
 from epar.parallel import build_groups
 
 pytestmark = pytest.mark.dist
@@ -127,15 +127,9 @@ def _nan_token_stays_local(rank, groups) -> int:
         layer, _ = make_pair(cfg, groups.ep_group, seed=70)
         x = tagged_batch(rank, 10, seed=5)
         gy = torch.randn(x.shape, generator=torch.Generator().manual_seed(rank), dtype=torch.float64)
-        runs = []
-        for bad in (False, True):
-            x_in = x.clone()
-            if bad and rank == 0:
-                x_in[3, 2] = float("nan")
-            runs.append(pinned_router_run(layer, x_in, x, gy))  # the router sees the clean tokens
-        others = torch.ones(x.shape[0], dtype=torch.bool)
+        runs = nan_on_rank0_runs(layer, x, rank, (3, 2), gy)
+        others = runs[2]
         if rank == 0:
-            others[3] = False
             assert torch.isnan(runs[1][0][3]).any()
         for clean, dirty in zip(runs[0], runs[1]):
             assert torch.equal(clean[others], dirty[others]), strategy
